@@ -1,0 +1,200 @@
+"""The composition root of ``evcp run``: config -> clock -> drivers -> station -> session.
+
+Everything long-running lives in one TaskGroup. systemd is told READY=1 once the hardware
+is up (the CSMS may be unreachable for days; the charger still works), and the watchdog is
+fed from the event loop, so a stuck loop gets the service restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+from agent import __version__
+from agent.config import Config
+from agent.control import serve as serve_control
+from agent.core.config_keys import ConfigKeys
+from agent.hardware import SimProcess, build
+from agent.logs import add_secret
+from agent.ocpp.session import Session
+from agent.station import Station
+from agent.store import Store
+from drivers.base import FaultCode
+from drivers.clock.ntp import ClockGuard
+
+log = logging.getLogger("evcp")
+
+#: `evcp sim fault 1 GroundFailure`: OCPP error code names the simulator understands.
+SIM_FAULTS: dict[str, FaultCode] = {
+    "GroundFailure": FaultCode.GROUND_FAULT,
+    "HighTemperature": FaultCode.OVER_TEMPERATURE,
+    "OverCurrentFailure": FaultCode.OVER_CURRENT,
+    "PowerSwitchFailure": FaultCode.STUCK_RELAY,
+    "EVCommunicationError": FaultCode.PILOT,
+    "OtherError": FaultCode.VENT_REQUIRED,
+}
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (if it is watching) about our state."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    try:
+        from systemd import daemon
+
+        daemon.notify(message)
+        return
+    except ImportError:
+        pass
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        with contextlib.suppress(OSError):
+            sock.sendto(message.encode(), address)
+
+
+class Restart(Exception):
+    """Raised to leave the TaskGroup when the CSMS asked for a Reset."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+async def run(cfg: Config) -> str | None:
+    """Run the agent until SIGTERM/SIGINT (returns None) or a Reset (returns its kind)."""
+    store = Store.open(cfg.state_dir)
+    password = store.get("csms.password") or cfg.csms["password"]
+    add_secret(password)
+    add_secret(cfg.csms["password"])
+    try:
+        keys = ConfigKeys(
+            stored=store.config_values(),
+            overrides=dict(cfg.ocpp),
+            fixed={"NumberOfConnectors": str(len(cfg.connector_ids))},
+        )
+    except ValueError as exc:
+        from agent.config import ConfigError
+
+        raise ConfigError(f"{cfg.path}: {exc}") from None
+
+    clock = ClockGuard(
+        timeout_s=float(cfg.time["timeout_s"]),
+        step_system_clock=bool(cfg.time["step_system_clock"]),
+    )
+    servers = list(cfg.time["ntp_servers"])
+    if servers:
+        await clock.wait_synchronized(servers, attempts=int(cfg.time["sync_attempts"]))
+    else:
+        log.info("NTP disabled ([time] ntp_servers is empty): trusting the system clock")
+
+    hardware, sim = await build(cfg)
+    restart: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def request_restart(kind: str) -> None:
+        if not restart.done():
+            restart.set_result(kind)
+
+    station = Station(
+        cfg=cfg,
+        store=store,
+        keys=keys,
+        clock=clock,
+        hardware=hardware,
+        request_restart=request_restart,
+    )
+    session = Session(cfg=cfg, station=station, password=password)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    async def control_handler(request: dict[str, Any]) -> dict[str, Any]:
+        return await handle_control(request, station, sim)
+
+    try:
+        await station.start()
+        server = await serve_control(cfg.control_socket, control_handler)
+        sd_notify(f"READY=1\nSTATUS=evcp {__version__}: {len(hardware)} connector(s)")
+        log.info("evcp %s running with %d connector(s)", __version__, len(hardware))
+        restart_kind: str | None = None
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(station.run(), name="station")
+                group.create_task(session.run(), name="session")
+                group.create_task(_watchdog(), name="watchdog")
+                if servers:
+                    group.create_task(
+                        clock.run_periodic(servers, float(cfg.time["sync_interval_s"])),
+                        name="ntp",
+                    )
+                group.create_task(_until(stop, restart), name="until")
+        except* Restart as group:
+            first = group.exceptions[0]
+            assert isinstance(first, Restart)
+            restart_kind = first.kind
+        finally:
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                cfg.control_socket.unlink()
+        return restart_kind
+    finally:
+        sd_notify("STOPPING=1")
+        await station.close()
+        if sim is not None:
+            await sim.stop()
+        store.close()
+
+
+async def _until(stop: asyncio.Event, restart: asyncio.Future[str]) -> None:
+    stop_task = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({stop_task, restart}, return_when=asyncio.FIRST_COMPLETED)
+    stop_task.cancel()
+    if restart.done():
+        raise Restart(restart.result())
+    log.info("stopping on signal")
+    raise asyncio.CancelledError
+
+
+async def _watchdog() -> None:
+    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    if usec <= 0:
+        return
+    interval = usec / 1e6 / 2
+    while True:
+        sd_notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+async def handle_control(
+    request: dict[str, Any], station: Station, sim: SimProcess | None
+) -> dict[str, Any]:
+    """Answer one control-socket request (``evcp status``, ``evcp sim ...``)."""
+    cmd = request["cmd"]
+    if cmd == "status":
+        return {"ok": True, **station.snapshot()}
+    if cmd == "swipe":
+        tag = request.get("tag")
+        if not isinstance(tag, str) or not 1 <= len(tag) <= 20:
+            return {"ok": False, "error": "an idTag is 1 to 20 characters"}
+        connector = request.get("connector")
+        if connector is not None and connector not in station.connectors:
+            return {"ok": False, "error": f"no connector {connector}"}
+        return {"ok": True, "result": await station.swipe(tag, connector)}
+    if cmd == "sim":
+        if sim is None:
+            return {"ok": False, "error": 'not running on simulated hardware ([hardware] driver = "sim")'}
+        forwarded = dict(request.get("request", {}))
+        if forwarded.get("cmd") == "fault":
+            code = forwarded.get("code")
+            if code in SIM_FAULTS:
+                forwarded["code"] = SIM_FAULTS[code].value
+        answer = await sim.command(forwarded)
+        return answer
+    return {"ok": False, "error": f"unknown command {cmd!r}"}

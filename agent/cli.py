@@ -1,0 +1,229 @@
+"""The ``evcp`` command: run the agent, inspect it, drive the simulator, run the demo.
+
+Exit status: 0 success, 1 a runtime failure (agent not running, device not answering),
+2 a usage or configuration error. Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.config import Config, ConfigError, load
+from agent.control import ControlError, request
+
+DEFAULT_CONFIG = "/etc/evcp/evcp.toml"
+
+SIM_COMMANDS = {
+    # name: (arguments, help)
+    "plug": (["connector"], "plug the virtual EV into a connector"),
+    "unplug": (["connector"], "unplug the virtual EV"),
+    "swipe": (["tag", "connector?"], "present an RFID tag (idTag)"),
+    "fault": (["connector", "code"], "inject a controller fault, e.g. GroundFailure"),
+    "clear-fault": (["connector"], "clear the injected fault"),
+    "ev-pause": (["connector"], "the EV stops asking for power (SuspendedEV)"),
+    "ev-resume": (["connector"], "the EV asks for power again"),
+    "ev-max-current": (["connector", "current_a"], "the most current the EV accepts"),
+    "meter-silent": (["connector"], "the meter stops answering"),
+    "meter-ok": (["connector"], "the meter answers again"),
+    "controller-reset": (["connector"], "the EVSE controller reboots ($AB)"),
+    "state": ([], "print the simulator's state"),
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evcp", description="OCPP 1.6J charge-point agent for Linux EV chargers."
+    )
+    parser.add_argument("--version", action="version", version=f"evcp {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (TOML)")
+
+    p = sub.add_parser("run", help="run the agent in the foreground")
+    with_config(p)
+    p = sub.add_parser("status", help="show the running agent's state")
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("check-config", help="validate a config file and exit")
+    with_config(p)
+    p = sub.add_parser(
+        "sim",
+        help="drive the simulated hardware of a running agent",
+        description="Commands: "
+        + "; ".join(f"{name} {' '.join(a)}: {h}" for name, (a, h) in SIM_COMMANDS.items()),
+    )
+    with_config(p)
+    p.add_argument("action", choices=sorted(SIM_COMMANDS))
+    p.add_argument("args", nargs="*")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("demo", help="run a whole charging session against a local CSMS")
+    p.add_argument("--time-scale", type=float, default=60.0,
+                   help="simulated seconds per real second for the meter (default 60)")  # fmt: skip
+    p.add_argument("--keep", action="store_true", help="keep the demo's state directory")
+    p.add_argument("--verbose", action="store_true", help="show the agent's log")
+    p = sub.add_parser("probe", help="talk to one configured device once (bring-up)")
+    p.add_argument("device", choices=("meter", "evse"))
+    with_config(p)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    try:
+        handler = {
+            "run": cmd_run,
+            "status": cmd_status,
+            "check-config": cmd_check_config,
+            "sim": cmd_sim,
+            "demo": cmd_demo,
+            "probe": cmd_probe,
+        }[args.command]
+        return handler(args)
+    except ConfigError as exc:
+        print(f"evcp: config error: {exc}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"evcp: {exc}", file=sys.stderr)
+        return 2
+    except ControlError as exc:
+        print(f"evcp: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    print(f"{cfg.path}: OK")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent import app, logs
+
+    cfg = load(args.config)
+    logs.setup(cfg.agent["log_level"], cfg.agent["log_target"])
+    log = logging.getLogger("evcp")
+    while True:
+        kind = asyncio.run(app.run(cfg))
+        if kind is None:
+            return 0
+        command = cfg.agent["reboot_command"]
+        if kind == "Hard" and command:
+            log.warning("hard reset: running %s", command)
+            subprocess.run(command, shell=True, check=False)  # noqa: S602 (operator's command)
+            return 0
+        log.warning("%s reset: restarting the agent", kind)
+
+
+def _control(cfg: Config, payload: dict[str, Any]) -> dict[str, Any]:
+    answer = request(cfg.control_socket, payload)
+    if not answer.get("ok"):
+        raise ControlError(str(answer.get("error", "the agent refused the request")))
+    return answer
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    answer = _control(cfg, {"cmd": "status"})
+    answer.pop("ok", None)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    csms = answer["csms"]
+    state = "connected" if csms["connected"] else "not connected"
+    if csms["connected"] and not csms["registered"]:
+        state += " (not yet accepted)"
+    print(f"evcp {answer['version']} (pid {answer['pid']})")
+    print(f"CSMS     {csms['url']} as {csms['charge_point_id']}: {state}")
+    if csms.get("last_error"):
+        print(f"         last error: {csms['last_error']}")
+    queue = answer["queue"]
+    print(f"Queue    {queue['pending']} pending, {queue['failed']} failed")
+    print()
+    header = f"{'#':>2}  {'status':<14} {'vehicle':<11} {'offered':>8} {'power':>9} "
+    header += f"{'energy':>11}  transaction"
+    print(header)
+    for c in answer["connectors"]:
+        status = c["status"] + ("" if c["error_code"] == "NoError" else f" ({c['error_code']})")
+        tx = "-" if c["transaction_id"] is None else str(c["transaction_id"])
+        print(
+            f"{c['id']:>2}  {status:<14} {c['vehicle']:<11} {c['offered_current_a']:>6.1f} A"
+            f" {c['power_w']:>7.0f} W {c['energy_wh']:>8.0f} Wh  {tx}"
+        )
+    return 0
+
+
+def _int_arg(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{name} must be a whole number, not {value!r}") from None
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    names, _help = SIM_COMMANDS[args.action]
+    required = [n for n in names if not n.endswith("?")]
+    if not len(required) <= len(args.args) <= len(names):
+        usage = " ".join(f"[{n[:-1]}]" if n.endswith("?") else n.upper() for n in names)
+        raise UsageError(f"usage: evcp sim {args.action} {usage}")
+    values = dict(zip([n.rstrip("?") for n in names], args.args, strict=False))
+    if args.action == "swipe":
+        payload: dict[str, Any] = {"cmd": "swipe", "tag": values["tag"]}
+        if "connector" in values:
+            payload["connector"] = _int_arg(values["connector"], "connector")
+        answer = _control(cfg, payload)
+        print(answer["result"])
+        return 0
+    forwarded: dict[str, Any] = {"cmd": args.action}
+    if "connector" in values:
+        forwarded["connector"] = _int_arg(values["connector"], "connector")
+    if "code" in values:
+        forwarded["code"] = values["code"]
+    if "current_a" in values:
+        try:
+            forwarded["current_a"] = float(values["current_a"])
+        except ValueError:
+            raise UsageError("current_a must be a number") from None
+    answer = _control(cfg, {"cmd": "sim", "request": forwarded})
+    answer.pop("ok", None)
+    if args.action == "state" or args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print("ok")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(time_scale=args.time_scale, keep=args.keep, verbose=args.verbose)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from agent.probe import probe
+
+    cfg = load(args.config)
+    return probe(cfg, args.device, as_json=args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

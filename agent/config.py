@@ -1,0 +1,296 @@
+"""The agent's configuration file (TOML), validated in full at start.
+
+Every problem is reported as a :class:`ConfigError` that names the file and the key, e.g.
+``/etc/evcp/evcp.toml: [csms] url: must start with wss://``; the CLI prints it and exits 2.
+The schema below is the single source of truth: the example config in ``etc/`` documents
+the same keys.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid. Exit status 2."""
+
+
+# A key spec: (type, default). A default of REQUIRED means the key must be given.
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+Validator = Callable[[Any], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    type: type | tuple[type, ...]
+    default: Any = REQUIRED
+    check: Validator | None = None
+    doc: str = ""
+
+
+def _one_of(*choices: str) -> Validator:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+    return check
+
+
+def _range(lo: float, hi: float) -> Validator:
+    def check(value: Any) -> str | None:
+        return None if lo <= value <= hi else f"must be between {lo:g} and {hi:g}"
+
+    return check
+
+
+def _wss_url(value: Any) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme == "ws":
+        return (
+            "must start with wss://: OCPP over plain ws:// is refused "
+            "(the Basic Auth password would travel in clear)"
+        )
+    if parts.scheme != "wss" or not parts.hostname:
+        return "must be a wss:// URL with a host, e.g. wss://csms.example.com/ocpp"
+    if parts.username or parts.password:
+        return "must not carry credentials; set [csms] password instead"
+    return None
+
+
+_CP_ID = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]{1,48}$")
+
+
+def _cp_id(value: Any) -> str | None:
+    if not _CP_ID.match(value):
+        return "must be 1-48 URL-safe characters (no '/', spaces or '%')"
+    return None
+
+
+def _password(value: Any) -> str | None:
+    if not 16 <= len(value) <= 40:
+        return "must be 16 to 40 characters (OCPP security whitepaper, AuthorizationKey)"
+    return None
+
+
+def _ntp_list(value: Any) -> str | None:
+    if not all(isinstance(item, str) and item for item in value):
+        return "must be a list of host names or host:port strings"
+    return None
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "csms": {
+        "url": Key(str, check=_wss_url, doc="wss:// URL; /<charge_point_id> is appended"),
+        "charge_point_id": Key(str, check=_cp_id),
+        "password": Key(str, check=_password, doc="initial AuthorizationKey (Basic Auth)"),
+        "ca_file": Key(str, "", doc="CA bundle for the CSMS certificate; empty: system store"),
+        "response_timeout_s": Key((int, float), 30, _range(1, 600)),
+        "reconnect_min_s": Key((int, float), 1, _range(0.05, 3600)),
+        "reconnect_max_s": Key((int, float), 300, _range(0.1, 86400)),
+    },
+    "agent": {
+        "state_dir": Key(str, "/var/lib/evcp"),
+        "control_socket": Key(str, "/run/evcp/control.sock"),
+        "log_level": Key(str, "info", _one_of("debug", "info", "warning", "error")),
+        "log_target": Key(str, "auto", _one_of("auto", "journal", "stderr")),
+        "reboot_command": Key(str, "", doc="run on a Hard Reset; empty: restart the agent"),
+    },
+    "time": {
+        "ntp_servers": Key(list, REQUIRED, _ntp_list, doc="empty list: no NTP"),
+        "step_system_clock": Key(bool, False),
+        "sync_attempts": Key(int, 3, _range(1, 100)),
+        "sync_interval_s": Key((int, float), 3600, _range(1, 86400 * 7)),
+        "timeout_s": Key((int, float), 2, _range(0.1, 30)),
+    },
+    "identity": {
+        "vendor": Key(str, "evcp"),
+        "model": Key(str, "evcp-charger"),
+        "serial_number": Key(str, ""),
+        "charge_box_serial_number": Key(str, ""),
+        "meter_type": Key(str, ""),
+        "meter_serial_number": Key(str, ""),
+        "iccid": Key(str, ""),
+        "imsi": Key(str, ""),
+    },
+    "hardware": {
+        "driver": Key(str, "devices", _one_of("sim", "devices")),
+        "connectors": Key(int, 1, _range(1, 8)),
+        "max_current_a": Key((int, float), 32, _range(6, 80)),
+        "phases": Key(int, 3, _range(1, 3)),
+        "nominal_voltage_v": Key((int, float), 230, _range(100, 480)),
+        "meter_miss_limit": Key(int, 3, _range(1, 100)),
+        "meter_poll_s": Key((int, float), 10, _range(0.1, 3600)),
+        "cable": Key(str, "tethered", _one_of("tethered", "socket")),
+    },
+    "meter": {
+        "model": Key(str, "sdm630", doc="sdm630, sdm120, abb_b23, em340 or a map file path"),
+        "transport": Key(str, "tcp", _one_of("tcp", "rtu")),
+        "host": Key(str, "127.0.0.1"),
+        "port": Key((int, str), 502, doc="TCP port, or serial device for RTU"),
+        "unit_id": Key(int, 1, _range(1, 247)),
+        "baudrate": Key(int, 9600, _range(300, 921600)),
+        "timeout_s": Key((int, float), 1.0, _range(0.05, 30)),
+        "retries": Key(int, 1, _range(0, 10)),
+    },
+    "evse": {
+        "driver": Key(str, "rapi", _one_of("rapi")),
+        "port": Key(str, "/dev/ttyS0"),
+        "baudrate": Key(int, 115200, _range(300, 921600)),
+        "timeout_s": Key((int, float), 1.0, _range(0.05, 30)),
+        "fallback_current_a": Key(int, 6, _range(6, 80)),
+    },
+    "sim": {
+        "time_scale": Key((int, float), 1.0, _range(0.01, 100000)),
+        "ev_max_current_a": Key((int, float), 32, _range(0, 80)),
+        "ev_phases": Key(int, 3, _range(1, 3)),
+        "meter_model": Key(str, "sdm630"),
+        "meter_transport": Key(str, "tcp", _one_of("tcp", "rtu")),
+        "voltage_v": Key((int, float), 230, _range(100, 480)),
+    },
+}
+
+#: Sections whose keys are free-form: initial values of OCPP configuration keys.
+FREE_SECTIONS = {"ocpp"}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The validated configuration. Sections are plain dicts of validated values."""
+
+    path: Path
+    csms: Mapping[str, Any]
+    agent: Mapping[str, Any]
+    time: Mapping[str, Any]
+    identity: Mapping[str, Any]
+    hardware: Mapping[str, Any]
+    meter: Mapping[str, Any]
+    evse: Mapping[str, Any]
+    sim: Mapping[str, Any]
+    ocpp: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.agent["state_dir"])
+
+    @property
+    def control_socket(self) -> Path:
+        return Path(self.agent["control_socket"])
+
+    @property
+    def connector_ids(self) -> list[int]:
+        return list(range(1, int(self.hardware["connectors"]) + 1))
+
+
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+    }
+    if isinstance(expected, tuple):
+        if set(expected) == {int, float}:
+            return "a number"
+        return " or ".join(names.get(t, t.__name__) for t in expected)
+    return names.get(expected, expected.__name__)
+
+
+def _is_type(value: Any, expected: type | tuple[type, ...]) -> bool:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool) and bool not in types:
+        return False  # TOML true is not an integer here
+    return isinstance(value, types)
+
+
+def validate(data: Mapping[str, Any], path: Path) -> Config:
+    """Check ``data`` (parsed TOML) against :data:`SCHEMA`; raise ConfigError on the first issue.
+
+    Relative paths in ``agent.state_dir``, ``agent.control_socket`` and ``csms.ca_file`` are
+    resolved against the config file's directory.
+    """
+
+    def fail(where: str, message: str) -> ConfigError:
+        return ConfigError(f"{path}: {where}: {message}")
+
+    for section in data:
+        if section not in SCHEMA and section not in FREE_SECTIONS:
+            known = ", ".join(f"[{s}]" for s in [*SCHEMA, *sorted(FREE_SECTIONS)])
+            raise fail(f"[{section}]", f"unknown section (known: {known})")
+    sections: dict[str, dict[str, Any]] = {}
+    for section, keys in SCHEMA.items():
+        given = data.get(section, {})
+        if not isinstance(given, dict):
+            raise fail(f"[{section}]", "must be a table")
+        for key in given:
+            if key not in keys:
+                raise fail(f"[{section}] {key}", f"unknown key (known: {', '.join(keys)})")
+        values: dict[str, Any] = {}
+        for key, spec in keys.items():
+            if key not in given:
+                if spec.default is REQUIRED:
+                    raise fail(f"[{section}] {key}", "missing value (this key is required)")
+                values[key] = spec.default
+                continue
+            value = given[key]
+            if not _is_type(value, spec.type):
+                raise fail(
+                    f"[{section}] {key}",
+                    f"must be {_type_name(spec.type)}, not {type(value).__name__} {value!r}",
+                )
+            if spec.check is not None and (problem := spec.check(value)) is not None:
+                raise fail(f"[{section}] {key}", problem)
+            values[key] = value
+        sections[section] = values
+    ocpp_keys = data.get("ocpp", {})
+    if not isinstance(ocpp_keys, dict):
+        raise fail("[ocpp]", "must be a table of OCPP configuration keys")
+    for key, value in ocpp_keys.items():
+        if not isinstance(value, str | int | float | bool | list):
+            raise fail(f"[ocpp] {key}", "must be a string, number, boolean or list")
+
+    base = path.parent
+    for section, key in (("agent", "state_dir"), ("agent", "control_socket"), ("csms", "ca_file")):
+        raw = sections[section][key]
+        if raw and not os.path.isabs(raw):
+            sections[section][key] = str((base / raw).resolve())
+    if sections["csms"]["reconnect_min_s"] > sections["csms"]["reconnect_max_s"]:
+        raise fail("[csms] reconnect_min_s", "must not exceed reconnect_max_s")
+    if sections["csms"]["ca_file"] and not Path(sections["csms"]["ca_file"]).is_file():
+        raise fail("[csms] ca_file", f"no such file: {sections['csms']['ca_file']}")
+    if sections["hardware"]["driver"] == "devices" and sections["hardware"]["connectors"] != 1:
+        raise fail(
+            "[hardware] connectors",
+            'driver = "devices" drives one connector per [meter]/[evse] pair: set 1',
+        )
+    return Config(path=path, ocpp=dict(ocpp_keys), **sections)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file. Raises ConfigError naming the file and key."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return validate(data, p.resolve())

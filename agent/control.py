@@ -1,0 +1,99 @@
+"""The local control socket: ``evcp status`` and ``evcp sim`` talk to the running agent.
+
+A Unix stream socket (mode 0660, so the owner and the ``evcp`` group may use it); one JSON
+request per line, one JSON answer per line: ``{"ok": true, ...}`` or
+``{"ok": false, "error": "..."}``. Bad requests get an error answer; the agent carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("evcp.control")
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+MAX_REQUEST = 64 * 1024
+
+
+class ControlError(Exception):
+    """The agent could not be reached or refused the request; the message says why."""
+
+
+async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
+    """Listen on ``path``; every request line is passed to ``handler``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                answer = await _answer(line, handler)
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(client, path=str(path), limit=MAX_REQUEST)
+    os.chmod(path, 0o660)
+    return server
+
+
+async def _answer(line: bytes, handler: Handler) -> dict[str, Any]:
+    try:
+        request = json.loads(line)
+    except ValueError:
+        return {"ok": False, "error": "request is not JSON"}
+    if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+        return {"ok": False, "error": 'request must be an object with a "cmd"'}
+    try:
+        return await handler(request)
+    except Exception as exc:
+        log.exception("control request %s failed", request.get("cmd"))
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def request(path: Path, payload: dict[str, Any], *, timeout_s: float = 30.0) -> dict[str, Any]:
+    """Send one request to the agent at ``path`` and return its answer (blocking).
+
+    Raises ControlError with a message for a person when the agent is not running.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ControlError(
+            f"the agent is not running (nothing listens on {path}); "
+            "start it with: evcp run --config FILE"
+        ) from None
+    except PermissionError:
+        raise ControlError(
+            f"no permission to use {path}: run as root or as a member of the agent's group"
+        ) from None
+    try:
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        raise ControlError(f"the agent did not answer within {timeout_s:.0f} s") from None
+    finally:
+        sock.close()
+    if not data:
+        raise ControlError("the agent closed the control connection without an answer")
+    answer: dict[str, Any] = json.loads(data)
+    return answer

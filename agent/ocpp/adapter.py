@@ -1,0 +1,240 @@
+"""The one place that speaks the ``ocpp`` library: handlers for CSMS requests, and ``send``.
+
+Handlers translate the library's snake_case kwargs into station calls and return the
+library's result dataclasses. They never await a CALL (that would deadlock the receive
+loop, ocpp pitfall 1): follow-up messages are queued in the outbox, and the ones that must
+follow the reply on the wire (TriggerMessage) are queued from ``@after`` handlers.
+
+In front of the library's ``route_message`` sits :meth:`OcppAdapter.route_frame`, a
+pre-check that answers malformed CALLs with a FormationViolation CALLERROR (the library
+would drop them silently) and drops results for unknown message ids with one log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from ocpp.charge_point import camel_to_snake_case, snake_to_camel_case
+from ocpp.routing import after, on
+from ocpp.v16 import ChargePoint, call, call_result
+from ocpp.v16.enums import Action
+
+from agent.core.config_keys import is_secret
+
+if TYPE_CHECKING:
+    from agent.ocpp.session import Session
+    from agent.station import Station
+
+log = logging.getLogger("evcp.ocpp")
+
+
+class _OneLine(logging.Filter):
+    """The library logs every bad frame with a traceback: keep one line, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        message = record.getMessage()
+        record.msg = message[:300] + ("..." if len(message) > 300 else "")
+        record.args = None
+        return True
+
+
+#: The library's own logger: warnings and errors only, one line each (frames are logged
+#: by evcp at debug level, with secrets redacted by agent.logs).
+LIB_LOG = logging.getLogger("evcp.ocpp.lib")
+LIB_LOG.setLevel(logging.WARNING)
+LIB_LOG.addFilter(_OneLine())
+
+
+class OcppAdapter(ChargePoint):  # type: ignore[misc]
+    """``ocpp.v16.ChargePoint`` bound to the station. One instance per connection."""
+
+    def __init__(self, charge_point_id: str, connection: Any, station: Station,
+                 session: Session, *, response_timeout: float) -> None:  # fmt: skip
+        super().__init__(
+            charge_point_id, connection, response_timeout=response_timeout, logger=LIB_LOG
+        )
+        self.station = station
+        self.session = session
+        self.pending_ids: set[str] = set()
+
+    # ------------------------------------------------------------------ frames
+    async def start(self) -> None:
+        while True:
+            raw = await self._connection.recv()
+            await self.route_frame(raw)
+
+    async def route_frame(self, raw: str | bytes) -> None:
+        """Check a frame's OCPP-J shape, then hand it to the library's router."""
+        if isinstance(raw, bytes):
+            log.warning("dropped a binary WebSocket frame (%d bytes): OCPP-J is text", len(raw))
+            return
+        try:
+            frame = json.loads(raw)
+        except ValueError:
+            log.warning("dropped a frame that is not JSON (%d bytes)", len(raw))
+            return
+        if not isinstance(frame, list) or not frame or frame[0] not in (2, 3, 4):
+            log.warning("dropped a frame that is not an OCPP-J message: %.80s", raw)
+            return
+        unique_id = frame[1] if len(frame) > 1 else None
+        if not isinstance(unique_id, str) or not 0 < len(unique_id) <= 36:
+            log.warning("dropped a message without a valid unique id: %.80s", raw)
+            return
+        kind = frame[0]
+        if kind == 2:
+            if len(frame) != 4 or not isinstance(frame[2], str) or not isinstance(
+                frame[3], dict
+            ):
+                await self._call_error(unique_id, "FormationViolation",
+                                       "CALL must be [2, id, action, {payload}]")  # fmt: skip
+                return
+        elif unique_id not in self.pending_ids:
+            log.warning("dropped a %s for unknown message id %s",
+                        "CALLRESULT" if kind == 3 else "CALLERROR", unique_id)  # fmt: skip
+            return
+        elif (kind == 3 and len(frame) != 3) or (kind == 4 and len(frame) < 4):
+            log.warning("dropped a malformed response for message id %s", unique_id)
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("< %s", raw)
+        await self.route_message(raw)
+
+    async def _call_error(self, unique_id: str, code: str, description: str) -> None:
+        log.warning("answering message %s with CALLERROR %s: %s", unique_id, code, description)
+        await self._send(json.dumps([4, unique_id, code, description, {}]))
+
+    async def _send(self, message: str) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("> %s", message)
+        await self._connection.send(message)
+
+    async def send(self, action: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Send one CALL and return the CALLRESULT payload (camelCase).
+
+        Raises OCPPError for a CALLERROR, TimeoutError when no answer comes within the
+        response timeout. Only the session's sender calls this (one CALL in flight).
+        """
+        request = getattr(call, action)(**camel_to_snake_case(payload))
+        unique_id = str(self._unique_id_generator())
+        self.pending_ids.add(unique_id)
+        try:
+            result = await self.call(request, suppress=False, unique_id=unique_id)
+        finally:
+            self.pending_ids.discard(unique_id)
+        converted: dict[str, Any] = snake_to_camel_case(asdict(result))
+        return {k: v for k, v in converted.items() if v is not None}
+
+    # ------------------------------------------------------------------ Core
+    @on(Action.change_availability)
+    def on_change_availability(self, connector_id: int, type: str, **_: Any) -> Any:
+        status = self.station.change_availability(connector_id, type == "Operative")
+        return call_result.ChangeAvailability(status=status)
+
+    @on(Action.change_configuration)
+    def on_change_configuration(self, key: str, value: str, **_: Any) -> Any:
+        result = self.station.keys.change_configuration(key, value)
+        shown = "<redacted>" if is_secret(key) else repr(value)
+        log.info("ChangeConfiguration %s = %s: %s", key, shown, result.value)
+        return call_result.ChangeConfiguration(status=result.value)
+
+    @after(Action.change_configuration)
+    def after_change_configuration(self, key: str, value: str, **_: Any) -> None:
+        if key == "AuthorizationKey" and self.session.key_changed(value):
+            log.warning("new AuthorizationKey set by the CSMS: reconnecting with it")
+        elif key == "WebSocketPingInterval":
+            self.session.request_reconnect("WebSocketPingInterval changed")
+        elif key == "HeartbeatInterval":
+            self.session.wake()
+
+    @on(Action.clear_cache)
+    def on_clear_cache(self, **_: Any) -> Any:
+        return call_result.ClearCache(status=self.station.clear_cache())
+
+    @on(Action.data_transfer)
+    def on_data_transfer(self, vendor_id: str, **_: Any) -> Any:
+        log.info("DataTransfer from vendor %r: no vendor extensions here", vendor_id)
+        return call_result.DataTransfer(status="UnknownVendorId")
+
+    @on(Action.get_configuration)
+    def on_get_configuration(self, key: list[str] | None = None, **_: Any) -> Any:
+        max_keys = self.station.keys.int("GetConfigurationMaxKeys")
+        if key is not None and len(key) > max_keys:
+            key = key[:max_keys]
+        known, unknown = self.station.keys.get_configuration(key or None)
+        return call_result.GetConfiguration(
+            configuration_key=[{"key": k, "readonly": ro, "value": v} for k, ro, v in known],
+            unknown_key=unknown or None,
+        )
+
+    @on(Action.remote_start_transaction)
+    def on_remote_start(self, id_tag: str, connector_id: int | None = None,
+                        charging_profile: dict[str, Any] | None = None, **_: Any) -> Any:  # fmt: skip
+        body = snake_to_camel_case(charging_profile) if charging_profile else None
+        status = self.station.remote_start(id_tag, connector_id, body)
+        return call_result.RemoteStartTransaction(status=status)
+
+    @on(Action.remote_stop_transaction)
+    def on_remote_stop(self, transaction_id: int, **_: Any) -> Any:
+        return call_result.RemoteStopTransaction(status=self.station.remote_stop(transaction_id))
+
+    @on(Action.reset)
+    def on_reset(self, type: str, **_: Any) -> Any:
+        return call_result.Reset(status="Accepted")
+
+    @after(Action.reset)
+    def after_reset(self, type: str, **_: Any) -> None:
+        self.station.reset(type)
+
+    @on(Action.unlock_connector)
+    def on_unlock(self, connector_id: int, **_: Any) -> Any:
+        return call_result.UnlockConnector(status=self.station.unlock(connector_id))
+
+    # ------------------------------------------------------------------ Smart Charging
+    @on(Action.set_charging_profile)
+    def on_set_charging_profile(self, connector_id: int, cs_charging_profiles: dict[str, Any],
+                                **_: Any) -> Any:  # fmt: skip
+        body = snake_to_camel_case(cs_charging_profiles)
+        status = self.station.set_charging_profile(connector_id, body)
+        return call_result.SetChargingProfile(status=status)
+
+    @on(Action.clear_charging_profile)
+    def on_clear_charging_profile(self, id: int | None = None, connector_id: int | None = None,
+                                  charging_profile_purpose: str | None = None,
+                                  stack_level: int | None = None, **_: Any) -> Any:  # fmt: skip
+        status = self.station.clear_charging_profile(
+            id, connector_id, charging_profile_purpose, stack_level
+        )
+        return call_result.ClearChargingProfile(status=status)
+
+    @on(Action.get_composite_schedule)
+    def on_get_composite_schedule(self, connector_id: int, duration: int,
+                                  charging_rate_unit: str | None = None, **_: Any) -> Any:  # fmt: skip
+        result = self.station.composite_schedule(connector_id, duration, charging_rate_unit)
+        if result is None:
+            return call_result.GetCompositeSchedule(status="Rejected")
+        start, schedule = result
+        return call_result.GetCompositeSchedule(
+            status="Accepted",
+            connector_id=connector_id,
+            schedule_start=start,
+            charging_schedule=camel_to_snake_case(schedule),
+        )
+
+    # ------------------------------------------------------------------ Remote Trigger
+    @on(Action.trigger_message)
+    def on_trigger_message(self, requested_message: str, connector_id: int | None = None,
+                           **_: Any) -> Any:  # fmt: skip
+        return call_result.TriggerMessage(
+            status=self.station.trigger(requested_message, connector_id)
+        )
+
+    @after(Action.trigger_message)
+    def after_trigger_message(self, requested_message: str, connector_id: int | None = None,
+                              **_: Any) -> None:  # fmt: skip
+        if self.station.trigger(requested_message, connector_id) == "Accepted":
+            self.station.send_triggered(requested_message, connector_id)

@@ -1,0 +1,297 @@
+"""The life of the CSMS connection: connect, boot, send, heartbeat, reconnect.
+
+:class:`Session` runs forever. Each connection runs two tasks in one TaskGroup: the
+adapter's receive loop and :meth:`Session._sender`, the only caller of ``call()``. When the
+socket closes, the TaskGroup cancels the sender at once (a pending CALL does not wait for
+its timeout), volatile messages are dropped, and the loop reconnects after a back-off
+delay. Every connect failure (401, TLS, network) is logged in one clear line and retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ocpp.exceptions import OCPPError
+from websockets.exceptions import ConnectionClosed
+
+from agent.config import Config
+from agent.core.smart_charging import parse_time
+from agent.ocpp.adapter import OcppAdapter
+from agent.ocpp.transport import backoff, classify, open_connection, tls_context
+from agent.outbox import Outgoing
+from agent.station import Station
+
+log = logging.getLogger("evcp.session")
+
+TRANSACTION_ACTIONS = ("StartTransaction", "StopTransaction", "MeterValues")
+
+
+class _Reconnect(Exception):
+    """Raised inside a connection's TaskGroup to close it and connect again."""
+
+
+class Session:
+    def __init__(self, *, cfg: Config, station: Station, password: str) -> None:
+        self.cfg = cfg
+        self.station = station
+        self.keys = station.keys
+        self.password = password
+        self.registration: str | None = None  # last BootNotification status
+        self._boot_due = 0.0
+        self._heartbeat_due = 0.0
+        self._retry_at = 0.0
+        self._reconnect = asyncio.Event()
+        self._reconnect_reason = ""
+        self._force_boot = False
+        self._ssl = tls_context(cfg.csms["ca_file"] or None)
+        station.request_boot = self._boot_now
+
+    # ------------------------------------------------------------------ control
+    def wake(self) -> None:
+        self.station.outbox.wake.set()
+
+    def _boot_now(self) -> None:
+        self._boot_due = 0.0
+        self._force_boot = True
+        self.wake()
+
+    def request_reconnect(self, reason: str) -> None:
+        self._reconnect_reason = reason
+        self._reconnect.set()
+
+    def key_changed(self, value: str) -> bool:
+        """A new AuthorizationKey was accepted: persist it and reconnect with it."""
+        if value == self.password:
+            return False
+        self.password = value
+        self.station.store.put("csms.password", value)
+        from agent.logs import add_secret
+
+        add_secret(value)
+        self.request_reconnect("new AuthorizationKey")
+        return True
+
+    # ------------------------------------------------------------------ connection loop
+    async def run(self) -> None:
+        csms = self.cfg.csms
+        delays = backoff(initial_s=csms["reconnect_min_s"], maximum_s=csms["reconnect_max_s"])
+        while True:
+            try:
+                ws = await open_connection(
+                    url=csms["url"],
+                    charge_point_id=csms["charge_point_id"],
+                    password=self.password,
+                    ssl_context=self._ssl,
+                    ping_interval_s=self.keys.int("WebSocketPingInterval"),
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failure = classify(exc)
+                delay = next(delays)
+                self.station.last_connect_error = f"{failure.kind}: {failure.detail}"
+                log.warning(
+                    "cannot connect to the CSMS (%s: %s); retrying in %.1f s",
+                    failure.kind,
+                    failure.detail,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            log.info("connected to %s as %s", csms["url"], csms["charge_point_id"])
+            self.station.last_connect_error = None
+            delays = backoff(initial_s=csms["reconnect_min_s"], maximum_s=csms["reconnect_max_s"])
+            await self._serve(ws)
+            delay = next(delays)
+            log.info("reconnecting in %.1f s", delay)
+            await asyncio.sleep(delay)
+
+    async def _serve(self, ws: Any) -> None:
+        station = self.station
+        adapter = OcppAdapter(
+            self.cfg.csms["charge_point_id"],
+            ws,
+            station,
+            self,
+            response_timeout=float(self.cfg.csms["response_timeout_s"]),
+        )
+        self._reconnect.clear()
+        station.connected = True
+        station.outbox.online = True
+        self._retry_at = 0.0
+        if self.registration == "Accepted":
+            station.send_all_statuses()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(adapter.start(), name="receive")
+                group.create_task(self._sender(adapter), name="sender")
+                group.create_task(self._watch_reconnect(), name="reconnect")
+        except* ConnectionClosed as group:
+            exc = group.exceptions[0]
+            log.warning("connection to the CSMS closed: %s", exc)
+        except* _Reconnect:
+            log.info("reconnecting: %s", self._reconnect_reason)
+        finally:
+            station.connected = False
+            station.outbox.go_offline()
+            await ws.close()
+
+    async def _watch_reconnect(self) -> None:
+        await self._reconnect.wait()
+        raise _Reconnect
+
+    # ------------------------------------------------------------------ sender
+    async def _sender(self, cp: OcppAdapter) -> None:
+        loop = asyncio.get_running_loop()
+        station = self.station
+        outbox = station.outbox
+        while True:
+            now = loop.time()
+            if self.registration != "Accepted" or self._force_boot:
+                if now >= self._boot_due:
+                    await self._boot(cp)
+                    continue
+                if self.registration == "Pending" and outbox.volatile:
+                    await self._send_volatile(cp, outbox.volatile.popleft())
+                    continue
+                if self.registration == "Rejected":
+                    outbox.volatile.clear()  # send nothing else while rejected
+                await self._sleep_until(self._boot_due)
+                continue
+            if outbox.volatile:
+                await self._send_volatile(cp, outbox.volatile.popleft())
+                continue
+            head = station.store.queue_head()
+            if head is not None and now >= self._retry_at:
+                await self._send_queued(cp)
+                continue
+            interval = self.keys.int("HeartbeatInterval")
+            if interval > 0 and now >= self._heartbeat_due:
+                await self._send_volatile(cp, Outgoing("Heartbeat", {}))
+                continue
+            wake_at = self._heartbeat_due if interval > 0 else now + 3600
+            if head is not None:
+                wake_at = min(wake_at, self._retry_at)
+            await self._sleep_until(wake_at)
+
+    async def _sleep_until(self, when: float) -> None:
+        outbox = self.station.outbox
+        outbox.wake.clear()
+        delay = when - asyncio.get_running_loop().time()
+        if delay <= 0:
+            return
+        try:
+            await asyncio.wait_for(outbox.wake.wait(), delay)
+        except TimeoutError:
+            pass
+
+    async def _boot(self, cp: OcppAdapter) -> None:
+        loop = asyncio.get_running_loop()
+        self._force_boot = False
+        try:
+            result = await cp.send("BootNotification", self.station.boot_payload())
+        except (OCPPError, TimeoutError) as exc:
+            log.warning("BootNotification failed: %s; retrying in 60 s", exc)
+            self._boot_due = loop.time() + 60
+            return
+        status = result["status"]
+        interval = int(result["interval"])
+        self._check_clock(result.get("currentTime"))
+        self.registration = status
+        if status == "Accepted":
+            self.station.registered = True
+            if interval > 0:
+                self.keys.set("HeartbeatInterval", str(interval))
+            self._heartbeat_due = loop.time() + self.keys.int("HeartbeatInterval")
+            log.info("BootNotification accepted; heartbeat every %d s", interval)
+            self.station.send_all_statuses()
+            return
+        retry = interval if interval > 0 else 60
+        log.warning("BootNotification %s by the CSMS; retrying in %d s", status, retry)
+        self._boot_due = loop.time() + retry
+
+    def _check_clock(self, current_time: str | None) -> None:
+        if not current_time:
+            return
+        try:
+            csms_now = parse_time(current_time)
+        except ValueError:
+            log.warning("CSMS sent an unreadable currentTime %r", current_time)
+            return
+        skew = (csms_now - self.station.now()).total_seconds()
+        if abs(skew) > 5:
+            log.warning("the CSMS clock differs from ours by %.1f s", skew)
+
+    async def _send_volatile(self, cp: OcppAdapter, message: Outgoing) -> None:
+        try:
+            result = await cp.send(message.action, message.payload)
+        except (OCPPError, TimeoutError) as exc:
+            log.warning("%s not accepted by the CSMS: %s", message.action, exc)
+            if message.future is not None and not message.future.done():
+                message.future.set_exception(exc)
+            return
+        except BaseException as exc:
+            if message.future is not None and not message.future.done():
+                message.future.set_exception(ConnectionError("connection lost"))
+            raise exc
+        if message.action == "Heartbeat":
+            self._heartbeat_due = asyncio.get_running_loop().time() + self.keys.int(
+                "HeartbeatInterval"
+            )
+            self._check_clock(result.get("currentTime"))
+        if message.on_result is not None:
+            message.on_result(result)
+        if message.future is not None and not message.future.done():
+            message.future.set_result(result)
+
+    async def _send_queued(self, cp: OcppAdapter) -> None:
+        store = self.station.store
+        head = store.queue_head()
+        if head is None:
+            return
+        payload = dict(head.payload)
+        if head.action != "StartTransaction" and head.tx_local_id is not None:
+            csms_id = store.csms_transaction_id(head.tx_local_id)
+            if csms_id is None:
+                log.error(
+                    "%s of local transaction %d cannot be delivered: its StartTransaction was"
+                    " never answered; kept in the queue as failed",
+                    head.action,
+                    head.tx_local_id,
+                )
+                store.queue_attempt(head.seq, "transaction id unknown", give_up=True)
+                return
+            payload["transactionId"] = csms_id
+        try:
+            result = await cp.send(head.action, payload)
+        except (OCPPError, TimeoutError) as exc:
+            attempts = head.attempts + 1
+            give_up = attempts >= self.keys.int("TransactionMessageAttempts")
+            store.queue_attempt(head.seq, str(exc) or type(exc).__name__, give_up=give_up)
+            if give_up:
+                log.error(
+                    "%s (queue #%d) refused %d times, last: %s; kept as failed",
+                    head.action,
+                    head.seq,
+                    attempts,
+                    exc,
+                )
+            else:
+                wait = self.keys.int("TransactionMessageRetryInterval") * attempts
+                log.warning(
+                    "%s (queue #%d) failed (%s); retry %d in %d s",
+                    head.action,
+                    head.seq,
+                    exc,
+                    attempts + 1,
+                    wait,
+                )
+                self._retry_at = asyncio.get_running_loop().time() + wait
+            return
+        if head.action == "StartTransaction" and head.tx_local_id is not None:
+            store.start_delivered(head.seq, head.tx_local_id, int(result["transactionId"]))
+            self.station.on_start_result(head.tx_local_id, result)
+        else:
+            store.queue_done(head.seq)

@@ -1,0 +1,147 @@
+"""The WSS connection to the CSMS: TLS context, Basic Auth, reconnect policy.
+
+WSS only (OCPP security profile 2): TLS 1.2 or newer, the server certificate and host name
+verified against ``ca_file`` (or the system store), and HTTP Basic Auth with
+user = charge point id and password = AuthorizationKey, sent as an explicit header so the
+URL stays safe to log. The reconnect delays come from :func:`backoff`, a pure generator.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+log = logging.getLogger("evcp.transport")
+
+SUBPROTOCOL = "ocpp1.6"
+
+#: TLS 1.2 suites, in preference order: ECDHE with AES-GCM first, then ECDHE with CBC and
+#: SHA-2, then the two RSA-kx GCM suites the OCPP security whitepaper mandates. Every one is
+#: in the ELBSecurityPolicy-TLS-1-2-Ext-2018-06 set, so a handshake with a server limited to
+#: that policy always finds a common suite. SHA-1 CBC suites are left out on purpose.
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-AES128-SHA256",
+        "ECDHE-RSA-AES128-SHA256",
+        "ECDHE-ECDSA-AES256-SHA384",
+        "ECDHE-RSA-AES256-SHA384",
+        "AES128-GCM-SHA256",
+        "AES256-GCM-SHA384",
+    )
+)
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Client TLS context: TLS >= 1.2, our cipher list, certificate and host name checked.
+
+    TLS 1.3 stays enabled (with OpenSSL's default TLS 1.3 suites) for servers that offer it.
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def basic_auth_header(charge_point_id: str, password: str) -> str:
+    token = base64.b64encode(f"{charge_point_id}:{password}".encode()).decode("ascii")
+    return f"Basic {token}"
+
+
+def endpoint(url: str, charge_point_id: str) -> str:
+    """The CSMS URL with ``/<charge_point_id>`` appended (percent-encoded)."""
+    return url.rstrip("/") + "/" + quote(charge_point_id, safe="")
+
+
+def backoff(
+    *, initial_s: float, maximum_s: float, factor: float = 2.0, rng: random.Random | None = None
+) -> Iterator[float]:
+    """Yield reconnect delays: exponential growth, capped, with jitter.
+
+    Each delay is drawn uniformly from [d/2, d] where d = initial_s * factor**n capped at
+    maximum_s, so that a fleet of chargers that lost the CSMS at once does not reconnect
+    in lock-step. Pure: pass ``rng`` to make it deterministic in tests.
+    """
+    rand = rng or random.Random()
+    delay = initial_s
+    while True:
+        yield rand.uniform(delay / 2, delay)
+        delay = min(maximum_s, delay * factor)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFailure:
+    """Why a connection attempt failed, for the log and ``evcp status``."""
+
+    kind: str  # "auth", "tls", "http", "network", "protocol"
+    detail: str
+
+
+def classify(exc: BaseException) -> ConnectFailure:
+    """Sort a connect error into a kind with a one-line explanation (all are retried)."""
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
+        if status in (401, 403):
+            return ConnectFailure(
+                "auth", f"CSMS refused the credentials (HTTP {status}): check the password"
+            )
+        return ConnectFailure("http", f"CSMS answered HTTP {status} to the WebSocket upgrade")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConnectFailure("tls", f"server certificate rejected: {exc.verify_message}")
+    if isinstance(exc, ssl.SSLError):
+        return ConnectFailure("tls", f"TLS handshake failed: {exc.reason or exc}")
+    if isinstance(exc, InvalidHandshake):
+        return ConnectFailure("protocol", f"WebSocket handshake failed: {exc}")
+    if isinstance(exc, TimeoutError):
+        return ConnectFailure("network", "timed out while connecting")
+    if isinstance(exc, OSError):
+        return ConnectFailure("network", exc.strerror or str(exc))
+    return ConnectFailure("protocol", f"{type(exc).__name__}: {exc}")
+
+
+async def open_connection(
+    *,
+    url: str,
+    charge_point_id: str,
+    password: str,
+    ssl_context: ssl.SSLContext,
+    ping_interval_s: float,
+    open_timeout_s: float = 20.0,
+) -> ClientConnection:
+    """Open the WSS connection; raise on failure (see :func:`classify`).
+
+    WebSocket pings go every ``ping_interval_s`` seconds (0: none); a pong that does not
+    come back within the same interval closes the connection, and the caller reconnects.
+    """
+    if urlsplit(url).scheme != "wss":
+        raise ValueError("refusing a non-wss:// CSMS URL")
+    interval = ping_interval_s if ping_interval_s > 0 else None
+    ws = await connect(
+        endpoint(url, charge_point_id),
+        ssl=ssl_context,
+        subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+        additional_headers={"Authorization": basic_auth_header(charge_point_id, password)},
+        ping_interval=interval,
+        ping_timeout=interval,
+        open_timeout=open_timeout_s,
+        close_timeout=5,
+        max_size=2**20,
+        user_agent_header=None,
+    )
+    if ws.subprotocol != SUBPROTOCOL:
+        await ws.close()
+        raise InvalidHandshake(f"CSMS did not accept subprotocol {SUBPROTOCOL}")
+    return ws

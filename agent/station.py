@@ -1,0 +1,1154 @@
+"""The charge point: connectors, transactions, authorization, metering, actuation.
+
+The :class:`Station` turns hardware events (EVSE controller, meter), local events (an RFID
+swipe) and CSMS requests (through ``agent.ocpp.adapter``) into hardware commands and OCPP
+messages. It never touches the WebSocket: outgoing messages go to the :class:`Outbox`
+(volatile) or to the store's durable queue (transaction messages), and the session's single
+sender delivers them. Decisions that need no I/O live in ``agent.core``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from agent import __version__
+from agent.config import Config
+from agent.core import smart_charging as sc
+from agent.core.config_keys import ConfigKeys
+from agent.core.connector import (
+    ConnectorInputs,
+    Status,
+    connector_zero_status,
+    derive_status,
+    error_code,
+)
+from agent.core.metering import energy_register_wh, meter_value, sampled_values
+from agent.outbox import NotConnected, Outbox, Outgoing
+from agent.store import Store, TxRecord
+from drivers.base import (
+    IEC61851_MIN_CURRENT_A,
+    ControlMode,
+    DriverError,
+    EvseController,
+    EvseStatus,
+    Meter,
+    MeterReading,
+    TransientDriverError,
+    VehicleState,
+)
+
+log = logging.getLogger("evcp.station")
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
+
+
+def iso(ts: datetime) -> str:
+    """OCPP timestamp: UTC, milliseconds, 'Z'."""
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class ConnectorHardware:
+    evse: EvseController
+    meter: Meter
+
+
+@dataclass(slots=True)
+class ActiveTx:
+    local_id: int
+    id_tag: str
+    meter_start_wh: int
+    start: datetime
+    begin_sample: list[dict[str, Any]]
+    parent_id_tag: str | None = None
+    suspended_invalid: bool = False
+
+
+@dataclass(slots=True)
+class Connector:
+    id: int
+    hw: ConnectorHardware
+    evse_status: EvseStatus | None = None
+    reading: MeterReading | None = None
+    meter_misses: int = 0
+    meter_failed: bool = False
+    operative: bool = True
+    pending_inoperative: bool | None = None  # Scheduled availability change
+    tx: ActiveTx | None = None
+    waiting_tag: tuple[str, str | None] | None = None  # (idTag, parentIdTag)
+    waiting_profile: dict[str, Any] | None = None  # from RemoteStartTransaction
+    waiting_deadline: asyncio.TimerHandle | None = None
+    finishing: bool = False
+    limit_a: float = 0.0
+    applied_mode: ControlMode | None = None
+    applied_current_a: float | None = None
+    paused_by_evse: bool = False
+    observed: tuple[str, str, str | None] | None = None
+    reported: tuple[str, str, str | None] | None = None
+    status_timer: asyncio.TimerHandle | None = None
+    sampler: asyncio.Task[None] | None = None
+    actuate_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def vehicle(self) -> VehicleState:
+        return self.evse_status.vehicle if self.evse_status else VehicleState.UNKNOWN
+
+    @property
+    def plugged(self) -> bool:
+        return self.vehicle in (
+            VehicleState.CONNECTED,
+            VehicleState.REQUESTING,
+            VehicleState.CHARGING,
+        )
+
+    def inputs(self) -> ConnectorInputs:
+        status = self.evse_status
+        return ConnectorInputs(
+            vehicle=self.vehicle,
+            fault=status.fault if status else None,
+            meter_failed=self.meter_failed,
+            operative=self.operative,
+            transaction=self.tx is not None,
+            reserved=False,
+            waiting_for_vehicle=self.waiting_tag is not None,
+            paused_by_evse=self.paused_by_evse,
+            finishing=self.finishing,
+        )
+
+    @property
+    def offered_current_a(self) -> float:
+        if self.applied_mode is ControlMode.ENABLED and self.applied_current_a is not None:
+            return self.applied_current_a
+        return 0.0
+
+
+class Station:
+    """The charge point. Create, ``await start()``, then run ``run()`` in a TaskGroup."""
+
+    def __init__(
+        self,
+        *,
+        cfg: Config,
+        store: Store,
+        keys: ConfigKeys,
+        clock: Clock,
+        hardware: list[ConnectorHardware],
+        request_restart: Callable[[str], None],
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.keys = keys
+        self.clock = clock
+        self.outbox = Outbox()
+        self.connectors = {i + 1: Connector(i + 1, hw) for i, hw in enumerate(hardware)}
+        self.registered = False  # BootNotification accepted in this process
+        self.connected = False
+        self.last_connect_error: str | None = None
+        self.operative0 = self.store.get("availability.0", "Operative") == "Operative"
+        self._request_restart = request_restart
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._limit_timer: asyncio.TimerHandle | None = None
+        self._profiles: list[sc.Profile] = []
+        self._wake_aligned = asyncio.Event()
+        self._restarting = False
+        #: Set by the session: queue a BootNotification now (TriggerMessage).
+        self.request_boot: Callable[[], None] = lambda: None
+        self.max_current_a = float(cfg.hardware["max_current_a"])
+        self.voltage_v = float(cfg.hardware["nominal_voltage_v"])
+        self.phases = int(cfg.hardware["phases"])
+        keys.subscribe(self._on_key_changed)
+
+    # ================================================================== lifecycle
+    def now(self) -> datetime:
+        return self.clock.now()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background; its exception is logged, never lost."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("background task %s failed: %r", task.get_name(), exc, exc_info=exc)
+
+    async def start(self) -> None:
+        """Start the drivers, reload profiles, close what a power loss left open."""
+        for raw in self.store.profiles():
+            try:
+                self._profiles.append(sc.parse_profile(int(raw["_connector"]), raw["profile"]))
+            except (KeyError, ValueError) as exc:
+                log.error("dropping an unreadable stored charging profile: %s", exc)
+        for c in self.connectors.values():
+            c.operative = self.store.get(f"availability.{c.id}", "Operative") == "Operative"
+            c.hw.evse.set_listener(lambda status, c=c: self._on_evse_status(c, status))
+            try:
+                await c.hw.evse.start()
+                c.evse_status = await c.hw.evse.read_status()
+            except DriverError as exc:
+                log.error("connector %d: EVSE controller unavailable: %s", c.id, exc)
+            try:
+                await c.hw.meter.connect()
+                c.reading = await c.hw.meter.read()
+            except DriverError as exc:
+                log.error("connector %d: meter unavailable: %s", c.id, exc)
+        await self._recover_transactions()
+        for c in self.connectors.values():
+            await self.actuate(c)
+            self._refresh_status(c)
+
+    async def _recover_transactions(self) -> None:
+        """A transaction the store still holds as running was cut by a power loss or crash."""
+        reason_after_reset = self.store.get("reset.pending")
+        self.store.put("reset.pending", None)
+        for rec in self.store.active_transactions():
+            c = self.connectors.get(rec.connector_id)
+            reason = (
+                {"Soft": "SoftReset", "Hard": "HardReset"}.get(reason_after_reset, "Reboot")
+                if reason_after_reset
+                else "PowerLoss"
+            )
+            meter_stop = rec.last_meter_wh if rec.last_meter_wh is not None else rec.meter_start_wh
+            if c is not None and c.reading is not None:
+                meter_stop = energy_register_wh(c.reading)
+            log.warning(
+                "transaction %d on connector %d was running at shutdown: stopping it (%s)",
+                rec.local_id,
+                rec.connector_id,
+                reason,
+            )
+            self._stop_record(rec, meter_stop_wh=meter_stop, reason=reason, end_sample=[])
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for c in self.connectors.values():
+            with contextlib.suppress(DriverError):
+                await c.hw.evse.close()
+            with contextlib.suppress(DriverError):
+                await c.hw.meter.close()
+
+    async def run(self) -> None:
+        """Long-running duties: meter polling and clock-aligned meter values."""
+        async with asyncio.TaskGroup() as group:
+            for c in self.connectors.values():
+                group.create_task(self._poll_meter(c), name=f"meter-{c.id}")
+            group.create_task(self._aligned_loop(), name="aligned")
+
+    # ================================================================== hardware events
+    def _on_evse_status(self, c: Connector, status: EvseStatus) -> None:
+        before = c.evse_status
+        c.evse_status = status
+        was_plugged = before is not None and before.vehicle in (
+            VehicleState.CONNECTED,
+            VehicleState.REQUESTING,
+            VehicleState.CHARGING,
+        )
+        if before is None or before.vehicle != status.vehicle or before.fault != status.fault:
+            log.info(
+                "connector %d: vehicle %s%s",
+                c.id,
+                status.vehicle.value,
+                f", fault {status.fault.value} ({status.vendor_code})" if status.fault else "",
+            )
+        if c.plugged and not was_plugged:
+            self._on_plugged(c)
+        elif was_plugged and status.vehicle is VehicleState.ABSENT:
+            self._on_unplugged(c)
+        self._refresh_status(c)
+
+    def _on_plugged(self, c: Connector) -> None:
+        if c.waiting_tag is not None and c.tx is None:
+            tag, parent = c.waiting_tag
+            profile = c.waiting_profile
+            self._clear_waiting(c)
+            self.spawn(self.start_transaction(c, tag, parent, profile), f"start-{c.id}")
+
+    def _on_unplugged(self, c: Connector) -> None:
+        c.finishing = False
+        if c.tx is not None and self.keys.bool("StopTransactionOnEVSideDisconnect"):
+            self.spawn(self.stop_transaction(c, "EVDisconnected"), f"stop-{c.id}")
+
+    async def _poll_meter(self, c: Connector) -> None:
+        while True:
+            await self.read_meter(c)
+            await asyncio.sleep(float(self.cfg.hardware["meter_poll_s"]))
+
+    async def read_meter(self, c: Connector) -> MeterReading | None:
+        """Read the meter now; count misses; the connector is Faulted after the limit."""
+        try:
+            reading = await c.hw.meter.read()
+        except TransientDriverError as exc:
+            c.meter_misses += 1
+            limit = int(self.cfg.hardware["meter_miss_limit"])
+            if c.meter_misses == limit:
+                log.error(
+                    "connector %d: meter failed %d reads in a row (%s): reporting Faulted",
+                    c.id,
+                    limit,
+                    exc,
+                )
+                c.meter_failed = True
+                self._refresh_status(c)
+            elif c.meter_misses < limit:
+                log.warning("connector %d: meter read failed: %s", c.id, exc)
+            return None
+        except DriverError as exc:
+            log.error("connector %d: meter unusable: %s", c.id, exc)
+            c.meter_failed = True
+            self._refresh_status(c)
+            return None
+        if c.meter_failed:
+            log.info("connector %d: meter answers again", c.id)
+        c.meter_misses = 0
+        c.meter_failed = False
+        c.reading = reading
+        if c.tx is not None:
+            self.store.note_meter(c.tx.local_id, energy_register_wh(reading), iso(self.now()))
+        self._refresh_status(c)
+        return reading
+
+    # ================================================================== status
+    def _refresh_status(self, c: Connector) -> None:
+        inputs = c.inputs()
+        status = derive_status(inputs)
+        observed = (
+            status.value,
+            error_code(inputs),
+            c.evse_status.vendor_code if status is Status.FAULTED and c.evse_status else None,
+        )
+        if observed == c.observed:
+            return
+        c.observed = observed
+        if c.status_timer is not None:
+            c.status_timer.cancel()
+            c.status_timer = None
+        delay = self.keys.int("MinimumStatusDuration")
+        if delay > 0 and c.reported is not None:
+            c.status_timer = asyncio.get_running_loop().call_later(
+                delay, self._report_status, c
+            )
+        else:
+            self._report_status(c)
+
+    def _report_status(self, c: Connector) -> None:
+        c.status_timer = None
+        if c.observed is None or c.observed == c.reported:
+            return
+        c.reported = c.observed
+        log.info("connector %d: %s (%s)", c.id, c.observed[0], c.observed[1])
+        self.send_status(c.id)
+
+    def status_of(self, connector_id: int) -> tuple[str, str, str | None]:
+        if connector_id == 0:
+            faulted = False
+            status = connector_zero_status(operative=self.operative0, faulted=faulted)
+            return status.value, "NoError", None
+        c = self.connectors[connector_id]
+        return c.observed or (Status.AVAILABLE.value, "NoError", None)
+
+    def send_status(self, connector_id: int) -> None:
+        """Queue a StatusNotification with the connector's current status."""
+        if not self.registered:
+            return
+        status, code, vendor = self.status_of(connector_id)
+        payload: dict[str, Any] = {
+            "connectorId": connector_id,
+            "errorCode": code,
+            "status": status,
+            "timestamp": iso(self.now()),
+        }
+        if vendor:
+            payload["vendorErrorCode"] = vendor
+        self.outbox.send(Outgoing("StatusNotification", payload))
+
+    def send_all_statuses(self) -> None:
+        for connector_id in (0, *self.connectors):
+            self.send_status(connector_id)
+
+    # ================================================================== actuation
+    def _tx_for_profiles(self, c: Connector) -> sc.Tx | None:
+        if c.tx is None:
+            return None
+        return sc.Tx(self.store.csms_transaction_id(c.tx.local_id), c.tx.start)
+
+    def compute_limit(self, c: Connector) -> float:
+        return sc.effective_limit_a(
+            self._profiles,
+            connector_id=c.id,
+            now=self.now(),
+            tx=self._tx_for_profiles(c),
+            hardware_max_a=self.max_current_a,
+            voltage_v=self.voltage_v,
+            phases=self.phases,
+        )
+
+    async def actuate(self, c: Connector) -> None:
+        """Bring the controller in line with availability, transaction and limit."""
+        async with c.actuate_lock:
+            c.limit_a = self.compute_limit(c)
+            if not c.operative or not self.operative0:
+                mode, current = ControlMode.DISABLED, None
+            elif c.tx is None or c.tx.suspended_invalid:
+                mode, current = ControlMode.PAUSED, None
+            elif c.limit_a < IEC61851_MIN_CURRENT_A:
+                mode, current = ControlMode.PAUSED, None
+            else:
+                mode, current = ControlMode.ENABLED, c.limit_a
+            c.paused_by_evse = c.tx is not None and mode is ControlMode.PAUSED
+            evse = c.hw.evse
+            try:
+                if current is not None and current != c.applied_current_a:
+                    c.applied_current_a = await evse.set_offered_current(current)
+                    log.info("connector %d: offering %.1f A", c.id, c.applied_current_a)
+                if mode is not c.applied_mode:
+                    await {
+                        ControlMode.ENABLED: evse.enable,
+                        ControlMode.PAUSED: evse.pause,
+                        ControlMode.DISABLED: evse.disable,
+                    }[mode]()
+                    c.applied_mode = mode
+                    log.info("connector %d: controller %s", c.id, mode.value)
+                    # Report from the controller's state after the command, not before it.
+                    c.evse_status = await evse.read_status()
+            except DriverError as exc:
+                log.error("connector %d: could not command the controller: %s", c.id, exc)
+            self._refresh_status(c)
+        self._arm_limit_timer()
+
+    def _arm_limit_timer(self) -> None:
+        """Recompute limits at the next profile boundary (a timer, not polling)."""
+        if self._limit_timer is not None:
+            self._limit_timer.cancel()
+            self._limit_timer = None
+        now = self.now()
+        edges = [
+            edge
+            for c in self.connectors.values()
+            if (edge := sc.next_boundary(self._profiles, now, c.tx.start if c.tx else None))
+        ]
+        if edges:
+            delay = max(0.0, (min(edges) - now).total_seconds()) + 0.001
+            self._limit_timer = asyncio.get_running_loop().call_later(
+                delay, self._on_limit_timer
+            )
+
+    def _on_limit_timer(self) -> None:
+        self._limit_timer = None
+        for c in self.connectors.values():
+            self.spawn(self.actuate(c), f"actuate-{c.id}")
+
+    def actuate_all(self) -> None:
+        for c in self.connectors.values():
+            self.spawn(self.actuate(c), f"actuate-{c.id}")
+
+    # ================================================================== authorization
+    async def authorize(self, id_tag: str) -> tuple[str, str | None]:
+        """Return (status, parentIdTag) for ``id_tag``: online Authorize, else the cache."""
+        if self.keys.bool("LocalPreAuthorize") and (cached := self._cached(id_tag)):
+            if cached[0] == "Accepted":
+                return cached
+        if self.registered and self.outbox.online:
+            try:
+                result = await asyncio.wait_for(
+                    self.outbox.request("Authorize", {"idTag": id_tag}),
+                    timeout=float(self.cfg.csms["response_timeout_s"]),
+                )
+                info = result.get("idTagInfo", {})
+                self._remember(id_tag, info)
+                return str(info.get("status", "Invalid")), info.get("parentIdTag")
+            except (NotConnected, TimeoutError) as exc:
+                log.warning("Authorize for a tag failed (%s): deciding offline", exc)
+            except Exception as exc:  # a CALLERROR from the CSMS
+                log.warning("CSMS answered Authorize with an error: %s", exc)
+                return "Invalid", None
+        cached = self._cached(id_tag)
+        if self.keys.bool("LocalAuthorizeOffline") and cached is not None:
+            return cached
+        if cached is None and self.keys.bool("AllowOfflineTxForUnknownId"):
+            return "Accepted", None
+        return "Invalid", None
+
+    def _cached(self, id_tag: str) -> tuple[str, str | None] | None:
+        if not self.keys.bool("AuthorizationCacheEnabled"):
+            return None
+        entry = self.store.cache_get(id_tag)
+        if entry is None:
+            return None
+        status, expiry, parent = entry
+        if expiry is not None and sc.parse_time(expiry) <= self.now():
+            return "Expired", parent
+        return status, parent
+
+    def _remember(self, id_tag: str, info: dict[str, Any]) -> None:
+        if self.keys.bool("AuthorizationCacheEnabled") and "status" in info:
+            self.store.cache_put(
+                id_tag, str(info["status"]), info.get("expiryDate"), info.get("parentIdTag")
+            )
+
+    async def swipe(self, id_tag: str, connector_id: int | None = None) -> str:
+        """An RFID card was presented. Returns what happened, for the CLI."""
+        # A tag that owns a running transaction stops it.
+        for c in self.connectors.values():
+            if c.tx is not None and c.tx.id_tag == id_tag:
+                await self.stop_transaction(c, "Local", id_tag=id_tag)
+                return f"stopped the transaction on connector {c.id}"
+        c = self._pick_connector(connector_id)
+        if c is None:
+            return "no connector is free"
+        status, parent = await self.authorize(id_tag)
+        if status != "Accepted":
+            log.info("tag rejected: %s", status)
+            return f"tag rejected ({status})"
+        if c.tx is not None:
+            return f"connector {c.id} is busy"
+        if c.plugged:
+            await self.start_transaction(c, id_tag, parent)
+            return f"transaction started on connector {c.id}"
+        self._wait_for_vehicle(c, id_tag, parent)
+        return f"authorized: plug in on connector {c.id}"
+
+    def _pick_connector(self, connector_id: int | None) -> Connector | None:
+        if connector_id is not None:
+            return self.connectors.get(connector_id)
+        free = [c for c in self.connectors.values() if c.tx is None and c.operative]
+        plugged = [c for c in free if c.plugged]
+        return (plugged or free or [None])[0]
+
+    def _wait_for_vehicle(self, c: Connector, id_tag: str, parent: str | None) -> None:
+        self._clear_waiting(c)
+        c.waiting_tag = (id_tag, parent)
+        timeout = self.keys.int("ConnectionTimeOut")
+        if timeout > 0:
+            c.waiting_deadline = asyncio.get_running_loop().call_later(
+                timeout, self._waiting_expired, c
+            )
+        self._refresh_status(c)
+
+    def _waiting_expired(self, c: Connector) -> None:
+        log.info("connector %d: no vehicle within ConnectionTimeOut: authorization dropped", c.id)
+        c.waiting_deadline = None
+        c.waiting_tag = None
+        self._refresh_status(c)
+
+    def _clear_waiting(self, c: Connector) -> None:
+        if c.waiting_deadline is not None:
+            c.waiting_deadline.cancel()
+        c.waiting_deadline = None
+        c.waiting_tag = None
+        c.waiting_profile = None
+
+    # ================================================================== transactions
+    async def start_transaction(
+        self,
+        c: Connector,
+        id_tag: str,
+        parent: str | None = None,
+        profile: dict[str, Any] | None = None,
+    ) -> bool:
+        """Start a transaction on ``c`` (vehicle plugged, tag authorized)."""
+        if c.tx is not None or not c.operative or c.inputs().fault is not None:
+            log.warning("connector %d: cannot start a transaction now", c.id)
+            return False
+        reading = await self.read_meter(c) or c.reading
+        if reading is None:
+            log.error("connector %d: no meter reading: refusing to start a transaction", c.id)
+            return False
+        now = self.now()
+        meter_start = energy_register_wh(reading)
+        begin = self._stop_txn_sample(c, reading, "Transaction.Begin", now)
+        payload = {
+            "connectorId": c.id,
+            "idTag": id_tag,
+            "meterStart": meter_start,
+            "timestamp": iso(now),
+        }
+        local_id = self.store.begin_transaction(
+            connector_id=c.id,
+            id_tag=id_tag,
+            meter_start_wh=meter_start,
+            start_ts=iso(now),
+            reservation_id=None,
+            start_payload=payload,
+        )
+        c.tx = ActiveTx(local_id, id_tag, meter_start, now, begin, parent_id_tag=parent)
+        c.finishing = False
+        self._clear_waiting(c)
+        log.info(
+            "connector %d: transaction %d started, meterStart %d Wh", c.id, local_id, meter_start
+        )
+        self.outbox.notify_durable()
+        if profile is not None:
+            self._install_tx_profile_from_remote(c, profile)
+        self._restart_sampler(c)
+        await self.actuate(c)
+        return True
+
+    def _stop_txn_sample(
+        self, c: Connector, reading: MeterReading, context: str, now: datetime
+    ) -> list[dict[str, Any]]:
+        measurands = self.keys.list("StopTxnSampledData")
+        if not measurands:
+            return []
+        values = self._sampled(c, reading, measurands, context)
+        return [meter_value(iso(now), values)] if values else []
+
+    def _sampled(
+        self, c: Connector, reading: MeterReading, measurands: list[str], context: str
+    ) -> list[dict[str, Any]]:
+        return sampled_values(
+            reading,
+            measurands=measurands,
+            context=context,
+            offered_current_a=c.offered_current_a,
+            nominal_voltage_v=self.voltage_v,
+            phases=self.phases,
+        )
+
+    async def stop_transaction(
+        self, c: Connector, reason: str, *, id_tag: str | None = None
+    ) -> bool:
+        tx = c.tx
+        if tx is None:
+            return False
+        reading = await self.read_meter(c) or c.reading
+        now = self.now()
+        meter_stop = energy_register_wh(reading) if reading else tx.meter_start_wh
+        end = self._stop_txn_sample(c, reading, "Transaction.End", now) if reading else []
+        rec = TxRecord(
+            tx.local_id, c.id, tx.id_tag, None, tx.meter_start_wh, iso(tx.start), None, None
+        )
+        c.tx = None
+        self._stop_record(
+            rec,
+            meter_stop_wh=meter_stop,
+            reason=reason,
+            end_sample=tx.begin_sample + end,
+            id_tag=id_tag,
+            now=now,
+        )
+        if c.sampler is not None:
+            c.sampler.cancel()
+            c.sampler = None
+        c.finishing = c.plugged
+        # A TxProfile ends with its transaction.
+        self._profiles = [
+            p for p in self._profiles if not (p.purpose == sc.TX and p.connector_id == c.id)
+        ]
+        self._persist_profiles()
+        if c.pending_inoperative is not None:
+            self._set_operative(c, c.pending_inoperative)
+            c.pending_inoperative = None
+        await self.actuate(c)
+        return True
+
+    def _stop_record(
+        self,
+        rec: TxRecord,
+        *,
+        meter_stop_wh: int,
+        reason: str,
+        end_sample: list[dict[str, Any]],
+        id_tag: str | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        ts = iso(now or self.now())
+        payload: dict[str, Any] = {
+            "transactionId": 0,  # filled in from the StartTransaction result at delivery
+            "meterStop": meter_stop_wh,
+            "timestamp": ts,
+            "reason": reason,
+        }
+        if id_tag is not None:
+            payload["idTag"] = id_tag
+        if end_sample:
+            payload["transactionData"] = end_sample
+        self.store.end_transaction(
+            rec.local_id, meter_stop_wh=meter_stop_wh, stop_ts=ts, reason=reason,
+            stop_payload=payload,
+        )  # fmt: skip
+        log.info(
+            "transaction %d stopped (%s), meterStop %d Wh", rec.local_id, reason, meter_stop_wh
+        )
+        self.outbox.notify_durable()
+
+    def on_start_result(self, local_id: int, result: dict[str, Any]) -> None:
+        """StartTransaction.conf: record the CSMS id; act on a refused idTag."""
+        csms_id = int(result["transactionId"])
+        self.store.set_csms_transaction_id(local_id, csms_id)
+        info = result.get("idTagInfo", {})
+        for c in self.connectors.values():
+            if c.tx is not None and c.tx.local_id == local_id:
+                self._remember(c.tx.id_tag, info)
+                if info.get("status") != "Accepted":
+                    log.warning(
+                        "CSMS refused the idTag of transaction %d (%s)",
+                        csms_id,
+                        info.get("status"),
+                    )
+                    if self.keys.bool("StopTransactionOnInvalidId"):
+                        self.spawn(self.stop_transaction(c, "DeAuthorized"), "deauthorized")
+                    else:
+                        c.tx.suspended_invalid = True
+                        self.spawn(self.actuate(c), "suspend-invalid")
+                else:
+                    self.spawn(self.actuate(c), "tx-id-known")  # TxProfiles may name the id
+
+    # ================================================================== metering
+    def _restart_sampler(self, c: Connector) -> None:
+        if c.sampler is not None:
+            c.sampler.cancel()
+            c.sampler = None
+        if c.tx is not None and self.keys.int("MeterValueSampleInterval") > 0:
+            c.sampler = self.spawn(self._sample_loop(c), f"sampler-{c.id}")
+
+    async def _sample_loop(self, c: Connector) -> None:
+        interval = self.keys.int("MeterValueSampleInterval")
+        while c.tx is not None:
+            await asyncio.sleep(interval)
+            if c.tx is None:
+                return
+            reading = await self.read_meter(c)
+            if reading is None:
+                continue  # no reading is invented
+            self.queue_meter_values(c, reading, "Sample.Periodic", "MeterValuesSampledData")
+
+    def queue_meter_values(
+        self, c: Connector, reading: MeterReading, context: str, key: str
+    ) -> None:
+        """Queue one MeterValues: durable with a transaction, volatile without."""
+        values = self._sampled(c, reading, self.keys.list(key), context)
+        if not values:
+            return
+        payload: dict[str, Any] = {
+            "connectorId": c.id,
+            "meterValue": [meter_value(iso(self.now()), values)],
+        }
+        if c.tx is not None:
+            payload["transactionId"] = 0  # filled in at delivery
+            self.store.enqueue("MeterValues", payload, c.tx.local_id)
+            self.outbox.notify_durable()
+        elif self.registered:
+            self.outbox.send(Outgoing("MeterValues", payload))
+
+    async def _aligned_loop(self) -> None:
+        while True:
+            interval = self.keys.int("ClockAlignedDataInterval")
+            if interval <= 0:
+                self._wake_aligned.clear()
+                await self._wake_aligned.wait()
+                continue
+            now = self.now()
+            midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+            elapsed = (now - midnight).total_seconds()
+            next_at = midnight + timedelta(seconds=(elapsed // interval + 1) * interval)
+            self._wake_aligned.clear()
+            try:
+                await asyncio.wait_for(
+                    self._wake_aligned.wait(), (next_at - now).total_seconds()
+                )
+                continue  # the interval changed: recompute
+            except TimeoutError:
+                pass
+            for c in self.connectors.values():
+                reading = await self.read_meter(c)
+                if reading is not None:
+                    self.queue_meter_values(c, reading, "Sample.Clock", "MeterValuesAlignedData")
+
+    def _on_key_changed(self, key: str, value: str) -> None:
+        self.store.set_config(key, value)
+        if key == "MeterValueSampleInterval":
+            for c in self.connectors.values():
+                self._restart_sampler(c)
+        elif key == "ClockAlignedDataInterval":
+            self._wake_aligned.set()
+
+    # ================================================================== CSMS requests
+    def remote_start(
+        self, id_tag: str, connector_id: int | None, profile: dict[str, Any] | None
+    ) -> str:
+        if connector_id is not None and connector_id not in self.connectors:
+            return "Rejected"
+        c = self._pick_connector(connector_id)
+        if c is None or c.tx is not None or not c.operative or c.inputs().fault is not None:
+            return "Rejected"
+        if profile is not None and profile.get("chargingProfilePurpose") != sc.TX:
+            return "Rejected"
+        self.spawn(self._remote_start(c, id_tag, profile), f"remote-start-{c.id}")
+        return "Accepted"
+
+    async def _remote_start(
+        self, c: Connector, id_tag: str, profile: dict[str, Any] | None
+    ) -> None:
+        parent = None
+        if self.keys.bool("AuthorizeRemoteTxRequests"):
+            status, parent = await self.authorize(id_tag)
+            if status != "Accepted":
+                log.info("remote start refused: idTag %s", status)
+                return
+        if c.plugged:
+            await self.start_transaction(c, id_tag, parent, profile)
+        else:
+            self._wait_for_vehicle(c, id_tag, parent)
+            c.waiting_profile = profile
+
+    def remote_stop(self, transaction_id: int) -> str:
+        for c in self.connectors.values():
+            if c.tx is not None and self.store.csms_transaction_id(c.tx.local_id) == (
+                transaction_id
+            ):
+                self.spawn(self.stop_transaction(c, "Remote"), f"remote-stop-{c.id}")
+                return "Accepted"
+        return "Rejected"
+
+    def change_availability(self, connector_id: int, operative: bool) -> str:
+        if connector_id != 0 and connector_id not in self.connectors:
+            return "Rejected"
+        targets = list(self.connectors.values()) if connector_id == 0 else [
+            self.connectors[connector_id]
+        ]
+        if connector_id == 0:
+            self.operative0 = operative
+            self.store.put("availability.0", "Operative" if operative else "Inoperative")
+        scheduled = False
+        for c in targets:
+            if c.tx is not None and not operative:
+                c.pending_inoperative = operative
+                scheduled = True
+                continue
+            self._set_operative(c, operative)
+        if connector_id == 0:
+            self.send_status(0)
+        self.actuate_all()
+        return "Scheduled" if scheduled else "Accepted"
+
+    def _set_operative(self, c: Connector, operative: bool) -> None:
+        c.operative = operative
+        self.store.put(f"availability.{c.id}", "Operative" if operative else "Inoperative")
+
+    def unlock(self, connector_id: int) -> str:
+        c = self.connectors.get(connector_id)
+        if c is None:
+            return "NotSupported"
+        if self.cfg.hardware["cable"] == "tethered" and not c.hw.evse.capabilities.supports_unlock:
+            return "NotSupported"
+        self.spawn(self._unlock(c), f"unlock-{c.id}")
+        return "Unlocked"
+
+    async def _unlock(self, c: Connector) -> None:
+        if c.tx is not None:
+            await self.stop_transaction(c, "UnlockCommand")
+        with contextlib.suppress(DriverError):
+            await c.hw.evse.unlock()
+
+    def reset(self, kind: str) -> str:
+        self.spawn(self._reset(kind), "reset")
+        return "Accepted"
+
+    async def _reset(self, kind: str) -> None:
+        reason = "SoftReset" if kind == "Soft" else "HardReset"
+        for c in self.connectors.values():
+            if c.tx is not None:
+                await self.stop_transaction(c, reason)
+        self.store.put("reset.pending", kind)
+        # Give the sender a moment to deliver the StopTransaction (it stays queued anyway).
+        await self._drain(timeout_s=5.0)
+        log.warning("%s reset requested by the CSMS: restarting", kind)
+        self._request_restart(kind)
+
+    async def _drain(self, *, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline and self.outbox.online:
+            if self.store.queue_head() is None and not self.outbox.volatile:
+                return
+            await asyncio.sleep(0.05)
+
+    def clear_cache(self) -> str:
+        self.store.cache_clear()
+        return "Accepted"
+
+    # ------------------------------------------------------------------ smart charging
+    def set_charging_profile(self, connector_id: int, body: dict[str, Any]) -> str:
+        if connector_id != 0 and connector_id not in self.connectors:
+            return "Rejected"
+        try:
+            profile = sc.parse_profile(connector_id, body)
+        except sc.ProfileError as exc:
+            log.warning("SetChargingProfile rejected: %s", exc)
+            return "Rejected"
+        problem = self._profile_problem(profile)
+        if problem:
+            log.warning("SetChargingProfile rejected: %s", problem)
+            return "Rejected"
+        self._install(profile)
+        return "Accepted"
+
+    def _profile_problem(self, p: sc.Profile) -> str | None:
+        if p.stack_level > self.keys.int("ChargeProfileMaxStackLevel"):
+            return f"stackLevel {p.stack_level} exceeds ChargeProfileMaxStackLevel"
+        if len(p.periods) > self.keys.int("ChargingScheduleMaxPeriods"):
+            return "more periods than ChargingScheduleMaxPeriods"
+        allowed = {"Current": "A", "Power": "W"}
+        units = {allowed[u] for u in self.keys.list("ChargingScheduleAllowedChargingRateUnit")}
+        if p.unit not in units:
+            return f"chargingRateUnit {p.unit} not allowed"
+        if p.purpose == sc.CP_MAX and p.connector_id != 0:
+            return "a ChargePointMaxProfile must be set on connector 0"
+        if p.purpose == sc.TX:
+            if p.connector_id == 0:
+                return "a TxProfile needs a connector"
+            c = self.connectors[p.connector_id]
+            if c.tx is None:
+                return f"no transaction on connector {p.connector_id}"
+            csms_id = self.store.csms_transaction_id(c.tx.local_id)
+            if p.transaction_id is not None and p.transaction_id != csms_id:
+                return f"transactionId {p.transaction_id} is not running"
+        kept = [q for q in self._profiles if not self._replaces(p, q)]
+        if len(kept) + 1 > self.keys.int("MaxChargingProfilesInstalled"):
+            return "MaxChargingProfilesInstalled reached"
+        return None
+
+    @staticmethod
+    def _replaces(new: sc.Profile, old: sc.Profile) -> bool:
+        return new.profile_id == old.profile_id or (
+            new.purpose == old.purpose
+            and new.stack_level == old.stack_level
+            and new.connector_id == old.connector_id
+        )
+
+    def _install(self, profile: sc.Profile) -> None:
+        self._profiles = [q for q in self._profiles if not self._replaces(profile, q)]
+        self._profiles.append(profile)
+        self._persist_profiles()
+        log.info(
+            "charging profile %d installed (%s, stack %d, connector %d)",
+            profile.profile_id,
+            profile.purpose,
+            profile.stack_level,
+            profile.connector_id,
+        )
+        self.actuate_all()
+
+    def composite_schedule(
+        self, connector_id: int, duration_s: int, unit: str | None
+    ) -> tuple[str, dict[str, Any]] | None:
+        """GetCompositeSchedule: ``(scheduleStart, chargingSchedule)`` or None (Rejected)."""
+        if connector_id != 0 and connector_id not in self.connectors:
+            return None
+        unit = unit or "A"
+        if unit not in ("A", "W") or duration_s < 0:
+            return None
+        c = self.connectors.get(connector_id)
+        tx = self._tx_for_profiles(c) if c is not None else None
+        start = self.now().replace(microsecond=0)
+        end = start + timedelta(seconds=duration_s)
+        periods: list[dict[str, Any]] = []
+        at = start
+        while at < end:
+            limit_a = sc.effective_limit_a(
+                self._profiles,
+                connector_id=connector_id,
+                now=at,
+                tx=tx,
+                hardware_max_a=self.max_current_a,
+                voltage_v=self.voltage_v,
+                phases=self.phases,
+            )
+            value = round(limit_a if unit == "A" else limit_a * self.voltage_v * self.phases, 1)
+            if not periods or periods[-1]["limit"] != value:
+                periods.append(
+                    {
+                        "startPeriod": int((at - start).total_seconds()),
+                        "limit": value,
+                        "numberPhases": self.phases,
+                    }
+                )
+            edge = sc.next_boundary(self._profiles, at, tx.start if tx else None)
+            if edge is None:
+                break
+            at = edge
+        schedule = {
+            "duration": duration_s,
+            "startSchedule": iso(start),
+            "chargingRateUnit": unit,
+            "chargingSchedulePeriod": periods,
+        }
+        return iso(start), schedule
+
+    def _install_tx_profile_from_remote(self, c: Connector, body: dict[str, Any]) -> None:
+        try:
+            profile = sc.parse_profile(c.id, body)
+        except sc.ProfileError as exc:
+            log.warning("charging profile in RemoteStartTransaction ignored: %s", exc)
+            return
+        self._install(profile)
+
+    def _persist_profiles(self) -> None:
+        stored = {int(raw["profile"]["chargingProfileId"]) for raw in self.store.profiles()}
+        current = {p.profile_id: p for p in self._profiles}
+        for profile_id in stored - set(current):
+            self.store.delete_profile(profile_id)
+        for p in current.values():
+            self.store.put_profile(
+                p.profile_id, p.connector_id, {"_connector": p.connector_id, "profile": p.body}
+            )
+
+    def clear_charging_profile(
+        self,
+        profile_id: int | None,
+        connector_id: int | None,
+        purpose: str | None,
+        stack_level: int | None,
+    ) -> str:
+        def matches(p: sc.Profile) -> bool:
+            if profile_id is not None:
+                return p.profile_id == profile_id
+            return (
+                (connector_id is None or p.connector_id == connector_id)
+                and (purpose is None or p.purpose == purpose)
+                and (stack_level is None or p.stack_level == stack_level)
+            )
+
+        removed = [p for p in self._profiles if matches(p)]
+        if not removed:
+            return "Unknown"
+        self._profiles = [p for p in self._profiles if not matches(p)]
+        self._persist_profiles()
+        self.actuate_all()
+        return "Accepted"
+
+    # ------------------------------------------------------------------ triggers
+    def trigger(self, message: str, connector_id: int | None) -> str:
+        if connector_id is not None and connector_id not in self.connectors:
+            if not (connector_id == 0 and message in ("StatusNotification", "MeterValues")):
+                return "Rejected"
+        return "Accepted"
+
+    def send_triggered(self, message: str, connector_id: int | None) -> None:
+        """Queue the message a TriggerMessage asked for (after the Accepted was sent)."""
+        now = iso(self.now())
+        if message == "BootNotification":
+            self.request_boot()
+        elif message == "Heartbeat":
+            self.outbox.send(Outgoing("Heartbeat", {}))
+        elif message == "StatusNotification":
+            if connector_id is None:
+                self.send_all_statuses_triggered()
+            else:
+                self._send_status_even_unregistered(connector_id)
+        elif message == "MeterValues":
+            targets = (
+                list(self.connectors.values())
+                if connector_id in (None, 0)
+                else [self.connectors[connector_id]]  # type: ignore[index]
+            )
+            for c in targets:
+                reading = c.reading
+                if reading is None:
+                    continue
+                values = self._sampled(
+                    c, reading, self.keys.list("MeterValuesSampledData"), "Trigger"
+                )
+                payload: dict[str, Any] = {
+                    "connectorId": c.id,
+                    "meterValue": [meter_value(now, values)],
+                }
+                if c.tx is not None and (
+                    tx_id := self.store.csms_transaction_id(c.tx.local_id)
+                ):
+                    payload["transactionId"] = tx_id
+                self.outbox.send(Outgoing("MeterValues", payload))
+        elif message == "DiagnosticsStatusNotification":
+            self.outbox.send(Outgoing("DiagnosticsStatusNotification", {"status": "Idle"}))
+        elif message == "FirmwareStatusNotification":
+            self.outbox.send(Outgoing("FirmwareStatusNotification", {"status": "Idle"}))
+
+    def _send_status_even_unregistered(self, connector_id: int) -> None:
+        status, code, vendor = self.status_of(connector_id)
+        payload: dict[str, Any] = {
+            "connectorId": connector_id,
+            "errorCode": code,
+            "status": status,
+            "timestamp": iso(self.now()),
+        }
+        if vendor:
+            payload["vendorErrorCode"] = vendor
+        self.outbox.send(Outgoing("StatusNotification", payload))
+
+    def send_all_statuses_triggered(self) -> None:
+        for connector_id in (0, *self.connectors):
+            self._send_status_even_unregistered(connector_id)
+
+    # ------------------------------------------------------------------ boot
+    def boot_payload(self) -> dict[str, Any]:
+        ident = self.cfg.identity
+        payload: dict[str, Any] = {
+            "chargePointVendor": ident["vendor"][:20],
+            "chargePointModel": ident["model"][:20],
+            "firmwareVersion": __version__,
+        }
+        optional = {
+            "chargePointSerialNumber": ident["serial_number"][:25],
+            "chargeBoxSerialNumber": ident["charge_box_serial_number"][:25],
+            "meterType": ident["meter_type"][:25],
+            "meterSerialNumber": ident["meter_serial_number"][:25],
+            "iccid": ident["iccid"][:20],
+            "imsi": ident["imsi"][:20],
+        }
+        payload.update({k: v for k, v in optional.items() if v})
+        return payload
+
+    # ------------------------------------------------------------------ diagnostics
+    def snapshot(self) -> dict[str, Any]:
+        """What ``evcp status --json`` prints."""
+        pending, failed = self.store.queue_counts()
+        connectors = []
+        for c in self.connectors.values():
+            reading = c.reading
+            status, code, _vendor = self.status_of(c.id)
+            connectors.append(
+                {
+                    "id": c.id,
+                    "status": status,
+                    "error_code": code,
+                    "vehicle": c.vehicle.value,
+                    "offered_current_a": c.offered_current_a,
+                    "limit_a": c.limit_a,
+                    "power_w": (reading.power_w or 0.0) if reading else 0.0,
+                    "energy_wh": reading.energy_wh if reading else 0.0,
+                    "transaction_id": (
+                        self.store.csms_transaction_id(c.tx.local_id) if c.tx else None
+                    ),
+                    "meter_ok": not c.meter_failed,
+                    "controller_firmware": c.hw.evse.capabilities.firmware,
+                }
+            )
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "csms": {
+                "connected": self.connected,
+                "registered": self.registered,
+                "url": self.cfg.csms["url"],
+                "charge_point_id": self.cfg.csms["charge_point_id"],
+                "last_error": self.last_connect_error,
+            },
+            "queue": {"pending": pending, "failed": failed},
+            "clock": {"now": iso(self.now())},
+            "connectors": connectors,
+        }
+
+
+AsyncFn = Callable[[], Awaitable[None]]
