@@ -54,9 +54,8 @@ def sd_notify(message: str) -> None:
         pass
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        with contextlib.suppress(OSError):
-            sock.sendto(message.encode(), address)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+        sock.sendto(message.encode(), address)
 
 
 class Restart(Exception):
@@ -153,8 +152,9 @@ async def run(cfg: Config) -> str | None:
 
 
 async def _until(stop: asyncio.Event, restart: asyncio.Future[str]) -> None:
-    stop_task = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({stop_task, restart}, return_when=asyncio.FIRST_COMPLETED)
+    stop_task: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
+    waiting: set[asyncio.Future[Any]] = {stop_task, restart}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     stop_task.cancel()
     if restart.done():
         raise Restart(restart.result())
@@ -189,7 +189,10 @@ async def handle_control(
         return {"ok": True, "result": await station.swipe(tag, connector)}
     if cmd == "sim":
         if sim is None:
-            return {"ok": False, "error": 'not running on simulated hardware ([hardware] driver = "sim")'}
+            return {
+                "ok": False,
+                "error": 'not running on simulated hardware ([hardware] driver = "sim")',
+            }
         forwarded = dict(request.get("request", {}))
         if forwarded.get("cmd") == "fault":
             code = forwarded.get("code")

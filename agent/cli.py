@@ -12,7 +12,6 @@ import json
 import logging
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from agent import __version__
@@ -128,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         command = cfg.agent["reboot_command"]
         if kind == "Hard" and command:
             log.warning("hard reset: running %s", command)
-            subprocess.run(command, shell=True, check=False)  # noqa: S602 (operator's command)
+            subprocess.run(command, shell=True, check=False)
             return 0
         log.warning("%s reset: restarting the agent", kind)
 
@@ -222,7 +221,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from agent.probe import probe
 
     cfg = load(args.config)
-    return probe(cfg, args.device, as_json=args.json)
+    return int(probe(cfg, args.device, as_json=args.json))
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import,Curr
         await expect("MeterValues", lambda p: p.get("transactionId") == tx_id, "MeterValues")
 
         mark[0] = len(csms.received)
-        profile = {
+        profile: dict[str, Any] = {
             "chargingProfileId": 1,
             "stackLevel": 0,
             "chargingProfilePurpose": "TxProfile",

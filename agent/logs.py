@@ -48,23 +48,22 @@ class RedactingFilter(logging.Filter):
 def setup(level: str = "info", target: str = "auto") -> None:
     """Configure the root logger once (idempotent)."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_evcp", False):
-            root.removeHandler(handler)
+    for old in list(root.handlers):
+        if getattr(old, "_evcp", False):
+            root.removeHandler(old)
     handler: logging.Handler | None = None
     if target == "journal" or (target == "auto" and os.environ.get("JOURNAL_STREAM")):
         try:
             from systemd.journal import JournalHandler
 
-            handler = JournalHandler(SYSLOG_IDENTIFIER="evcp")
-            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+            journal: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="evcp")
+            journal.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+            handler = journal
         except ImportError:
             handler = None
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-        )
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     handler._evcp = True  # type: ignore[attr-defined]
     root.addHandler(handler)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine
@@ -192,7 +193,7 @@ class Station:
                 log.error("dropping an unreadable stored charging profile: %s", exc)
         for c in self.connectors.values():
             c.operative = self.store.get(f"availability.{c.id}", "Operative") == "Operative"
-            c.hw.evse.set_listener(lambda status, c=c: self._on_evse_status(c, status))
+            c.hw.evse.set_listener(functools.partial(self._on_evse_status, c))
             try:
                 await c.hw.evse.start()
                 c.evse_status = await c.hw.evse.read_status()
@@ -277,7 +278,7 @@ class Station:
 
     def _on_unplugged(self, c: Connector) -> None:
         c.finishing = False
-        if c.tx is not None and self.keys.bool("StopTransactionOnEVSideDisconnect"):
+        if c.tx is not None and self.keys.get_bool("StopTransactionOnEVSideDisconnect"):
             self.spawn(self.stop_transaction(c, "EVDisconnected"), f"stop-{c.id}")
 
     async def _poll_meter(self, c: Connector) -> None:
@@ -334,11 +335,9 @@ class Station:
         if c.status_timer is not None:
             c.status_timer.cancel()
             c.status_timer = None
-        delay = self.keys.int("MinimumStatusDuration")
+        delay = self.keys.get_int("MinimumStatusDuration")
         if delay > 0 and c.reported is not None:
-            c.status_timer = asyncio.get_running_loop().call_later(
-                delay, self._report_status, c
-            )
+            c.status_timer = asyncio.get_running_loop().call_later(delay, self._report_status, c)
         else:
             self._report_status(c)
 
@@ -400,9 +399,7 @@ class Station:
             c.limit_a = self.compute_limit(c)
             if not c.operative or not self.operative0:
                 mode, current = ControlMode.DISABLED, None
-            elif c.tx is None or c.tx.suspended_invalid:
-                mode, current = ControlMode.PAUSED, None
-            elif c.limit_a < IEC61851_MIN_CURRENT_A:
+            elif c.tx is None or c.tx.suspended_invalid or c.limit_a < IEC61851_MIN_CURRENT_A:
                 mode, current = ControlMode.PAUSED, None
             else:
                 mode, current = ControlMode.ENABLED, c.limit_a
@@ -440,9 +437,7 @@ class Station:
         ]
         if edges:
             delay = max(0.0, (min(edges) - now).total_seconds()) + 0.001
-            self._limit_timer = asyncio.get_running_loop().call_later(
-                delay, self._on_limit_timer
-            )
+            self._limit_timer = asyncio.get_running_loop().call_later(delay, self._on_limit_timer)
 
     def _on_limit_timer(self) -> None:
         self._limit_timer = None
@@ -456,9 +451,9 @@ class Station:
     # ================================================================== authorization
     async def authorize(self, id_tag: str) -> tuple[str, str | None]:
         """Return (status, parentIdTag) for ``id_tag``: online Authorize, else the cache."""
-        if self.keys.bool("LocalPreAuthorize") and (cached := self._cached(id_tag)):
-            if cached[0] == "Accepted":
-                return cached
+        cached = self._cached(id_tag) if self.keys.get_bool("LocalPreAuthorize") else None
+        if cached is not None and cached[0] == "Accepted":
+            return cached
         if self.registered and self.outbox.online:
             try:
                 result = await asyncio.wait_for(
@@ -474,14 +469,14 @@ class Station:
                 log.warning("CSMS answered Authorize with an error: %s", exc)
                 return "Invalid", None
         cached = self._cached(id_tag)
-        if self.keys.bool("LocalAuthorizeOffline") and cached is not None:
+        if self.keys.get_bool("LocalAuthorizeOffline") and cached is not None:
             return cached
-        if cached is None and self.keys.bool("AllowOfflineTxForUnknownId"):
+        if cached is None and self.keys.get_bool("AllowOfflineTxForUnknownId"):
             return "Accepted", None
         return "Invalid", None
 
     def _cached(self, id_tag: str) -> tuple[str, str | None] | None:
-        if not self.keys.bool("AuthorizationCacheEnabled"):
+        if not self.keys.get_bool("AuthorizationCacheEnabled"):
             return None
         entry = self.store.cache_get(id_tag)
         if entry is None:
@@ -492,7 +487,7 @@ class Station:
         return status, parent
 
     def _remember(self, id_tag: str, info: dict[str, Any]) -> None:
-        if self.keys.bool("AuthorizationCacheEnabled") and "status" in info:
+        if self.keys.get_bool("AuthorizationCacheEnabled") and "status" in info:
             self.store.cache_put(
                 id_tag, str(info["status"]), info.get("expiryDate"), info.get("parentIdTag")
             )
@@ -504,9 +499,10 @@ class Station:
             if c.tx is not None and c.tx.id_tag == id_tag:
                 await self.stop_transaction(c, "Local", id_tag=id_tag)
                 return f"stopped the transaction on connector {c.id}"
-        c = self._pick_connector(connector_id)
-        if c is None:
+        picked = self._pick_connector(connector_id)
+        if picked is None:
             return "no connector is free"
+        c = picked
         status, parent = await self.authorize(id_tag)
         if status != "Accepted":
             log.info("tag rejected: %s", status)
@@ -524,12 +520,13 @@ class Station:
             return self.connectors.get(connector_id)
         free = [c for c in self.connectors.values() if c.tx is None and c.operative]
         plugged = [c for c in free if c.plugged]
-        return (plugged or free or [None])[0]
+        candidates = plugged or free
+        return candidates[0] if candidates else None
 
     def _wait_for_vehicle(self, c: Connector, id_tag: str, parent: str | None) -> None:
         self._clear_waiting(c)
         c.waiting_tag = (id_tag, parent)
-        timeout = self.keys.int("ConnectionTimeOut")
+        timeout = self.keys.get_int("ConnectionTimeOut")
         if timeout > 0:
             c.waiting_deadline = asyncio.get_running_loop().call_later(
                 timeout, self._waiting_expired, c
@@ -598,7 +595,7 @@ class Station:
     def _stop_txn_sample(
         self, c: Connector, reading: MeterReading, context: str, now: datetime
     ) -> list[dict[str, Any]]:
-        measurands = self.keys.list("StopTxnSampledData")
+        measurands = self.keys.get_list("StopTxnSampledData")
         if not measurands:
             return []
         values = self._sampled(c, reading, measurands, context)
@@ -697,7 +694,7 @@ class Station:
                         csms_id,
                         info.get("status"),
                     )
-                    if self.keys.bool("StopTransactionOnInvalidId"):
+                    if self.keys.get_bool("StopTransactionOnInvalidId"):
                         self.spawn(self.stop_transaction(c, "DeAuthorized"), "deauthorized")
                     else:
                         c.tx.suspended_invalid = True
@@ -710,11 +707,11 @@ class Station:
         if c.sampler is not None:
             c.sampler.cancel()
             c.sampler = None
-        if c.tx is not None and self.keys.int("MeterValueSampleInterval") > 0:
+        if c.tx is not None and self.keys.get_int("MeterValueSampleInterval") > 0:
             c.sampler = self.spawn(self._sample_loop(c), f"sampler-{c.id}")
 
     async def _sample_loop(self, c: Connector) -> None:
-        interval = self.keys.int("MeterValueSampleInterval")
+        interval = self.keys.get_int("MeterValueSampleInterval")
         while c.tx is not None:
             await asyncio.sleep(interval)
             if c.tx is None:
@@ -728,7 +725,7 @@ class Station:
         self, c: Connector, reading: MeterReading, context: str, key: str
     ) -> None:
         """Queue one MeterValues: durable with a transaction, volatile without."""
-        values = self._sampled(c, reading, self.keys.list(key), context)
+        values = self._sampled(c, reading, self.keys.get_list(key), context)
         if not values:
             return
         payload: dict[str, Any] = {
@@ -744,7 +741,7 @@ class Station:
 
     async def _aligned_loop(self) -> None:
         while True:
-            interval = self.keys.int("ClockAlignedDataInterval")
+            interval = self.keys.get_int("ClockAlignedDataInterval")
             if interval <= 0:
                 self._wake_aligned.clear()
                 await self._wake_aligned.wait()
@@ -755,9 +752,7 @@ class Station:
             next_at = midnight + timedelta(seconds=(elapsed // interval + 1) * interval)
             self._wake_aligned.clear()
             try:
-                await asyncio.wait_for(
-                    self._wake_aligned.wait(), (next_at - now).total_seconds()
-                )
+                await asyncio.wait_for(self._wake_aligned.wait(), (next_at - now).total_seconds())
                 continue  # the interval changed: recompute
             except TimeoutError:
                 pass
@@ -792,7 +787,7 @@ class Station:
         self, c: Connector, id_tag: str, profile: dict[str, Any] | None
     ) -> None:
         parent = None
-        if self.keys.bool("AuthorizeRemoteTxRequests"):
+        if self.keys.get_bool("AuthorizeRemoteTxRequests"):
             status, parent = await self.authorize(id_tag)
             if status != "Accepted":
                 log.info("remote start refused: idTag %s", status)
@@ -815,9 +810,9 @@ class Station:
     def change_availability(self, connector_id: int, operative: bool) -> str:
         if connector_id != 0 and connector_id not in self.connectors:
             return "Rejected"
-        targets = list(self.connectors.values()) if connector_id == 0 else [
-            self.connectors[connector_id]
-        ]
+        targets = (
+            list(self.connectors.values()) if connector_id == 0 else [self.connectors[connector_id]]
+        )
         if connector_id == 0:
             self.operative0 = operative
             self.store.put("availability.0", "Operative" if operative else "Inoperative")
@@ -896,12 +891,12 @@ class Station:
         return "Accepted"
 
     def _profile_problem(self, p: sc.Profile) -> str | None:
-        if p.stack_level > self.keys.int("ChargeProfileMaxStackLevel"):
+        if p.stack_level > self.keys.get_int("ChargeProfileMaxStackLevel"):
             return f"stackLevel {p.stack_level} exceeds ChargeProfileMaxStackLevel"
-        if len(p.periods) > self.keys.int("ChargingScheduleMaxPeriods"):
+        if len(p.periods) > self.keys.get_int("ChargingScheduleMaxPeriods"):
             return "more periods than ChargingScheduleMaxPeriods"
         allowed = {"Current": "A", "Power": "W"}
-        units = {allowed[u] for u in self.keys.list("ChargingScheduleAllowedChargingRateUnit")}
+        units = {allowed[u] for u in self.keys.get_list("ChargingScheduleAllowedChargingRateUnit")}
         if p.unit not in units:
             return f"chargingRateUnit {p.unit} not allowed"
         if p.purpose == sc.CP_MAX and p.connector_id != 0:
@@ -916,7 +911,7 @@ class Station:
             if p.transaction_id is not None and p.transaction_id != csms_id:
                 return f"transactionId {p.transaction_id} is not running"
         kept = [q for q in self._profiles if not self._replaces(p, q)]
-        if len(kept) + 1 > self.keys.int("MaxChargingProfilesInstalled"):
+        if len(kept) + 1 > self.keys.get_int("MaxChargingProfilesInstalled"):
             return "MaxChargingProfilesInstalled reached"
         return None
 
@@ -1031,9 +1026,11 @@ class Station:
 
     # ------------------------------------------------------------------ triggers
     def trigger(self, message: str, connector_id: int | None) -> str:
-        if connector_id is not None and connector_id not in self.connectors:
-            if not (connector_id == 0 and message in ("StatusNotification", "MeterValues")):
-                return "Rejected"
+        known = connector_id is None or connector_id in self.connectors
+        if not known and not (
+            connector_id == 0 and message in ("StatusNotification", "MeterValues")
+        ):
+            return "Rejected"
         return "Accepted"
 
     def send_triggered(self, message: str, connector_id: int | None) -> None:
@@ -1052,22 +1049,20 @@ class Station:
             targets = (
                 list(self.connectors.values())
                 if connector_id in (None, 0)
-                else [self.connectors[connector_id]]  # type: ignore[index]
+                else [self.connectors[int(connector_id or 0)]]
             )
             for c in targets:
                 reading = c.reading
                 if reading is None:
                     continue
                 values = self._sampled(
-                    c, reading, self.keys.list("MeterValuesSampledData"), "Trigger"
+                    c, reading, self.keys.get_list("MeterValuesSampledData"), "Trigger"
                 )
                 payload: dict[str, Any] = {
                     "connectorId": c.id,
                     "meterValue": [meter_value(now, values)],
                 }
-                if c.tx is not None and (
-                    tx_id := self.store.csms_transaction_id(c.tx.local_id)
-                ):
+                if c.tx is not None and (tx_id := self.store.csms_transaction_id(c.tx.local_id)):
                     payload["transactionId"] = tx_id
                 self.outbox.send(Outgoing("MeterValues", payload))
         elif message == "DiagnosticsStatusNotification":

@@ -184,9 +184,7 @@ KEYS: tuple[KeySpec, ...] = (
     _i("WebSocketPingInterval", 60, minimum=0, maximum=3600),
     # --- Smart Charging (section 9.4)
     _i("ChargeProfileMaxStackLevel", 10, access=RO),
-    KeySpec(
-        "ChargingScheduleAllowedChargingRateUnit", Kind.CSL, "Current,Power", access=RO
-    ),
+    KeySpec("ChargingScheduleAllowedChargingRateUnit", Kind.CSL, "Current,Power", access=RO),
     _i("ChargingScheduleMaxPeriods", 48, access=RO),
     _b("ConnectorSwitch3to1PhaseSupported", False, access=RO),
     _i("MaxChargingProfilesInstalled", 20, access=RO),
@@ -255,13 +253,13 @@ class ConfigKeys:
     def raw(self, name: str) -> str:
         return self._values[name]
 
-    def int(self, name: str) -> int:
+    def get_int(self, name: str) -> int:
         return int(self._values[name])
 
-    def bool(self, name: str) -> bool:
+    def get_bool(self, name: str) -> bool:
         return self._values[name] == "true"
 
-    def list(self, name: str) -> list[str]:
+    def get_list(self, name: str) -> list[str]:
         value = self._values[name]
         return value.split(",") if value else []
 

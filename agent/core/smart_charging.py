@@ -13,6 +13,7 @@ nominal voltage and the period's numberPhases (default: the installation's phase
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -99,7 +100,7 @@ def parse_profile(connector_id: int, body: dict[str, Any]) -> Profile:
         raise ProfileError(f"unknown chargingRateUnit {profile.unit!r}")
     if not periods or periods[0].start_s != 0:
         raise ProfileError("the first period must start at startPeriod 0")
-    if any(b.start_s <= a.start_s for a, b in zip(periods, periods[1:], strict=False)):
+    if any(b.start_s <= a.start_s for a, b in itertools.pairwise(periods)):
         raise ProfileError("startPeriod values must be strictly increasing")
     if any(p.limit < 0 for p in periods):
         raise ProfileError("a limit must not be negative")

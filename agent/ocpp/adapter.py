@@ -50,7 +50,7 @@ LIB_LOG.setLevel(logging.WARNING)
 LIB_LOG.addFilter(_OneLine())
 
 
-class OcppAdapter(ChargePoint):  # type: ignore[misc]
+class OcppAdapter(ChargePoint):
     """``ocpp.v16.ChargePoint`` bound to the station. One instance per connection."""
 
     def __init__(self, charge_point_id: str, connection: Any, station: Station,
@@ -87,9 +87,7 @@ class OcppAdapter(ChargePoint):  # type: ignore[misc]
             return
         kind = frame[0]
         if kind == 2:
-            if len(frame) != 4 or not isinstance(frame[2], str) or not isinstance(
-                frame[3], dict
-            ):
+            if len(frame) != 4 or not isinstance(frame[2], str) or not isinstance(frame[3], dict):
                 await self._call_error(unique_id, "FormationViolation",
                                        "CALL must be [2, id, action, {payload}]")  # fmt: skip
                 return
@@ -162,7 +160,7 @@ class OcppAdapter(ChargePoint):  # type: ignore[misc]
 
     @on(Action.get_configuration)
     def on_get_configuration(self, key: list[str] | None = None, **_: Any) -> Any:
-        max_keys = self.station.keys.int("GetConfigurationMaxKeys")
+        max_keys = self.station.keys.get_int("GetConfigurationMaxKeys")
         if key is not None and len(key) > max_keys:
             key = key[:max_keys]
         known, unknown = self.station.keys.get_configuration(key or None)

@@ -47,7 +47,7 @@ class Received:
     payload: dict[str, Any]
 
 
-class _CsmsChargePoint(ChargePoint):  # type: ignore[misc]
+class _CsmsChargePoint(ChargePoint):
     def __init__(self, cp_id: str, ws: ServerConnection, csms: Csms) -> None:
         super().__init__(cp_id, ws, response_timeout=csms.response_timeout, logger=_LIB_LOG)
         self.csms = csms
@@ -70,9 +70,7 @@ class _CsmsChargePoint(ChargePoint):  # type: ignore[misc]
     @on(Action.boot_notification)
     def on_boot(self, **_: Any) -> Any:
         status, interval = self.csms.boot_response
-        return call_result.BootNotification(
-            current_time=_now(), interval=interval, status=status
-        )
+        return call_result.BootNotification(current_time=_now(), interval=interval, status=status)
 
     @on(Action.heartbeat)
     def on_heartbeat(self, **_: Any) -> Any:
@@ -231,6 +229,7 @@ class Csms:
 
     async def wait_for(self, predicate: Any, *, timeout_s: float = 10.0) -> None:
         """Wait until ``predicate()`` is true (re-checked on every received message)."""
+
         async def until() -> None:
             async with self._changed:
                 await self._changed.wait_for(predicate)

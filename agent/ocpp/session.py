@@ -84,7 +84,7 @@ class Session:
                     charge_point_id=csms["charge_point_id"],
                     password=self.password,
                     ssl_context=self._ssl,
-                    ping_interval_s=self.keys.int("WebSocketPingInterval"),
+                    ping_interval_s=self.keys.get_int("WebSocketPingInterval"),
                 )
             except asyncio.CancelledError:
                 raise
@@ -167,7 +167,7 @@ class Session:
             if head is not None and now >= self._retry_at:
                 await self._send_queued(cp)
                 continue
-            interval = self.keys.int("HeartbeatInterval")
+            interval = self.keys.get_int("HeartbeatInterval")
             if interval > 0 and now >= self._heartbeat_due:
                 await self._send_volatile(cp, Outgoing("Heartbeat", {}))
                 continue
@@ -204,7 +204,7 @@ class Session:
             self.station.registered = True
             if interval > 0:
                 self.keys.set("HeartbeatInterval", str(interval))
-            self._heartbeat_due = loop.time() + self.keys.int("HeartbeatInterval")
+            self._heartbeat_due = loop.time() + self.keys.get_int("HeartbeatInterval")
             log.info("BootNotification accepted; heartbeat every %d s", interval)
             self.station.send_all_statuses()
             return
@@ -237,7 +237,7 @@ class Session:
                 message.future.set_exception(ConnectionError("connection lost"))
             raise exc
         if message.action == "Heartbeat":
-            self._heartbeat_due = asyncio.get_running_loop().time() + self.keys.int(
+            self._heartbeat_due = asyncio.get_running_loop().time() + self.keys.get_int(
                 "HeartbeatInterval"
             )
             self._check_clock(result.get("currentTime"))
@@ -268,7 +268,7 @@ class Session:
             result = await cp.send(head.action, payload)
         except (OCPPError, TimeoutError) as exc:
             attempts = head.attempts + 1
-            give_up = attempts >= self.keys.int("TransactionMessageAttempts")
+            give_up = attempts >= self.keys.get_int("TransactionMessageAttempts")
             store.queue_attempt(head.seq, str(exc) or type(exc).__name__, give_up=give_up)
             if give_up:
                 log.error(
@@ -279,7 +279,7 @@ class Session:
                     exc,
                 )
             else:
-                wait = self.keys.int("TransactionMessageRetryInterval") * attempts
+                wait = self.keys.get_int("TransactionMessageRetryInterval") * attempts
                 log.warning(
                     "%s (queue #%d) failed (%s); retry %d in %d s",
                     head.action,

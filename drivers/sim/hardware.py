@@ -99,7 +99,7 @@ class SimHardware:
         elif cmd == "fault":
             code = request.get("code")
             try:
-                c.fault = FaultCode(code).value
+                c.fault = FaultCode(str(code)).value
             except ValueError:
                 known = ", ".join(f.value for f in FaultCode)
                 raise ValueError(f"unknown fault {code!r} (known: {known})") from None
