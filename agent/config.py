@@ -257,9 +257,15 @@ def validate(data: Mapping[str, Any], path: Path) -> Config:
     ocpp_keys = data.get("ocpp", {})
     if not isinstance(ocpp_keys, dict):
         raise fail("[ocpp]", "must be a table of OCPP configuration keys")
+    from agent.core.config_keys import ConfigKeys
+
     for key, value in ocpp_keys.items():
         if not isinstance(value, str | int | float | bool | list):
             raise fail(f"[ocpp] {key}", "must be a string, number, boolean or list")
+    try:
+        ConfigKeys(overrides=dict(ocpp_keys))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
     base = path.parent
     for section, key in (("agent", "state_dir"), ("agent", "control_socket"), ("csms", "ca_file")):

@@ -1,0 +1,56 @@
+# evcp: `make demo` runs a charging session on simulated hardware; `make test` runs the checks.
+# Both create the virtual environment in .venv from requirements.lock on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest bench lock clean system-deps
+
+$(STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "evcp needs Python >= 3.11 (Debian bookworm's python3)"; exit 1; }
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; \
+		else echo "install python3-venv first: sudo apt-get install python3-venv"; exit 1; fi; \
+		$(PYTHON) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/evcp demo
+
+# chrony serves NTP on loopback for the clock tests (it is started by the tests, with -x).
+system-deps:
+	@command -v chronyd >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chrony; \
+		else echo "note: chrony is not installed; the NTP tests will be skipped (sudo apt-get install chrony)"; fi; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) system-deps
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+lock:
+	rm -rf /tmp/evcp-lock && $(PYTHON) -m venv /tmp/evcp-lock
+	/tmp/evcp-lock/bin/pip install -q '.[dev,demo]'
+	{ echo "# Exact versions of every package for development, tests and the demo (pip install -r)."; \
+	  echo "# Regenerate: make lock"; /tmp/evcp-lock/bin/pip freeze --exclude evcp; } > requirements.lock
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
