@@ -126,3 +126,28 @@ def connector_zero_status(*, operative: bool, faulted: bool) -> Status:
     if faulted:
         return Status.FAULTED
     return Status.AVAILABLE if operative else Status.UNAVAILABLE
+
+
+def rules_markdown() -> str:
+    """The decision table as Markdown (``docs/connector-status.md`` is this text)."""
+    lines = [
+        "# Connector status (generated from agent/core/connector.py)",
+        "",
+        "The first row whose condition holds gives the OCPP 1.6 status of a connector.",
+        "Regenerate with `python -c 'from agent.core.connector import rules_markdown as r;"
+        " print(r(), end=\"\")' > docs/connector-status.md`.",
+        "",
+        "| # | condition | status |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {n} | {rule.when} | {rule.status.value} |" for n, rule in enumerate(RULES, 1)]
+    lines += [
+        "",
+        "Faulted carries an errorCode from the controller's fault:",
+        "",
+        "| controller fault | errorCode |",
+        "|---|---|",
+    ]
+    lines += [f"| {fault.value} | {code} |" for fault, code in ERROR_CODES.items()]
+    lines += ["| meter stopped answering | PowerMeterFailure |", ""]
+    return "\n".join(lines)

@@ -75,3 +75,12 @@ def test_connector_zero() -> None:
     assert connector_zero_status(operative=True, faulted=False) is Status.AVAILABLE
     assert connector_zero_status(operative=False, faulted=False) is Status.UNAVAILABLE
     assert connector_zero_status(operative=True, faulted=True) is Status.FAULTED
+
+
+def test_docs_page_matches_the_table() -> None:
+    from pathlib import Path
+
+    from agent.core.connector import rules_markdown
+
+    page = Path(__file__).parents[2] / "docs" / "connector-status.md"
+    assert page.read_text() == rules_markdown(), "regenerate docs/connector-status.md"
