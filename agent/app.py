@@ -58,6 +58,10 @@ def sd_notify(message: str) -> None:
         sock.sendto(message.encode(), address)
 
 
+class _Stop(Exception):
+    """Raised to leave the TaskGroup on SIGTERM/SIGINT."""
+
+
 class Restart(Exception):
     """Raised to leave the TaskGroup when the CSMS asked for a Reset."""
 
@@ -134,6 +138,8 @@ async def run(cfg: Config) -> str | None:
                         name="ntp",
                     )
                 group.create_task(_until(stop, restart), name="until")
+        except* _Stop:
+            pass
         except* Restart as group:
             first = group.exceptions[0]
             assert isinstance(first, Restart)
@@ -159,7 +165,7 @@ async def _until(stop: asyncio.Event, restart: asyncio.Future[str]) -> None:
     if restart.done():
         raise Restart(restart.result())
     log.info("stopping on signal")
-    raise asyncio.CancelledError
+    raise _Stop
 
 
 async def _watchdog() -> None:

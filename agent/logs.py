@@ -1,9 +1,14 @@
 """Logging: journald when running under systemd, stderr otherwise; secrets redacted.
 
-The redaction filter sits on every handler, so no line can carry the AuthorizationKey or
-the Basic Auth password, whoever logged it (evcp, the ``ocpp`` library, websockets): the
-known secret values are replaced wherever they appear, and any ``AuthorizationKey`` value in
-a logged OCPP frame is masked.
+No log record can carry the AuthorizationKey or the Basic Auth password, whoever logged it
+(evcp, the ``ocpp`` library, websockets) and whichever handler writes it: records are
+cleaned when they are created (a LogRecord factory, installed by :func:`add_secret` and
+:func:`setup`), and again by a filter on our handler. Cleaning replaces the known secret
+values wherever they appear, masks any ``AuthorizationKey`` value in a logged OCPP frame
+(also one the agent refused, so never registered as a secret), masks ``Authorization:``
+header values (websockets logs request headers at debug level), and reduces the data
+frames websockets logs at debug level to their size: it shows only their first and last
+bytes, so a key could leak in part, and evcp logs every frame itself, redacted.
 """
 
 from __future__ import annotations
@@ -12,41 +17,106 @@ import logging
 import os
 import re
 import sys
+from typing import Any
 
 REDACTED = "<redacted>"
 _SECRETS: set[str] = set()
-_FRAME_KEY = re.compile(r'("key"\s*:\s*"AuthorizationKey"\s*,\s*"value"\s*:\s*")((?:[^"\\]|\\.)*)"')
+_KEY = r"""['"]?key['"]?\s*[:=]\s*['"]AuthorizationKey['"]"""
+_VALUE = r"""['"]?value['"]?\s*[:=]\s*"""
+_QUOTED = r"""(['"])((?:\\.|(?!\2).)*)\2"""
+#: ``"key": "AuthorizationKey", "value": "..."`` (JSON, a dict repr or keyword arguments).
+_FRAME_KEY = re.compile(rf"({_KEY}\s*,\s*{_VALUE}){_QUOTED}")
+#: The same, value first: ``{"value": "...", "key": "AuthorizationKey"}``.
+_FRAME_KEY_VALUE_FIRST = re.compile(rf"({_VALUE}){_QUOTED}(\s*,\s*{_KEY})")
+_AUTH_HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization\s*:\s*)(?:[A-Za-z]+\s+)?\S+")
 
 
 def add_secret(value: str) -> None:
     """Never let ``value`` appear in a log line from now on."""
+    install()
     if len(value) >= 4:
         _SECRETS.add(value)
 
 
 def redact(text: str) -> str:
-    text = _FRAME_KEY.sub(lambda m: m.group(1) + REDACTED + '"', text)
-    for secret in _SECRETS:
+    text = _FRAME_KEY.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}{m.group(2)}", text)
+    text = _FRAME_KEY_VALUE_FIRST.sub(
+        lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}{m.group(2)}{m.group(4)}", text
+    )
+    text = _AUTH_HEADER.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
+    for secret in sorted(_SECRETS, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text
 
 
-class RedactingFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
+def _summarise_frames(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """websockets data frames -> ``TEXT [n bytes]`` (control frames are kept as they are)."""
+    try:
+        from websockets.frames import DATA_OPCODES, Frame
+    except ImportError:  # pragma: no cover - websockets is a dependency
+        return args
+    return tuple(
+        f"{arg.opcode.name} [{len(arg.data)} bytes]"
+        if isinstance(arg, Frame) and arg.opcode in DATA_OPCODES
+        else arg
+        for arg in args
+    )
+
+
+def clean_record(record: logging.LogRecord) -> None:
+    """Redact ``record`` in place: its message, exception text and stack."""
+    try:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = _summarise_frames(record.args)
         message = record.getMessage()
-        clean = redact(message)
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text)
-        if clean != message:
-            record.msg, record.args = clean, None
+    except Exception:
+        return  # a bad format string: logging reports it when the record is emitted
+    clean = redact(message)
+    if clean != message:
+        record.msg, record.args = clean, None
+    if record.exc_info and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        clean = redact(record.exc_text)
+        if clean != record.exc_text:
+            # The raw exception must not reach a handler that formats it again.
+            record.exc_text, record.exc_info = clean, None
+    if record.stack_info:
+        record.stack_info = redact(record.stack_info)
+
+
+_installed = False
+
+
+def install() -> None:
+    """Clean every log record at creation, whatever handler later writes it (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        clean_record(record)
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
+class RedactingFilter(logging.Filter):
+    """The second line: cleans records created before :func:`install` or by a foreign
+    record factory."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        clean_record(record)
         return True
 
 
 def setup(level: str = "info", target: str = "auto") -> None:
     """Configure the root logger once (idempotent)."""
+    install()
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_evcp", False):

@@ -403,7 +403,11 @@ class Station:
                 mode, current = ControlMode.PAUSED, None
             else:
                 mode, current = ControlMode.ENABLED, c.limit_a
-            c.paused_by_evse = c.tx is not None and mode is ControlMode.PAUSED
+            # SuspendedEVSE starts when we decide to pause, but ends only once the controller
+            # has really resumed: events it sends while we command it would otherwise be
+            # reported as a spurious SuspendedEV between SuspendedEVSE and Charging.
+            if c.tx is not None and mode is ControlMode.PAUSED:
+                c.paused_by_evse = True
             evse = c.hw.evse
             try:
                 if current is not None and current != c.applied_current_a:
@@ -421,6 +425,9 @@ class Station:
                     c.evse_status = await evse.read_status()
             except DriverError as exc:
                 log.error("connector %d: could not command the controller: %s", c.id, exc)
+            c.paused_by_evse = c.tx is not None and (
+                mode is ControlMode.PAUSED or c.applied_mode is ControlMode.PAUSED
+            )
             self._refresh_status(c)
         self._arm_limit_timer()
 

@@ -79,6 +79,7 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent", "run", "--config", str(config)
     )
+    print("agent started", file=sys.stderr, flush=True)
     await csms.wait_message("BootNotification", timeout_s=30)
     boot_s = time.monotonic() - t0
     await csms.wait_message("StatusNotification", timeout_s=10)
@@ -86,6 +87,7 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
     await asyncio.to_thread(request, sock, {"cmd": "sim", "request": {"cmd": "plug"}})
     await csms.call(CP, call.RemoteStartTransaction(id_tag="BENCH", connector_id=1))
     await csms.wait_message("StartTransaction", timeout_s=10)
+    print("charging; measuring", file=sys.stderr, flush=True)
     await asyncio.sleep(5)  # settle
     cpu0, w0 = proc_cpu_s(proc.pid), time.monotonic()
     await asyncio.sleep(seconds)

@@ -8,19 +8,25 @@ follow the reply on the wire (TriggerMessage) are queued from ``@after`` handler
 In front of the library's ``route_message`` sits :meth:`OcppAdapter.route_frame`, a
 pre-check that answers malformed CALLs with a FormationViolation CALLERROR (the library
 would drop them silently) and drops results for unknown message ids with one log line.
+Nothing a CSMS sends can end the receive loop: frames nested too deeply to parse safely are
+refused before any recursive code sees them, and an unexpected error while handling a frame
+is logged in one line (a CALL not yet answered gets an InternalError CALLERROR).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ocpp.charge_point import camel_to_snake_case, snake_to_camel_case
+from ocpp.exceptions import FormationViolationError, FormatViolationError
 from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import Action
+from websockets.exceptions import ConnectionClosed
 
 from agent.core.config_keys import is_secret
 
@@ -49,6 +55,25 @@ LIB_LOG = logging.getLogger("evcp.ocpp.lib")
 LIB_LOG.setLevel(logging.WARNING)
 LIB_LOG.addFilter(_OneLine())
 
+#: The deepest nesting of lists and objects accepted in a frame. The deepest OCPP 1.6
+#: message (a SetChargingProfile) nests 6 levels; deeper frames are refused before the
+#: library's recursive code (schema validation, case conversion, JSON encoding) sees them.
+MAX_DEPTH = 32
+
+
+def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """True when ``value`` nests lists/objects more than ``limit`` levels (iterative)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, dict | list):
+            continue
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
 
 class OcppAdapter(ChargePoint):
     """``ocpp.v16.ChargePoint`` bound to the station. One instance per connection."""
@@ -61,6 +86,10 @@ class OcppAdapter(ChargePoint):
         self.station = station
         self.session = session
         self.pending_ids: set[str] = set()
+        #: Id of the CALL being handled and whether it has been answered yet.
+        self._handling: str | None = None
+        self._answered = False
+        self._changed_key: str | None = None
 
     # ------------------------------------------------------------------ frames
     async def start(self) -> None:
@@ -78,6 +107,9 @@ class OcppAdapter(ChargePoint):
         except ValueError:
             log.warning("dropped a frame that is not JSON (%d bytes)", len(raw))
             return
+        except RecursionError:
+            log.warning("dropped a frame nested too deeply to parse (%d bytes)", len(raw))
+            return
         if not isinstance(frame, list) or not frame or frame[0] not in (2, 3, 4):
             log.warning("dropped a frame that is not an OCPP-J message: %.80s", raw)
             return
@@ -91,16 +123,46 @@ class OcppAdapter(ChargePoint):
                 await self._call_error(unique_id, "FormationViolation",
                                        "CALL must be [2, id, action, {payload}]")  # fmt: skip
                 return
+            if _too_deep(frame[3]):
+                await self._call_error(unique_id, "FormationViolation",
+                                       f"payload nests more than {MAX_DEPTH} levels")  # fmt: skip
+                return
         elif unique_id not in self.pending_ids:
             log.warning("dropped a %s for unknown message id %s",
                         "CALLRESULT" if kind == 3 else "CALLERROR", unique_id)  # fmt: skip
             return
-        elif (kind == 3 and len(frame) != 3) or (kind == 4 and len(frame) < 4):
+        elif (kind == 3 and len(frame) != 3) or (kind == 4 and not 4 <= len(frame) <= 5):
             log.warning("dropped a malformed response for message id %s", unique_id)
+            return
+        elif _too_deep(frame):
+            log.warning("dropped a response nested too deeply for message id %s", unique_id)
             return
         if log.isEnabledFor(logging.DEBUG):
             log.debug("< %s", raw)
-        await self.route_message(raw)
+        self._handling, self._answered = (unique_id if kind == 2 else None), False
+        try:
+            await self.route_message(raw)
+        except ConnectionClosed:
+            raise
+        except Exception as exc:
+            # The library lets some errors escape (e.g. from an @after handler); one bad
+            # frame must not end the connection, let alone the agent.
+            log.error("error while handling message %s: %s: %s", unique_id,
+                      type(exc).__name__, exc)  # fmt: skip
+            if kind == 2 and not self._answered:
+                await self._call_error(unique_id, "InternalError", "the request failed")
+        finally:
+            self._handling = None
+
+    async def _handle_call(self, msg: Any) -> Any:
+        # The library reports a payload that breaks the schema as "FormatViolation", the
+        # OCPP 2.0.1 name; OCPP 1.6 (section 4.2.3) calls it "FormationViolation".
+        try:
+            return await super()._handle_call(msg)
+        except FormatViolationError as exc:
+            raise FormationViolationError(
+                description=exc.description, details=exc.details
+            ) from None
 
     async def _call_error(self, unique_id: str, code: str, description: str) -> None:
         log.warning("answering message %s with CALLERROR %s: %s", unique_id, code, description)
@@ -109,6 +171,8 @@ class OcppAdapter(ChargePoint):
     async def _send(self, message: str) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("> %s", message)
+        if self._handling is not None and message.startswith(("[3,", "[4,")):
+            self._answered = True
         await self._connection.send(message)
 
     async def send(self, action: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +188,12 @@ class OcppAdapter(ChargePoint):
             result = await self.call(request, suppress=False, unique_id=unique_id)
         finally:
             self.pending_ids.discard(unique_id)
+            # Python 3.11's asyncio.wait_for (used by the library to await the answer)
+            # swallows a cancellation that arrives together with the answer: re-raise it,
+            # or the sender would carry on and the agent would never stop.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
         converted: dict[str, Any] = snake_to_camel_case(asdict(result))
         return {k: v for k, v in converted.items() if v is not None}
 
@@ -138,10 +208,16 @@ class OcppAdapter(ChargePoint):
         result = self.station.keys.change_configuration(key, value)
         shown = "<redacted>" if is_secret(key) else repr(value)
         log.info("ChangeConfiguration %s = %s: %s", key, shown, result.value)
+        self._changed_key = key if result.value in ("Accepted", "RebootRequired") else None
         return call_result.ChangeConfiguration(status=result.value)
 
     @after(Action.change_configuration)
     def after_change_configuration(self, key: str, value: str, **_: Any) -> None:
+        # Act only on a change that was accepted: a rejected AuthorizationKey (say, too
+        # short) must not become the password, or the CSMS would lock the charger out.
+        changed, self._changed_key = self._changed_key, None
+        if changed != key:
+            return
         if key == "AuthorizationKey" and self.session.key_changed(value):
             log.warning("new AuthorizationKey set by the CSMS: reconnecting with it")
         elif key == "WebSocketPingInterval":

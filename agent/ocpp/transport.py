@@ -107,8 +107,17 @@ def classify(exc: BaseException) -> ConnectFailure:
         return ConnectFailure("protocol", f"WebSocket handshake failed: {exc}")
     if isinstance(exc, TimeoutError):
         return ConnectFailure("network", "timed out while connecting")
+    if isinstance(exc, ConnectionResetError) and exc.errno is None and not exc.args:
+        # asyncio's signature of an EOF in the middle of the TLS handshake: the server read
+        # our ClientHello and hung up, typically because it offers no TLS version or cipher
+        # suite we accept (e.g. a TLS 1.1-only server) and did not even send an alert.
+        return ConnectFailure(
+            "tls",
+            "TLS handshake failed: the server closed the connection (does it offer TLS 1.2"
+            " or newer with a cipher suite we accept?)",
+        )
     if isinstance(exc, OSError):
-        return ConnectFailure("network", exc.strerror or str(exc))
+        return ConnectFailure("network", exc.strerror or str(exc) or type(exc).__name__)
     return ConnectFailure("protocol", f"{type(exc).__name__}: {exc}")
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from ocpp.v16 import call
 
 from agent.ocpp import csms as csms_module
 from agent.ocpp.csms import Csms
@@ -153,7 +154,9 @@ BAD_FRAMES: list[tuple[str, str, object, set[str] | None]] = [
     ("unknown-error", '[4, "nobody-asked-2", "GenericError", "", {}]', "nobody-asked-2", None),
     ("deep-nesting", "[" * 100_000 + "]" * 100_000, None, None),
     ("deep-payload", json.dumps([2, "d-1", "DataTransfer", {"vendorId": "v", "data": "x"}])
-     .replace('"x"', "[" * 5_000 + "]" * 5_000), "d-1", PAYLOAD_ERRORS),  # fmt: skip
+     .replace('"x"', "[" * 200 + "]" * 200), "d-1", PAYLOAD_ERRORS),  # fmt: skip
+    ("deep-object", json.dumps([2, "d-2", "GetConfiguration", {"key": "x"}])
+     .replace('"x"', '{"a": ' * 500 + "1" + "}" * 500), "d-2", PAYLOAD_ERRORS),  # fmt: skip
 ]
 
 
@@ -251,6 +254,23 @@ async def test_session_carries_on_through_bad_frames(
     for answer in wire.all_answers():
         if answer[0] == 4:
             assert answer[2] in OCPP16_ERROR_CODES, answer
+
+
+async def test_rejected_authorization_key_is_not_used(booted: RunningAgent, csms: Csms) -> None:
+    """A ChangeConfiguration the agent rejects changes nothing, not even the password."""
+    result = await csms.call(CP_ID, call.ChangeConfiguration(key="AuthorizationKey", value="short"))
+    assert result["status"] == "Rejected"
+    result = await csms.call(CP_ID, call.ChangeConfiguration(key="WebSocketPingInterval",
+                                                             value="-5"))  # fmt: skip
+    assert result["status"] == "Rejected"
+    await csms.call(CP_ID, call.GetConfiguration(key=["HeartbeatInterval"]))
+    assert csms.connections == 1, "the agent reconnected after a rejected change"
+    # Reconnecting still works with the password the CSMS knows.
+    await csms.disconnect(CP_ID)
+    await csms.wait_for(lambda: csms.connections == 2 and csms.connected(CP_ID))
+    await csms.call(CP_ID, call.GetConfiguration(key=["HeartbeatInterval"]))
+    assert csms.auth_failures == 0
+    assert csms.errors == []
 
 
 # ---------------------------------------------------------------------- control socket

@@ -101,7 +101,8 @@ async def test_full_status_cycle(booted: RunningAgent, csms: Csms) -> None:
     await booted.sim("unplug")
     await next_status(csms, 1, "Available", m)
 
-    assert statuses(csms, 1, mark) == [
+    seen = statuses(csms, 1, mark)
+    assert seen == [
         "Preparing",
         "Charging",
         "SuspendedEV",
@@ -110,7 +111,7 @@ async def test_full_status_cycle(booted: RunningAgent, csms: Csms) -> None:
         "Charging",
         "Finishing",
         "Available",
-    ]
+    ], seen
     sent = [r.payload for r in csms.received[mark:] if r.action == "StatusNotification"]
     assert all(p["errorCode"] == "NoError" and "vendorErrorCode" not in p for p in sent)
     assert csms.errors == []

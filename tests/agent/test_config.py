@@ -1,0 +1,128 @@
+"""``evcp check-config``: a bad config file is refused with exit status 2 and one clear line.
+
+These run the real command (``python -m agent check-config``) in a subprocess, as an
+installer would, and check what the user sees: the exit status, the file and the key named
+on stderr, and no Python traceback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+VALID = """
+[csms]
+url = "wss://csms.example.com/ocpp"
+charge_point_id = "CP-1"
+password = "0123456789abcdef-test"
+
+[agent]
+state_dir = "state"
+control_socket = "control.sock"
+
+[time]
+ntp_servers = []
+
+[hardware]
+driver = "sim"
+connectors = 1
+"""
+
+
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "check-config", "--config", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "evcp.toml"
+    path.write_text(text)
+    return path
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], path: Path, *needles: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    err = result.stderr
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(path.resolve()) in err or str(path) in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def test_valid_config_is_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID)
+    result = check_config(path)
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_plain_ws_url_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("wss://", "ws://"))
+    err = assert_refused(check_config(path), path, "[csms] url")
+    assert "wss" in err
+
+
+def test_unknown_key_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("[hardware]\n", "[hardware]\nconnectorz = 2\n"))
+    err = assert_refused(check_config(path), path, "[hardware] connectorz")
+    assert "unknown key" in err
+
+
+def test_unknown_section_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "\n[csmss]\nurl = 1\n")
+    assert_refused(check_config(path), path, "[csmss]", "unknown section")
+
+
+def test_wrong_type_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("connectors = 1", 'connectors = "two"'))
+    err = assert_refused(check_config(path), path, "[hardware] connectors")
+    assert "integer" in err
+
+
+def test_boolean_is_not_a_number(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("connectors = 1", "connectors = true"))
+    assert_refused(check_config(path), path, "[hardware] connectors", "integer")
+
+
+@pytest.mark.parametrize(
+    ("remove", "key"),
+    [
+        ('password = "0123456789abcdef-test"\n', "[csms] password"),
+        ('charge_point_id = "CP-1"\n', "[csms] charge_point_id"),
+        ("ntp_servers = []\n", "[time] ntp_servers"),
+    ],
+)
+def test_missing_required_key_is_refused(tmp_path: Path, remove: str, key: str) -> None:
+    assert remove in VALID
+    path = write(tmp_path, VALID.replace(remove, ""))
+    err = assert_refused(check_config(path), path, key)
+    assert "required" in err
+
+
+def test_short_password_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace("0123456789abcdef-test", "short-pw-xyz"))
+    err = assert_refused(check_config(path), path, "[csms] password", "16 to 40")
+    assert "short-pw-xyz" not in err
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    assert_refused(check_config(path), path, "no such config file")
+
+
+def test_invalid_toml_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "\n[agent\n")
+    assert_refused(check_config(path), path, "not valid TOML")
