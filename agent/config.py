@@ -246,9 +246,10 @@ def validate(data: Mapping[str, Any], path: Path) -> Config:
                 continue
             value = given[key]
             if not _is_type(value, spec.type):
+                shown = "" if key == "password" else f" {value!r}"
                 raise fail(
                     f"[{section}] {key}",
-                    f"must be {_type_name(spec.type)}, not {type(value).__name__} {value!r}",
+                    f"must be {_type_name(spec.type)}, not {type(value).__name__}{shown}",
                 )
             if spec.check is not None and (problem := spec.check(value)) is not None:
                 raise fail(f"[{section}] {key}", problem)

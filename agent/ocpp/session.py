@@ -1,8 +1,8 @@
 """The life of the CSMS connection: connect, boot, send, heartbeat, reconnect.
 
-:class:`Session` runs forever. Each connection runs two tasks in one TaskGroup: the
+:class:`Session` runs forever. Each connection runs two tasks side by side: the
 adapter's receive loop and :meth:`Session._sender`, the only caller of ``call()``. When the
-socket closes, the TaskGroup cancels the sender at once (a pending CALL does not wait for
+socket closes, the sender is cancelled at once (a pending CALL does not wait for
 its timeout), volatile messages are dropped, and the loop reconnects after a back-off
 delay. Every connect failure (401, TLS, network) is logged in one clear line and retried.
 """
@@ -29,7 +29,7 @@ TRANSACTION_ACTIONS = ("StartTransaction", "StopTransaction", "MeterValues")
 
 
 class _Reconnect(Exception):
-    """Raised inside a connection's TaskGroup to close it and connect again."""
+    """Raised inside a connection's tasks to close it and connect again."""
 
 
 class Session:
@@ -123,20 +123,36 @@ class Session:
         self._retry_at = 0.0
         if self.registration == "Accepted":
             station.send_all_statuses()
+        # Not a TaskGroup: on Python 3.11, when the agent is stopped (this task cancelled)
+        # just as the socket closes, a TaskGroup raises the children's ConnectionClosed
+        # instead of CancelledError, the cancellation is lost and the agent never stops;
+        # and a child failing while the group waits leaves this task marked "cancelling".
+        tasks = [
+            asyncio.create_task(adapter.start(), name="receive"),
+            asyncio.create_task(self._sender(adapter), name="sender"),
+            asyncio.create_task(self._watch_reconnect(), name="reconnect"),
+        ]
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(adapter.start(), name="receive")
-                group.create_task(self._sender(adapter), name="sender")
-                group.create_task(self._watch_reconnect(), name="reconnect")
-        except* ConnectionClosed as group:
-            exc = group.exceptions[0]
-            log.warning("connection to the CSMS closed: %s", exc)
-        except* _Reconnect:
-            log.info("reconnecting: %s", self._reconnect_reason)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             station.connected = False
             station.outbox.go_offline()
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
             await ws.close()
+        # Retrieve every outcome (no "exception never retrieved"); act on the first one.
+        outcomes = [None if task.cancelled() else task.exception() for task in tasks]
+        first = next(i for i, task in enumerate(tasks) if task in done)
+        exc = outcomes[first]
+        if isinstance(exc, ConnectionClosed):
+            log.warning("connection to the CSMS closed: %s", exc)
+        elif isinstance(exc, _Reconnect):
+            log.info("reconnecting: %s", self._reconnect_reason)
+        elif exc is not None:
+            raise exc
+        else:
+            log.warning("connection to the CSMS ended (%s stopped)", tasks[first].get_name())
 
     async def _watch_reconnect(self) -> None:
         await self._reconnect.wait()

@@ -118,6 +118,12 @@ def test_short_password_is_refused_without_echoing_it(tmp_path: Path) -> None:
     assert "short-pw-xyz" not in err
 
 
+def test_password_of_wrong_type_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID.replace('"0123456789abcdef-test"', "12345678901234567890"))
+    err = assert_refused(check_config(path), path, "[csms] password", "string")
+    assert "12345678901234567890" not in err
+
+
 def test_missing_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
     assert_refused(check_config(path), path, "no such config file")

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import base64
 import errno
+import json
+import logging
 import random
 import ssl
+from collections.abc import Iterator
 from itertools import islice
 
 import pytest
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 
+from agent import logs
 from agent.ocpp import transport
 from agent.ocpp.transport import backoff, basic_auth_header, classify, endpoint
 
@@ -124,6 +129,25 @@ def test_classify_oserror_without_strerror() -> None:
     assert "Multiple exceptions" in failure.detail
 
 
+def test_classify_eof_during_tls_handshake_is_a_tls_failure() -> None:
+    # asyncio raises a bare ConnectionResetError when the server hangs up mid-handshake
+    # (e.g. a TLS 1.1-only server that sends no alert): that is a TLS problem, not a blank.
+    failure = classify(ConnectionResetError())
+    assert failure.kind == "tls"
+    assert "TLS 1.2" in failure.detail
+
+
+def test_classify_reset_with_errno_is_a_network_failure() -> None:
+    failure = classify(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
+    assert failure.kind == "network"
+    assert failure.detail == "Connection reset by peer"
+
+
+def test_classify_never_gives_an_empty_detail() -> None:
+    for exc in (OSError(), ConnectionAbortedError(), BrokenPipeError(), RuntimeError()):
+        assert classify(exc).detail, exc
+
+
 def test_classify_timeout() -> None:
     failure = classify(TimeoutError())
     assert failure.kind == "network"
@@ -187,3 +211,92 @@ async def test_open_connection_refuses_plain_ws() -> None:
             ssl_context=transport.tls_context(None),
             ping_interval_s=0,
         )
+
+
+# ---------------------------------------------------------------------- log redaction
+# The transport's secrets (Basic Auth password, AuthorizationKey) must never reach a log
+# line, whichever library logs them and whichever handler writes the record.
+@pytest.fixture
+def records() -> Iterator[list[logging.LogRecord]]:
+    """Records as a foreign handler (not evcp's) receives them."""
+    logs.install()
+    got: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            got.append(record)
+
+    logger = logging.getLogger("test.redaction")
+    handler = Keep(logging.DEBUG)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        yield got
+    finally:
+        logger.removeHandler(handler)
+
+
+def _text(records: list[logging.LogRecord]) -> str:
+    formatter = logging.Formatter("%(message)s")
+    return "\n".join(formatter.format(r) for r in records)
+
+
+def test_known_secret_is_redacted_for_any_handler(records: list[logging.LogRecord]) -> None:
+    logs.add_secret("unit-secret-password-0001")
+    log = logging.getLogger("test.redaction")
+    log.info("password is %s", "unit-secret-password-0001")
+    try:
+        raise ValueError("boom unit-secret-password-0001")
+    except ValueError:
+        log.exception("failed")
+    text = _text(records)
+    assert "unit-secret-password-0001" not in text
+    assert "<redacted>" in text
+    assert "boom" in text  # the traceback is kept, only the secret is masked
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"key": "AuthorizationKey", "value": "never-seen-key-0002"},
+        {"value": "never-seen-key-0002", "key": "AuthorizationKey"},
+    ],
+)
+def test_authorization_key_in_a_frame_is_masked_in_any_order(
+    records: list[logging.LogRecord], payload: dict[str, str]
+) -> None:
+    frame = json.dumps([2, "42", "ChangeConfiguration", payload])
+    logging.getLogger("test.redaction").debug("< %s", frame)
+    text = _text(records)
+    assert "never-seen-key-0002" not in text
+    assert "ChangeConfiguration" in text
+
+
+def test_other_configuration_values_are_not_masked(records: list[logging.LogRecord]) -> None:
+    frame = json.dumps([2, "1", "ChangeConfiguration", {"key": "HeartbeatInterval", "value": "30"}])
+    logging.getLogger("test.redaction").debug("< %s", frame)
+    assert _text(records).endswith('"value": "30"}]')
+
+
+def test_basic_auth_header_is_masked(records: list[logging.LogRecord]) -> None:
+    header = basic_auth_header("CP-1", "header-password-0003")
+    logging.getLogger("test.redaction").debug("> %s: %s", "Authorization", header)
+    text = _text(records)
+    assert header.split()[1] not in text
+    assert "Authorization" in text
+
+
+def test_websockets_data_frames_are_reduced_to_their_size(
+    records: list[logging.LogRecord],
+) -> None:
+    # websockets shows the start and end of a frame: a key at the end would leak in part.
+    data = json.dumps([2, "x" * 36, "ChangeConfiguration", {"key": "AuthorizationKey",
+                                                            "value": "tail-leak-key-0004"}])  # fmt: skip
+    log = logging.getLogger("test.redaction")
+    log.debug("< %s", Frame(Opcode.TEXT, data.encode()))
+    log.debug("> %s", Frame(Opcode.PING, b"ping"))
+    text = _text(records)
+    assert "leak-key" not in text
+    assert f"TEXT [{len(data)} bytes]" in text
+    assert "PING" in text

@@ -13,7 +13,9 @@ import asyncio
 import base64
 import contextlib
 import logging
+import socket
 import ssl
+import threading
 import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,7 +27,14 @@ from ocpp.v16 import call
 
 from agent.ocpp.csms import Csms
 from agent.ocpp.transport import tls_context
-from tests.conftest import CP_ID, PASSWORD, AgentFactory, RunningAgent, server_context
+from tests.conftest import (
+    CP_ID,
+    PASSWORD,
+    AgentFactory,
+    RunningAgent,
+    server_context,
+    status_is,
+)
 
 #: ELBSecurityPolicy-TLS-1-2-Ext-2018-06 (OpenSSL names), from the ev.energy requirements.
 ELB_2018_06_CIPHERS = (
@@ -120,6 +129,44 @@ def url_of(port: int) -> str:
     return f"wss://localhost:{port}/ocpp"
 
 
+class BlockingTlsServer:
+    """A TLS server on plain blocking sockets (a thread), like most real servers: unlike an
+    asyncio server it does send the TLS alert when the handshake fails."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        self.failed_handshakes = 0
+        self.completed_handshakes = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.05)
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    with self.ctx.wrap_socket(conn, server_side=True):
+                        self.completed_handshakes += 1
+                except OSError:  # ssl.SSLError included
+                    self.failed_handshakes += 1
+
+    def __enter__(self) -> BlockingTlsServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._sock.close()
+
+
 # ---------------------------------------------------------------------- TLS
 @pytest.mark.parametrize("key_type", [trustme.KeyType.ECDSA, trustme.KeyType.RSA])
 async def test_handshake_with_elb_policy_server_prefers_ecdhe_gcm(
@@ -186,6 +233,19 @@ async def test_tls11_only_server_is_refused(
         assert alive(agent)
         status = await agent.status()
         assert status["csms"]["connected"] is False
+        await agent.stop()
+
+
+async def test_tls11_only_server_sending_an_alert_is_refused(
+    make_agent: AgentFactory, ca: trustme.CA, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    with BlockingTlsServer(tls11_server_context(ca)) as old:
+        agent = await make_agent(url=url_of(old.port))
+        await agent.wait_status(last_error("tls"))
+        await eventually(lambda: old.failed_handshakes >= 3, what="3 failed handshakes")
+        assert old.completed_handshakes == 0
+        assert alive(agent)
         await agent.stop()
 
 
@@ -263,10 +323,16 @@ def _secret_forms(secret: str) -> list[str]:
     return [secret, token, *pieces]
 
 
+#: Loggers of the test CSMS (it runs in this process too); everything else is the agent's.
+CSMS_LOGGERS = ("websockets.server", "evcp.csms")
+
+
 def assert_no_secret_logged(caplog: pytest.LogCaptureFixture, secrets: list[str]) -> None:
     formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
-    texts = [caplog.text]
+    texts = []
     for record in caplog.records:
+        if record.name.startswith(CSMS_LOGGERS):
+            continue
         texts.append(formatter.format(record))
         if record.exc_info:
             texts.append(formatter.formatException(record.exc_info))
@@ -281,8 +347,10 @@ async def test_authorization_key_change_reconnects_persists_and_never_leaks(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     too_short = "Sh0rtKey-15char"
+    too_long = "L0ngKey-" + "qWeRtYuIoPaSdFgHjKlZxCvBnM9876543"
     new_key = "Kq7vX2pLm9RtZ4wYb8NcHd3F"
     assert len(too_short) == 15
+    assert len(too_long) == 41
     assert len(new_key) == 24
 
     agent = await make_agent()
@@ -290,7 +358,13 @@ async def test_authorization_key_change_reconnects_persists_and_never_leaks(
     assert any(r.name == "evcp.ocpp" and r.getMessage().startswith("> ") for r in caplog.records)
 
     # A key shorter than 16 characters is refused, and the agent stays on the old one.
-    result = await csms.call(CP_ID, call.ChangeConfiguration(key="AuthorizationKey", value=too_short))
+    result = await csms.call(
+        CP_ID, call.ChangeConfiguration(key="AuthorizationKey", value=too_short)
+    )
+    assert result["status"] == "Rejected"
+    result = await csms.call(
+        CP_ID, call.ChangeConfiguration(key="AuthorizationKey", value=too_long)
+    )
     assert result["status"] == "Rejected"
 
     # The key is write-only: never listed, and unknown when asked for by name.
@@ -328,7 +402,7 @@ async def test_authorization_key_change_reconnects_persists_and_never_leaks(
     await agent.stop()
 
     assert csms.errors == []
-    assert_no_secret_logged(caplog, [PASSWORD, new_key, too_short])
+    assert_no_secret_logged(caplog, [PASSWORD, new_key, too_short, too_long])
 
 
 async def test_wrong_password_never_logged(
@@ -431,8 +505,9 @@ async def wait_all_statuses(csms: Csms, mark: int, expected: dict[int, str]) -> 
 
 
 async def test_missing_pong_is_noticed_and_the_agent_reconnects(
-    make_agent: AgentFactory, csms: Csms, relay: Relay
+    make_agent: AgentFactory, csms: Csms, relay: Relay, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     agent = await make_agent(
         url=url_of(relay.port), connectors=2, ocpp={"WebSocketPingInterval": 1}
     )
@@ -444,6 +519,8 @@ async def test_missing_pong_is_noticed_and_the_agent_reconnects(
     # No pong comes back: the agent gives up on the connection by itself.
     await agent.wait_status(lambda s: not s["csms"]["connected"], timeout_s=15)
     assert alive(agent)
+    closed = [r.getMessage() for r in caplog.records if r.name == "evcp.session"]
+    assert any("keepalive ping timeout" in m for m in closed), closed
     # Meanwhile a car is plugged into connector 2 (the CSMS cannot hear about it yet).
     await agent.sim("plug", connector=2)
     await agent.wait_status(lambda s: s["connectors"][1]["status"] == "Preparing")
@@ -464,7 +541,7 @@ async def test_dropped_connection_resends_every_connector_status(
     agent = await make_agent(connectors=2)
     await wait_all_statuses(csms, 0, {0: "Available", 1: "Available", 2: "Available"})
     await agent.sim("plug", connector=2)
-    await csms.wait_message("StatusNotification", lambda p: p == p | {"connectorId": 2, "status": "Preparing"})
+    await csms.wait_message("StatusNotification", status_is(2, "Preparing"))
 
     mark = len(csms.received)
     await csms.disconnect(CP_ID)
