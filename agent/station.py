@@ -155,6 +155,7 @@ class Station:
         self.connected = False
         self.last_connect_error: str | None = None
         self.operative0 = self.store.get("availability.0", "Operative") == "Operative"
+        self._pending_operative0: bool | None = None  # Scheduled change of connector 0
         self._request_restart = request_restart
         self._tasks: set[asyncio.Task[Any]] = set()
         self._limit_timer: asyncio.TimerHandle | None = None
@@ -222,7 +223,19 @@ class Station:
             )
             meter_stop = rec.last_meter_wh if rec.last_meter_wh is not None else rec.meter_start_wh
             if c is not None and c.reading is not None:
-                meter_stop = energy_register_wh(c.reading)
+                register_wh = energy_register_wh(c.reading)
+                if register_wh >= meter_stop:
+                    meter_stop = register_wh
+                else:
+                    # A register below what this transaction already saw is another meter
+                    # (replaced, or reset): keep the last reading the transaction had.
+                    log.warning(
+                        "connector %d: meter register %d Wh is below the last reading %d Wh:"
+                        " using the last reading as meterStop",
+                        rec.connector_id,
+                        register_wh,
+                        meter_stop,
+                    )
             log.warning(
                 "transaction %d on connector %d was running at shutdown: stopping it (%s)",
                 rec.local_id,
@@ -654,6 +667,11 @@ class Station:
         if c.pending_inoperative is not None:
             self._set_operative(c, c.pending_inoperative)
             c.pending_inoperative = None
+        if self._pending_operative0 is not None and all(
+            other.pending_inoperative is None for other in self.connectors.values()
+        ):
+            self._set_operative0(self._pending_operative0)
+            self._pending_operative0 = None
         await self.actuate(c)
         return True
 
@@ -729,7 +747,12 @@ class Station:
             self.queue_meter_values(c, reading, "Sample.Periodic", "MeterValuesSampledData")
 
     def queue_meter_values(
-        self, c: Connector, reading: MeterReading, context: str, key: str
+        self,
+        c: Connector,
+        reading: MeterReading,
+        context: str,
+        key: str,
+        at: datetime | None = None,
     ) -> None:
         """Queue one MeterValues: durable with a transaction, volatile without."""
         values = self._sampled(c, reading, self.keys.get_list(key), context)
@@ -737,7 +760,7 @@ class Station:
             return
         payload: dict[str, Any] = {
             "connectorId": c.id,
-            "meterValue": [meter_value(iso(self.now()), values)],
+            "meterValue": [meter_value(iso(at or self.now()), values)],
         }
         if c.tx is not None:
             payload["transactionId"] = 0  # filled in at delivery
@@ -766,7 +789,10 @@ class Station:
             for c in self.connectors.values():
                 reading = await self.read_meter(c)
                 if reading is not None:
-                    self.queue_meter_values(c, reading, "Sample.Clock", "MeterValuesAlignedData")
+                    # Stamped with the aligned instant the reading stands for.
+                    self.queue_meter_values(
+                        c, reading, "Sample.Clock", "MeterValuesAlignedData", next_at
+                    )
 
     def _on_key_changed(self, key: str, value: str) -> None:
         self.store.set_config(key, value)
@@ -820,20 +846,28 @@ class Station:
         targets = (
             list(self.connectors.values()) if connector_id == 0 else [self.connectors[connector_id]]
         )
-        if connector_id == 0:
-            self.operative0 = operative
-            self.store.put("availability.0", "Operative" if operative else "Inoperative")
         scheduled = False
         for c in targets:
             if c.tx is not None and not operative:
                 c.pending_inoperative = operative
                 scheduled = True
                 continue
+            c.pending_inoperative = None  # a later change overrides a scheduled one
             self._set_operative(c, operative)
         if connector_id == 0:
-            self.send_status(0)
+            if scheduled:
+                # Connector 0 follows once the last transaction has stopped.
+                self._pending_operative0 = operative
+            else:
+                self._pending_operative0 = None
+                self._set_operative0(operative)
         self.actuate_all()
         return "Scheduled" if scheduled else "Accepted"
+
+    def _set_operative0(self, operative: bool) -> None:
+        self.operative0 = operative
+        self.store.put("availability.0", "Operative" if operative else "Inoperative")
+        self.send_status(0)
 
     def _set_operative(self, c: Connector, operative: bool) -> None:
         c.operative = operative

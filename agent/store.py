@@ -91,6 +91,9 @@ class QueuedMessage:
 class Store:
     """The agent's SQLite database. Create with :meth:`open`; call :meth:`close` at exit."""
 
+    #: Most messages the outbound queue holds before intermediate MeterValues are thinned.
+    max_queue = 100_000
+
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db = db
         self.path = path
@@ -238,19 +241,58 @@ class Store:
         with self._tx() as db:
             return self._enqueue(db, action, payload, tx_local_id, payload.get("timestamp", ""))
 
-    @staticmethod
     def _enqueue(
+        self,
         db: sqlite3.Connection,
         action: str,
         payload: dict[str, Any],
         tx_local_id: int | None,
         created: str,
     ) -> int:
+        if db.execute("SELECT COUNT(*) FROM queue").fetchone()[0] >= self.max_queue:
+            self._thin(db)
         cur = db.execute(
             "INSERT INTO queue (action, payload, tx_local_id, created) VALUES (?, ?, ?, ?)",
             (action, json.dumps(payload, separators=(",", ":")), tx_local_id, created),
         )
         return int(cur.lastrowid or 0)
+
+    def _thin(self, db: sqlite3.Connection) -> None:
+        """Drop one intermediate MeterValues to make room (never the first or last of a
+        transaction, never a StartTransaction or StopTransaction); count and log it."""
+        row = db.execute(
+            "SELECT q.seq, q.tx_local_id FROM queue q WHERE q.action = 'MeterValues'"
+            " AND q.failed = 0"
+            " AND EXISTS (SELECT 1 FROM queue e WHERE e.action = 'MeterValues'"
+            "   AND e.tx_local_id IS q.tx_local_id AND e.seq < q.seq)"
+            " AND EXISTS (SELECT 1 FROM queue l WHERE l.action = 'MeterValues'"
+            "   AND l.tx_local_id IS q.tx_local_id AND l.seq > q.seq)"
+            " ORDER BY q.seq LIMIT 1 OFFSET 0"
+        ).fetchone()
+        if row is None:
+            log.error("outbound queue is full (%d) and holds nothing that may be dropped",
+                      self.max_queue)  # fmt: skip
+            return
+        db.execute("DELETE FROM queue WHERE seq = ?", (row[0],))
+        dropped = int(self._get(db, "queue.dropped") or 0) + 1
+        db.execute(
+            "INSERT OR REPLACE INTO kv (key, value) VALUES ('queue.dropped', ?)", (str(dropped),)
+        )
+        log.warning(
+            "outbound queue full (%d): dropped an intermediate MeterValues of transaction %s"
+            " (%d dropped so far)",
+            self.max_queue,
+            row[1],
+            dropped,
+        )
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, key: str) -> str | None:
+        row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def queue_dropped(self) -> int:
+        return int(self.get("queue.dropped") or 0)
 
     def queue_head(self) -> QueuedMessage | None:
         row = self._db.execute(

@@ -57,3 +57,26 @@ def test_schema_version_is_recorded(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "evcp.db")
     assert db.execute("PRAGMA user_version").fetchone()[0] >= 1
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_full_queue_thins_intermediate_meter_values_only(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    store.max_queue = 6
+    local = store.begin_transaction(connector_id=1, id_tag="T", meter_start_wh=0,
+                                    start_ts="t0", reservation_id=None, start_payload={})  # fmt: skip
+    for n in range(10):
+        store.enqueue("MeterValues", {"n": n}, local)
+    store.end_transaction(local, meter_stop_wh=5, stop_ts="t1", reason="Local",
+                          stop_payload={"meterStop": 5})  # fmt: skip
+    delivered = []
+    while (head := store.queue_head()) is not None:
+        delivered.append((head.action, head.payload.get("n")))
+        store.queue_done(head.seq)
+    assert delivered[0] == ("StartTransaction", None)
+    assert delivered[-1] == ("StopTransaction", None)
+    meter_values = [n for action, n in delivered if action == "MeterValues"]
+    assert meter_values[0] == 0  # the first of the transaction is kept
+    assert meter_values[-1] == 9  # and the last
+    assert meter_values == sorted(meter_values)  # order is kept
+    assert len(delivered) <= 7
+    assert store.queue_dropped() == 10 + 2 - len(delivered)

@@ -8,8 +8,13 @@ from typing import Any
 import pytest
 from ocpp.v16 import call
 
-from agent.ocpp.csms import Csms
+from agent.ocpp.csms import Csms, Received
 from tests.conftest import CP_ID, AgentFactory, RunningAgent, status_is
+
+
+def position(csms: Csms, item: Received) -> int:
+    """Where ``item`` (the very object) is in ``csms.received``."""
+    return next(i for i, r in enumerate(csms.received) if r is item)
 
 
 async def running_tx_id(agent: RunningAgent, connector: int = 1) -> int:
@@ -78,7 +83,7 @@ async def test_change_availability_scheduled_during_transaction(
     unavailable = await csms.wait_message(
         "StatusNotification", status_is(1, "Unavailable"), after=mark
     )
-    assert csms.received.index(stop) < csms.received.index(unavailable)
+    assert position(csms, stop) < position(csms, unavailable)
     # No transaction can start on it now.
     result = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="X", connector_id=1))
     assert result["status"] == "Rejected"
@@ -180,9 +185,7 @@ async def test_change_configuration_statuses(
     assert csms.errors == []
 
 
-async def test_configuration_persists_across_restart(
-    make_agent: AgentFactory, csms: Csms
-) -> None:
+async def test_configuration_persists_across_restart(make_agent: AgentFactory, csms: Csms) -> None:
     agent: RunningAgent = await make_agent()
     await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
     changes = {
@@ -247,7 +250,7 @@ async def test_heartbeat_at_boot_interval(make_agent: AgentFactory, csms: Csms) 
     boot = await csms.wait_message("BootNotification")
     first = await csms.wait_message("Heartbeat", timeout_s=5)
     await csms.wait_for(lambda: len(csms.messages("Heartbeat")) >= 2, timeout_s=5)
-    assert csms.received.index(boot) < csms.received.index(first)
+    assert position(csms, boot) < position(csms, first)
     shown = await get_config(csms, "HeartbeatInterval")
     assert config_value(shown, "HeartbeatInterval") == "1"
     assert csms.errors == []
@@ -264,7 +267,7 @@ async def test_remote_start_authorizes_first(make_agent: AgentFactory, csms: Csm
     start = await csms.wait_message("StartTransaction", after=mark)
     auth = await csms.wait_message("Authorize", after=mark)
     assert auth.payload["idTag"] == "AUTH-1"
-    assert csms.received.index(auth) < csms.received.index(start)
+    assert position(csms, auth) < position(csms, start)
     assert csms.errors == []
 
 
@@ -284,9 +287,7 @@ async def test_remote_start_refused_tag_with_authorize(
     assert csms.errors == []
 
 
-async def test_remote_start_busy_and_remote_stop_unknown(
-    booted: RunningAgent, csms: Csms
-) -> None:
+async def test_remote_start_busy_and_remote_stop_unknown(booted: RunningAgent, csms: Csms) -> None:
     tx_id = await start_charging(booted, csms)
     result = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="T2", connector_id=1))
     assert result["status"] == "Rejected"
@@ -313,7 +314,7 @@ async def test_reset_during_transaction(
     assert stop.payload["transactionId"] == tx_id
     assert stop.payload["reason"] == reason
     boot = await csms.wait_message("BootNotification", after=mark)
-    assert csms.received.index(stop) < csms.received.index(boot)
+    assert position(csms, stop) < position(csms, boot)
     await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1, after=mark)
     assert booted.restarts == [kind]
     # Exactly one StopTransaction: the restart does not stop it a second time.
@@ -400,7 +401,7 @@ async def test_boot_pending(make_agent: AgentFactory, csms: Csms) -> None:
                                    after=mark)  # fmt: skip
     one = await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1,
                                   after=mark)  # fmt: skip
-    assert csms.received.index(boot) < csms.received.index(zero)
+    assert position(csms, boot) < position(csms, zero)
     assert one.payload["status"] == "Available"
     assert csms.errors == []
 
@@ -415,17 +416,13 @@ async def test_boot_rejected(make_agent: AgentFactory, csms: Csms) -> None:
     assert (await agent.status())["csms"]["registered"] is False
     csms.boot_response = ("Accepted", 300)
     mark = len(csms.received)
-    preparing = await csms.wait_message(
-        "StatusNotification", status_is(1, "Preparing"), after=mark
-    )
+    preparing = await csms.wait_message("StatusNotification", status_is(1, "Preparing"), after=mark)
     assert preparing.payload["errorCode"] == "NoError"
     assert csms.errors == []
 
 
 # ---------------------------------------------------------------------- power loss
-async def test_restart_mid_session_stops_with_power_loss(
-    booted: RunningAgent, csms: Csms
-) -> None:
+async def test_restart_mid_session_stops_with_power_loss(booted: RunningAgent, csms: Csms) -> None:
     tx_id = await start_charging(booted, csms)
     start = csms.messages("StartTransaction")[-1]
     # Let some energy flow, then freeze it (the EV pauses) so that the register is stable.

@@ -8,8 +8,13 @@ from typing import Any
 import pytest
 from ocpp.v16 import call
 
-from agent.ocpp.csms import Csms
+from agent.ocpp.csms import Csms, Received
 from tests.conftest import CP_ID, AgentFactory, RunningAgent, status_is
+
+
+def position(csms: Csms, item: Received) -> int:
+    """Where ``item`` (the very object) is in ``csms.received``."""
+    return next(i for i, r in enumerate(csms.received) if r is item)
 
 
 def tx_profile(limit_a: float, profile_id: int = 1) -> dict[str, Any]:
@@ -201,15 +206,13 @@ async def test_unavailable_and_back(booted: RunningAgent, csms: Csms) -> None:
 async def test_connector_zero_reported_after_boot(booted: RunningAgent, csms: Csms) -> None:
     boot = next(i for i, r in enumerate(csms.received) if r.action == "BootNotification")
     zero = await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 0)
-    assert csms.received.index(zero) > boot
+    assert position(csms, zero) > boot
     assert zero.payload["status"] == "Available"
     assert zero.payload["errorCode"] == "NoError"
     assert csms.errors == []
 
 
-async def test_minimum_status_duration_hides_a_blip(
-    make_agent: AgentFactory, csms: Csms
-) -> None:
+async def test_minimum_status_duration_hides_a_blip(make_agent: AgentFactory, csms: Csms) -> None:
     agent: RunningAgent = await make_agent(ocpp={"MinimumStatusDuration": 2})
     await csms.wait_message("StatusNotification", status_is(1, "Available"))
     mark = len(csms.received)
@@ -248,8 +251,12 @@ async def test_trigger_message(
     got = await csms.wait_message(message, after=mark)
     if message == "StatusNotification":
         if connector_id is None:
-            await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1, after=mark)
-            await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 0, after=mark)
+            await csms.wait_message(
+                "StatusNotification", lambda p: p["connectorId"] == 1, after=mark
+            )
+            await csms.wait_message(
+                "StatusNotification", lambda p: p["connectorId"] == 0, after=mark
+            )
         else:
             assert got.payload["connectorId"] == connector_id
         assert got.payload["status"] == "Available"
