@@ -150,6 +150,8 @@ async def run(cfg: Config) -> str | None:
                 cfg.control_socket.unlink()
         return restart_kind
     finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
         sd_notify("STOPPING=1")
         await station.close()
         if sim is not None:
@@ -199,7 +201,10 @@ async def handle_control(
                 "ok": False,
                 "error": 'not running on simulated hardware ([hardware] driver = "sim")',
             }
-        forwarded = dict(request.get("request", {}))
+        inner = request.get("request", {})
+        if not isinstance(inner, dict):
+            return {"ok": False, "error": '"request" must be an object, e.g. {"cmd": "plug"}'}
+        forwarded = dict(inner)
         if forwarded.get("cmd") == "fault":
             code = forwarded.get("code")
             if code in SIM_FAULTS:

@@ -1,14 +1,19 @@
 """``evcp probe meter|evse``: talk to the configured device once, for board bring-up.
 
 Prints what was read, or one line saying which port, address or register failed.
-With ``[hardware] driver = "sim"`` the simulators are started and probed instead.
+With ``[hardware] driver = "sim"`` the simulators are started and probed instead; they get
+a state directory of their own, so a probe never disturbs an agent running on the same
+config (its simulator's control socket lives in the agent's state directory).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import sys
+import tempfile
 from typing import Any
 
 from agent.config import Config
@@ -51,11 +56,22 @@ async def _probe(cfg: Config, device: str) -> dict[str, Any]:
 
 
 def probe(cfg: Config, device: str, *, as_json: bool) -> int:
+    # The drivers' and pymodbus' retry warnings would otherwise reach stderr through
+    # logging's last-resort handler: the failure is reported in the one line below.
+    root = logging.getLogger()
+    quiet = logging.NullHandler()
+    if not root.handlers:
+        root.addHandler(quiet)
     try:
-        result = asyncio.run(_probe(cfg, device))
+        with tempfile.TemporaryDirectory(prefix="evcp-probe-") as scratch:
+            if cfg.hardware["driver"] == "sim":
+                cfg = dataclasses.replace(cfg, agent={**cfg.agent, "state_dir": scratch})
+            result = asyncio.run(_probe(cfg, device))
     except (DriverError, HardwareError) as exc:
         print(f"evcp: probe {device} failed: {exc}", file=sys.stderr)
         return 1
+    finally:
+        root.removeHandler(quiet)
     if as_json:
         print(json.dumps(result))
     else:

@@ -138,25 +138,61 @@ BAD_FRAMES: list[tuple[str, str, object, set[str] | None]] = [
     ("int-action", '[2, "m-3", 17, {}]', "m-3", {"FormationViolation"}),
     ("extra-element", '[2, "m-4", "GetConfiguration", {}, 1]', "m-4", {"FormationViolation"}),
     ("unknown-action", '[2, "a-1", "FooBar", {}]', "a-1", {"NotImplemented", "NotSupported"}),
-    ("unhandled-action", '[2, "a-2", "GetDiagnostics", {"location": "ftp://x/"}]', "a-2",
-     {"NotImplemented", "NotSupported"}),  # fmt: skip
-    ("wrong-type", '[2, "p-1", "ChangeAvailability", {"connectorId": "x", "type": "Operative"}]',
-     "p-1", {"TypeConstraintViolation"}),  # fmt: skip
-    ("bad-enum", '[2, "p-2", "ChangeAvailability", {"connectorId": 1, "type": "Sideways"}]',
-     "p-2", PAYLOAD_ERRORS),  # fmt: skip
-    ("missing-field", '[2, "p-3", "ChangeAvailability", {"connectorId": 1}]', "p-3",
-     PAYLOAD_ERRORS | {"ProtocolError"}),  # fmt: skip
-    ("extra-field", '[2, "p-4", "Reset", {"type": "Soft", "when": "now"}]', "p-4",
-     {"FormationViolation"}),  # fmt: skip
-    ("too-long-string", json.dumps([2, "p-5", "ChangeConfiguration",
-     {"key": "K" * 51, "value": "1"}]), "p-5", PAYLOAD_ERRORS),  # fmt: skip
+    (
+        "unhandled-action",
+        '[2, "a-2", "GetDiagnostics", {"location": "ftp://x/"}]',
+        "a-2",
+        {"NotImplemented", "NotSupported"},
+    ),
+    (
+        "wrong-type",
+        '[2, "p-1", "ChangeAvailability", {"connectorId": "x", "type": "Operative"}]',
+        "p-1",
+        {"TypeConstraintViolation"},
+    ),
+    (
+        "bad-enum",
+        '[2, "p-2", "ChangeAvailability", {"connectorId": 1, "type": "Sideways"}]',
+        "p-2",
+        PAYLOAD_ERRORS,
+    ),
+    (
+        "missing-field",
+        '[2, "p-3", "ChangeAvailability", {"connectorId": 1}]',
+        "p-3",
+        PAYLOAD_ERRORS | {"ProtocolError"},
+    ),
+    (
+        "extra-field",
+        '[2, "p-4", "Reset", {"type": "Soft", "when": "now"}]',
+        "p-4",
+        {"FormationViolation"},
+    ),
+    (
+        "too-long-string",
+        json.dumps([2, "p-5", "ChangeConfiguration", {"key": "K" * 51, "value": "1"}]),
+        "p-5",
+        PAYLOAD_ERRORS,
+    ),
     ("unknown-result", '[3, "nobody-asked-1", {"status": "Accepted"}]', "nobody-asked-1", None),
     ("unknown-error", '[4, "nobody-asked-2", "GenericError", "", {}]', "nobody-asked-2", None),
     ("deep-nesting", "[" * 100_000 + "]" * 100_000, None, None),
-    ("deep-payload", json.dumps([2, "d-1", "DataTransfer", {"vendorId": "v", "data": "x"}])
-     .replace('"x"', "[" * 200 + "]" * 200), "d-1", PAYLOAD_ERRORS),  # fmt: skip
-    ("deep-object", json.dumps([2, "d-2", "GetConfiguration", {"key": "x"}])
-     .replace('"x"', '{"a": ' * 500 + "1" + "}" * 500), "d-2", PAYLOAD_ERRORS),  # fmt: skip
+    (
+        "deep-payload",
+        json.dumps([2, "d-1", "DataTransfer", {"vendorId": "v", "data": "x"}]).replace(
+            '"x"', "[" * 200 + "]" * 200
+        ),
+        "d-1",
+        PAYLOAD_ERRORS,
+    ),
+    (
+        "deep-object",
+        json.dumps([2, "d-2", "GetConfiguration", {"key": "x"}]).replace(
+            '"x"', '{"a": ' * 500 + "1" + "}" * 500
+        ),
+        "d-2",
+        PAYLOAD_ERRORS,
+    ),
 ]
 
 
@@ -238,11 +274,13 @@ async def test_session_carries_on_through_bad_frames(
     await send_binary(csms, b"\x01\x02\x03")
     await probe()
     mark = len(csms.received)
-    mv = await csms.wait_message("MeterValues", lambda p: p.get("transactionId") == tx_id,
-                                 after=mark)  # fmt: skip
+
+    def of_tx(payload: dict[str, Any]) -> bool:
+        return bool(payload.get("transactionId") == tx_id)
+
+    mv = await csms.wait_message("MeterValues", of_tx, after=mark)
     assert mv.payload["meterValue"]
-    later = await csms.wait_message("MeterValues", lambda p: p.get("transactionId") == tx_id,
-                                    after=csms.received.index(mv) + 1)  # fmt: skip
+    later = await csms.wait_message("MeterValues", of_tx, after=csms.received.index(mv) + 1)
     assert later.payload["meterValue"][0]["timestamp"] >= mv.payload["meterValue"][0]["timestamp"]
     status = await booted.status()
     assert status["connectors"][0]["status"] == "Charging"
@@ -260,8 +298,9 @@ async def test_rejected_authorization_key_is_not_used(booted: RunningAgent, csms
     """A ChangeConfiguration the agent rejects changes nothing, not even the password."""
     result = await csms.call(CP_ID, call.ChangeConfiguration(key="AuthorizationKey", value="short"))
     assert result["status"] == "Rejected"
-    result = await csms.call(CP_ID, call.ChangeConfiguration(key="WebSocketPingInterval",
-                                                             value="-5"))  # fmt: skip
+    result = await csms.call(
+        CP_ID, call.ChangeConfiguration(key="WebSocketPingInterval", value="-5")
+    )
     assert result["status"] == "Rejected"
     await csms.call(CP_ID, call.GetConfiguration(key=["HeartbeatInterval"]))
     assert csms.connections == 1, "the agent reconnected after a rejected change"
