@@ -33,6 +33,9 @@ SIM_COMMANDS = {
     "meter-silent": (["connector"], "the meter stops answering"),
     "meter-ok": (["connector"], "the meter answers again"),
     "controller-reset": (["connector"], "the EVSE controller reboots ($AB)"),
+    "rapi-garbage": (["connector"], "line noise on the controller's serial line"),
+    "meter-exception": (["connector", "code"], "the meter answers a Modbus exception code"),
+    "meter-exception-clear": (["connector"], "the meter answers normally again"),
     "state": ([], "print the simulator's state"),
 }
 
@@ -196,7 +199,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
     if "connector" in values:
         forwarded["connector"] = _int_arg(values["connector"], "connector")
     if "code" in values:
-        forwarded["code"] = values["code"]
+        forwarded["code"] = (
+            _int_arg(values["code"], "code") if args.action == "meter-exception" else values["code"]
+        )
     if "current_a" in values:
         try:
             forwarded["current_a"] = float(values["current_a"])

@@ -51,6 +51,7 @@ class SimProcess:
             "--voltage", str(sim["voltage_v"]),
             "--max-current", str(int(hw["max_current_a"])),
             "--control", str(control),
+            "--state-file", str(cfg.state_dir / "sim-meter.json"),
         ]  # fmt: skip
         process = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -10,7 +10,9 @@ ready, telling the agent where to connect its *real* drivers::
 
 It is then driven through a Unix socket (JSON lines): ``plug``, ``unplug``, ``fault``,
 ``clear-fault``, ``ev-pause``, ``ev-resume``, ``ev-max-current``, ``meter-silent``,
-``meter-ok``, ``controller-reset``, ``state``. It exits when its standard input closes
+``meter-ok``, ``meter-exception``, ``meter-exception-clear``, ``controller-reset``,
+``rapi-garbage``, ``state``. With ``--state-file`` the meters' energy registers survive a
+restart, as a real meter's do. It exits when its standard input closes
 (its parent, the agent, went away), so no simulator outlives the agent.
 """
 
@@ -73,6 +75,23 @@ class SimHardware:
             )
         return {"connectors": out}
 
+    def save(self, path: Path) -> None:
+        """Persist the energy registers (a real meter keeps its register across reboots)."""
+        data = {str(cid): c.energy_now_wh() for cid, c in self.connectors.items()}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"energy_wh": data}))
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text())["energy_wh"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        for cid, c in self.connectors.items():
+            value = data.get(str(cid))
+            if isinstance(value, int | float) and value >= 0:
+                c.energy_wh = float(value)
+
     def command(self, request: dict[str, Any]) -> dict[str, Any]:
         """Apply one control command; raise ValueError with a message on bad input."""
         cmd = request.get("cmd")
@@ -111,6 +130,19 @@ class SimHardware:
             c.meter_silent = False
         elif cmd == "controller-reset":
             self.devices[cid].reset()
+            return {}
+        elif cmd == "rapi-garbage":
+            # Line noise on the controller's UART: bytes that are no RAPI frame.
+            self.devices[cid].inject_bytes(b"\x00\xff$#garbage\r$AT zz^00\r\x7f")
+            return {}
+        elif cmd == "meter-exception":
+            code = request.get("code", 4)
+            if not isinstance(code, int) or not 1 <= code <= 11:
+                raise ValueError("code must be a Modbus exception code from 1 to 11")
+            self.meter.exception_code[cid] = code
+            return {}
+        elif cmd == "meter-exception-clear":
+            self.meter.exception_code.pop(cid, None)
             return {}
         else:
             raise ValueError(f"unknown command {cmd!r}")
@@ -200,6 +232,14 @@ async def _wait_stdin_eof() -> None:
         loop.remove_reader(sys.stdin.fileno())
 
 
+async def _save_every(hardware: SimHardware, path: Path | None, interval_s: float) -> None:
+    if path is None:
+        return
+    while True:
+        await asyncio.sleep(interval_s)
+        hardware.save(path)
+
+
 async def main_async(args: argparse.Namespace) -> int:
     hardware = await start(
         connectors=args.connectors,
@@ -212,12 +252,19 @@ async def main_async(args: argparse.Namespace) -> int:
         voltage_v=args.voltage,
         max_current_a=args.max_current,
     )
+    state_file = Path(args.state_file) if args.state_file else None
+    if state_file is not None:
+        hardware.load(state_file)
     control = Path(args.control)
     server = await serve_control(control, hardware)
     print(json.dumps(hardware.info(str(control))), flush=True)
+    saver = asyncio.get_running_loop().create_task(_save_every(hardware, state_file, 1.0))
     try:
         await _wait_stdin_eof()
     finally:
+        saver.cancel()
+        if state_file is not None:
+            hardware.save(state_file)
         server.close()
         for device in hardware.devices.values():
             await device.stop()
@@ -239,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--voltage", type=float, default=230.0)
     parser.add_argument("--max-current", type=int, default=32)
     parser.add_argument("--control", required=True, help="Unix socket for sim commands")
+    parser.add_argument("--state-file", help="keep the meters' energy registers in this file")
     args = parser.parse_args(argv)
     try:
         return asyncio.run(main_async(args))
