@@ -195,6 +195,18 @@ async def handle_control(
         if connector is not None and connector not in station.connectors:
             return {"ok": False, "error": f"no connector {connector}"}
         return {"ok": True, "result": await station.swipe(tag, connector)}
+    if cmd == "schedule":
+        connector = request.get("connector", 1)
+        unit = request.get("unit", "A")
+        hours = request.get("hours", 24)
+        if connector != 0 and connector not in station.connectors:
+            return {"ok": False, "error": f"no connector {connector}"}
+        if unit not in ("A", "W") or not isinstance(hours, int | float) or not 0 < hours <= 168:
+            return {"ok": False, "error": "unit must be A or W, hours 1 to 168"}
+        result = station.composite_schedule(connector, int(hours * 3600), unit)
+        if result is None:
+            return {"ok": False, "error": "no composite schedule for that connector"}
+        return {"ok": True, "connector_id": connector, "schedule": result[1]}
     if cmd == "sim":
         if sim is None:
             return {

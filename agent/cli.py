@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="simulated seconds per real second for the meter (default 60)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the demo's state directory")
     p.add_argument("--verbose", action="store_true", help="show the agent's log")
+    p = sub.add_parser("schedule", help="the composite charging schedule for the next 24 h")
+    with_config(p)
+    p.add_argument("--connector", type=int, default=1, help="connector id (0: the charger)")
+    p.add_argument("--unit", choices=("A", "W"), default="A")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("probe", help="talk to one configured device once (bring-up)")
     p.add_argument("device", choices=("meter", "evse"))
     with_config(p)
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             "sim": cmd_sim,
             "demo": cmd_demo,
             "probe": cmd_probe,
+            "schedule": cmd_schedule,
         }[args.command]
         return handler(args)
     except ConfigError as exc:
@@ -220,6 +226,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
     return run_demo(time_scale=args.time_scale, keep=args.keep, verbose=args.verbose)
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from agent import schedule_view
+
+    cfg = load(args.config)
+    answer = _control(
+        cfg, {"cmd": "schedule", "connector": args.connector, "unit": args.unit, "hours": 24}
+    )
+    view = schedule_view.as_json(int(answer["connector_id"]), answer["schedule"])
+    if args.json:
+        print(json.dumps(view))
+        return 0
+    print(schedule_view.table(view))
+    print()
+    print(schedule_view.plot(view))
+    return 0
 
 
 def cmd_probe(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 The agent computes the schedule (``Station.composite_schedule``); this module only turns
 OCPP's ``chargingSchedulePeriod`` (offsets from ``startSchedule``) into absolute periods and
-renders them. The plot uses ``plotext``, imported only here, so the daemon never loads it.
+renders them. The chart is plain text, so it works over any SSH session.
 """
 
 from __future__ import annotations
@@ -45,33 +45,24 @@ def table(view: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(view: dict[str, Any], *, hours: float = 24.0, width: int = 80, height: int = 15) -> str:
-    """A step chart of the limit over the next ``hours`` (text, for the terminal)."""
-    import plotext as plt
-
+def plot(view: dict[str, Any], *, hours: int = 24, width: int = 50) -> str:
+    """An hour-by-hour bar chart of the lowest limit in each hour (plain text)."""
     periods = view["periods"]
     if not periods:
         return ""
-    t0 = datetime.fromisoformat(periods[0]["start"].replace("Z", "+00:00"))
-    xs: list[float] = []
-    ys: list[float] = []
-    for i, period in enumerate(periods):
-        at = datetime.fromisoformat(period["start"].replace("Z", "+00:00"))
-        x = (at - t0).total_seconds() / 3600
-        if i:
-            xs.append(x)
-            ys.append(ys[-1])
-        xs.append(x)
-        ys.append(period["limit"])
-    xs.append(hours)
-    ys.append(ys[-1])
-    plt.clear_figure()
-    plt.plotsize(width, height)
-    plt.theme("clear")
-    plt.plot(xs, ys, marker="braille")
-    plt.xlim(0, hours)
-    plt.ylim(0, max(max(ys) * 1.1, 1))
-    plt.xlabel("hours from now")
-    plt.title(f"limit ({view['unit']})")
-    text: str = plt.build()
-    return text
+    starts = [datetime.fromisoformat(p["start"].replace("Z", "+00:00")) for p in periods]
+    t0 = starts[0]
+    top = max(p["limit"] for p in periods) or 1.0
+    unit = view["unit"]
+    lines = [f"Limit per hour ({unit}, lowest in the hour), from {t0:%Y-%m-%d %H:%M} UTC"]
+    for hour in range(hours):
+        begin, end = t0 + timedelta(hours=hour), t0 + timedelta(hours=hour + 1)
+        in_hour = [
+            p["limit"]
+            for i, p in enumerate(periods)
+            if starts[i] < end and (i + 1 == len(periods) or starts[i + 1] > begin)
+        ]
+        low = min(in_hour)
+        bar = "#" * round(low / top * width)
+        lines.append(f"{begin:%H:%M} |{bar:<{width}}| {low:7.1f}")
+    return "\n".join(lines)
