@@ -135,7 +135,7 @@ def rules_markdown() -> str:
         "",
         "The first row whose condition holds gives the OCPP 1.6 status of a connector.",
         "Regenerate with `python -c 'from agent.core.connector import rules_markdown as r;"
-        " print(r(), end=\"\")' > docs/connector-status.md`.",
+        ' print(r(), end="")\' > docs/connector-status.md`.',
         "",
         "| # | condition | status |",
         "|---|---|---|",
