@@ -20,6 +20,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from agent import __version__
+from agent.auth import Authorizer
+from agent.charging import ChargingProfiles
 from agent.config import Config
 from agent.core import smart_charging as sc
 from agent.core.config_keys import ConfigKeys
@@ -32,6 +34,7 @@ from agent.core.connector import (
 )
 from agent.core.metering import energy_register_wh, meter_value, sampled_values
 from agent.outbox import NotConnected, Outbox, Outgoing
+from agent.reservations import Reservations
 from agent.store import Store, TxRecord
 from drivers.base import (
     IEC61851_MIN_CURRENT_A,
@@ -89,6 +92,7 @@ class Connector:
     waiting_profile: dict[str, Any] | None = None  # from RemoteStartTransaction
     waiting_deadline: asyncio.TimerHandle | None = None
     finishing: bool = False
+    reserved: bool = False  # held by a reservation (agent.reservations)
     limit_a: float = 0.0
     applied_mode: ControlMode | None = None
     applied_current_a: float | None = None
@@ -119,7 +123,7 @@ class Connector:
             meter_failed=self.meter_failed,
             operative=self.operative,
             transaction=self.tx is not None,
-            reserved=False,
+            reserved=self.reserved,
             waiting_for_vehicle=self.waiting_tag is not None,
             paused_by_evse=self.paused_by_evse,
             finishing=self.finishing,
@@ -159,7 +163,6 @@ class Station:
         self._request_restart = request_restart
         self._tasks: set[asyncio.Task[Any]] = set()
         self._limit_timer: asyncio.TimerHandle | None = None
-        self._profiles: list[sc.Profile] = []
         self._wake_aligned = asyncio.Event()
         self._restarting = False
         #: Set by the session: queue a BootNotification now (TriggerMessage).
@@ -167,6 +170,16 @@ class Station:
         self.max_current_a = float(cfg.hardware["max_current_a"])
         self.voltage_v = float(cfg.hardware["nominal_voltage_v"])
         self.phases = int(cfg.hardware["phases"])
+        self.charging = ChargingProfiles(
+            store=store,
+            keys=keys,
+            connector_ids=self.connectors,
+            max_current_a=self.max_current_a,
+            voltage_v=self.voltage_v,
+            phases=self.phases,
+        )
+        self.auth = Authorizer(store=store, keys=keys, now=self.now)
+        self.reservations = Reservations(self)
         keys.subscribe(self._on_key_changed)
 
     # ================================================================== lifecycle
@@ -187,11 +200,7 @@ class Station:
 
     async def start(self) -> None:
         """Start the drivers, reload profiles, close what a power loss left open."""
-        for raw in self.store.profiles():
-            try:
-                self._profiles.append(sc.parse_profile(int(raw["_connector"]), raw["profile"]))
-            except (KeyError, ValueError) as exc:
-                log.error("dropping an unreadable stored charging profile: %s", exc)
+        self.charging.load()
         for c in self.connectors.values():
             c.operative = self.store.get(f"availability.{c.id}", "Operative") == "Operative"
             c.hw.evse.set_listener(functools.partial(self._on_evse_status, c))
@@ -206,6 +215,7 @@ class Station:
             except DriverError as exc:
                 log.error("connector %d: meter unavailable: %s", c.id, exc)
         await self._recover_transactions()
+        self.reservations.load()
         for c in self.connectors.values():
             await self.actuate(c)
             self._refresh_status(c)
@@ -245,6 +255,7 @@ class Station:
             self._stop_record(rec, meter_stop_wh=meter_stop, reason=reason, end_sample=[])
 
     async def close(self) -> None:
+        self.reservations.close()
         for task in list(self._tasks):
             task.cancel()
         for c in self.connectors.values():
@@ -335,6 +346,9 @@ class Station:
 
     # ================================================================== status
     def _refresh_status(self, c: Connector) -> None:
+        for other in self.reservations.update_flags():  # a reservation of connector 0
+            if other is not c:
+                self._refresh_status(other)
         inputs = c.inputs()
         status = derive_status(inputs)
         observed = (
@@ -395,16 +409,25 @@ class Station:
             return None
         return sc.Tx(self.store.csms_transaction_id(c.tx.local_id), c.tx.start)
 
-    def compute_limit(self, c: Connector) -> float:
-        return sc.effective_limit_a(
-            self._profiles,
-            connector_id=c.id,
-            now=self.now(),
-            tx=self._tx_for_profiles(c),
-            hardware_max_a=self.max_current_a,
-            voltage_v=self.voltage_v,
-            phases=self.phases,
+    def _hardware_max_a(self, c: Connector) -> float:
+        """The supply's limit, or the controller's when it is lower (it refuses more)."""
+        return min(self.max_current_a, c.hw.evse.capabilities.max_current_a)
+
+    def compute_limits(self) -> dict[int, float]:
+        """Every connector's limit now (a ChargePointMaxProfile is shared between sessions)."""
+        charging = sorted(
+            (c for c in self.connectors.values() if c.tx is not None),
+            key=lambda c: (c.tx.start if c.tx else self.now(), c.id),
         )
+        return self.charging.limits(
+            self.now(),
+            {c.id: self._tx_for_profiles(c) for c in self.connectors.values()},
+            hardware_max_a={c.id: self._hardware_max_a(c) for c in self.connectors.values()},
+            charging=[c.id for c in charging],
+        )
+
+    def compute_limit(self, c: Connector) -> float:
+        return self.compute_limits()[c.id]
 
     async def actuate(self, c: Connector) -> None:
         """Bring the controller in line with availability, transaction and limit."""
@@ -412,7 +435,11 @@ class Station:
             c.limit_a = self.compute_limit(c)
             if not c.operative or not self.operative0:
                 mode, current = ControlMode.DISABLED, None
-            elif c.tx is None or c.tx.suspended_invalid or c.limit_a < IEC61851_MIN_CURRENT_A:
+            elif (
+                c.tx is None
+                or c.tx.suspended_invalid
+                or c.limit_a < max(IEC61851_MIN_CURRENT_A, c.hw.evse.capabilities.min_current_a)
+            ):
                 mode, current = ControlMode.PAUSED, None
             else:
                 mode, current = ControlMode.ENABLED, c.limit_a
@@ -450,36 +477,52 @@ class Station:
             self._limit_timer.cancel()
             self._limit_timer = None
         now = self.now()
-        edges = [
-            edge
-            for c in self.connectors.values()
-            if (edge := sc.next_boundary(self._profiles, now, c.tx.start if c.tx else None))
-        ]
-        if edges:
-            delay = max(0.0, (min(edges) - now).total_seconds()) + 0.001
+        edge = self.charging.next_boundary(
+            now, [c.tx.start if c.tx else None for c in self.connectors.values()]
+        )
+        if edge is not None:
+            # Re-check at least every 10 minutes: the timer runs on the monotonic clock, and
+            # the wall clock the profiles are written in may be corrected (NTP) meanwhile.
+            delay = min(max(0.0, (edge - now).total_seconds()) + 0.001, 600.0)
             self._limit_timer = asyncio.get_running_loop().call_later(delay, self._on_limit_timer)
 
     def _on_limit_timer(self) -> None:
         self._limit_timer = None
-        for c in self.connectors.values():
-            self.spawn(self.actuate(c), f"actuate-{c.id}")
+        self.actuate_all()
 
     def actuate_all(self) -> None:
-        for c in self.connectors.values():
-            self.spawn(self.actuate(c), f"actuate-{c.id}")
+        self.spawn(self._actuate_all(), "actuate-all")
+
+    async def _actuate_all(self) -> None:
+        """Actuate every connector, those whose current falls first: a ChargePointMaxProfile
+        shared between connectors is not exceeded while they change one after the other."""
+        limits = self.compute_limits()
+        for c in sorted(self.connectors.values(), key=lambda c: limits[c.id] - c.offered_current_a):
+            await self.actuate(c)
+
+    async def _actuate_with_others(self, c: Connector, *, others_first: bool) -> None:
+        """Actuate ``c`` after a transaction started (``others_first``) or stopped on it: the
+        other sessions' share of a ChargePointMaxProfile changes too (smaller ones first)."""
+        others = [o for o in self.connectors.values() if o is not c and o.tx is not None]
+        if others_first:
+            for other in others:
+                await self.actuate(other)
+        await self.actuate(c)
+        if not others_first:
+            for other in others:
+                await self.actuate(other)
 
     # ================================================================== authorization
     async def authorize(self, id_tag: str) -> tuple[str, str | None]:
-        """Return (status, parentIdTag) for ``id_tag``: online Authorize, else the cache."""
-        cached = self._cached(id_tag) if self.keys.get_bool("LocalPreAuthorize") else None
-        if cached is not None and cached[0] == "Accepted":
-            return cached
+        """Return (status, parentIdTag) for ``id_tag``: the local list or cache when
+        LocalPreAuthorize allows, else Authorize.req, else the offline rules (agent.auth)."""
+        known = self.auth.pre_authorized(id_tag)
+        if known is not None:
+            return known.status, known.parent_id_tag
         if self.registered and self.outbox.online:
             try:
-                result = await asyncio.wait_for(
-                    self.outbox.request("Authorize", {"idTag": id_tag}),
-                    timeout=float(self.cfg.csms["response_timeout_s"]),
-                )
+                async with asyncio.timeout(float(self.cfg.csms["response_timeout_s"])):
+                    result = await self.outbox.request("Authorize", {"idTag": id_tag})
                 info = result.get("idTagInfo", {})
                 self._remember(id_tag, info)
                 return str(info.get("status", "Invalid")), info.get("parentIdTag")
@@ -488,38 +531,21 @@ class Station:
             except Exception as exc:  # a CALLERROR from the CSMS
                 log.warning("CSMS answered Authorize with an error: %s", exc)
                 return "Invalid", None
-        cached = self._cached(id_tag)
-        if self.keys.get_bool("LocalAuthorizeOffline") and cached is not None:
-            return cached
-        if cached is None and self.keys.get_bool("AllowOfflineTxForUnknownId"):
-            return "Accepted", None
-        return "Invalid", None
-
-    def _cached(self, id_tag: str) -> tuple[str, str | None] | None:
-        if not self.keys.get_bool("AuthorizationCacheEnabled"):
-            return None
-        entry = self.store.cache_get(id_tag)
-        if entry is None:
-            return None
-        status, expiry, parent = entry
-        if expiry is not None and sc.parse_time(expiry) <= self.now():
-            return "Expired", parent
-        return status, parent
+        decided = self.auth.offline(id_tag)
+        log.info("tag decided offline: %s (%s)", decided.status, decided.source)
+        return decided.status, decided.parent_id_tag
 
     def _remember(self, id_tag: str, info: dict[str, Any]) -> None:
-        if self.keys.get_bool("AuthorizationCacheEnabled") and "status" in info:
-            self.store.cache_put(
-                id_tag, str(info["status"]), info.get("expiryDate"), info.get("parentIdTag")
-            )
+        self.auth.remember(id_tag, info)
 
     async def swipe(self, id_tag: str, connector_id: int | None = None) -> str:
         """An RFID card was presented. Returns what happened, for the CLI."""
         # A tag that owns a running transaction stops it.
         for c in self.connectors.values():
-            if c.tx is not None and c.tx.id_tag == id_tag:
+            if c.tx is not None and c.tx.id_tag.casefold() == id_tag.casefold():
                 await self.stop_transaction(c, "Local", id_tag=id_tag)
                 return f"stopped the transaction on connector {c.id}"
-        picked = self._pick_connector(connector_id)
+        picked = self._pick_connector(connector_id, id_tag)
         if picked is None:
             return "no connector is free"
         c = picked
@@ -529,16 +555,27 @@ class Station:
             return f"tag rejected ({status})"
         if c.tx is not None:
             return f"connector {c.id} is busy"
+        if not self.reservations.check_start(c, id_tag, parent)[0]:
+            log.info("connector %d is reserved for another idTag", c.id)
+            return f"connector {c.id} is reserved"
         if c.plugged:
             await self.start_transaction(c, id_tag, parent)
             return f"transaction started on connector {c.id}"
         self._wait_for_vehicle(c, id_tag, parent)
         return f"authorized: plug in on connector {c.id}"
 
-    def _pick_connector(self, connector_id: int | None) -> Connector | None:
+    def _pick_connector(
+        self, connector_id: int | None, id_tag: str | None = None
+    ) -> Connector | None:
         if connector_id is not None:
             return self.connectors.get(connector_id)
         free = [c for c in self.connectors.values() if c.tx is None and c.operative]
+        if id_tag is not None:
+            # A connector reserved for this tag first; none reserved for another.
+            mine = [c for c in free if (r := self.reservations.on_connector(c.id)) is not None
+                    and r.held_by(id_tag, self.auth.parent_of(id_tag))]  # fmt: skip
+            allowed = [c for c in free if not self.reservations.reserved_for_others(c, id_tag)]
+            free = mine or allowed or free
         plugged = [c for c in free if c.plugged]
         candidates = plugged or free
         return candidates[0] if candidates else None
@@ -582,6 +619,10 @@ class Station:
         if reading is None:
             log.error("connector %d: no meter reading: refusing to start a transaction", c.id)
             return False
+        allowed, reservation_id = self.reservations.check_start(c, id_tag, parent)
+        if not allowed:
+            log.warning("connector %d is reserved for another idTag: not starting", c.id)
+            return False
         now = self.now()
         meter_start = energy_register_wh(reading)
         begin = self._stop_txn_sample(c, reading, "Transaction.Begin", now)
@@ -591,14 +632,17 @@ class Station:
             "meterStart": meter_start,
             "timestamp": iso(now),
         }
+        if reservation_id is not None:
+            payload["reservationId"] = reservation_id
         local_id = self.store.begin_transaction(
             connector_id=c.id,
             id_tag=id_tag,
             meter_start_wh=meter_start,
             start_ts=iso(now),
-            reservation_id=None,
+            reservation_id=reservation_id,
             start_payload=payload,
         )
+        self.reservations.consume(reservation_id, local_id)
         c.tx = ActiveTx(local_id, id_tag, meter_start, now, begin, parent_id_tag=parent)
         c.finishing = False
         self._clear_waiting(c)
@@ -609,7 +653,7 @@ class Station:
         if profile is not None:
             self._install_tx_profile_from_remote(c, profile)
         self._restart_sampler(c)
-        await self.actuate(c)
+        await self._actuate_with_others(c, others_first=True)
         return True
 
     def _stop_txn_sample(
@@ -659,11 +703,7 @@ class Station:
             c.sampler.cancel()
             c.sampler = None
         c.finishing = c.plugged
-        # A TxProfile ends with its transaction.
-        self._profiles = [
-            p for p in self._profiles if not (p.purpose == sc.TX and p.connector_id == c.id)
-        ]
-        self._persist_profiles()
+        self.charging.end_transaction(c.id)  # a TxProfile ends with its transaction
         if c.pending_inoperative is not None:
             self._set_operative(c, c.pending_inoperative)
             c.pending_inoperative = None
@@ -672,7 +712,7 @@ class Station:
         ):
             self._set_operative0(self._pending_operative0)
             self._pending_operative0 = None
-        await self.actuate(c)
+        await self._actuate_with_others(c, others_first=False)
         return True
 
     def _stop_record(
@@ -782,7 +822,8 @@ class Station:
             next_at = midnight + timedelta(seconds=(elapsed // interval + 1) * interval)
             self._wake_aligned.clear()
             try:
-                await asyncio.wait_for(self._wake_aligned.wait(), (next_at - now).total_seconds())
+                async with asyncio.timeout((next_at - now).total_seconds()):
+                    await self._wake_aligned.wait()
                 continue  # the interval changed: recompute
             except TimeoutError:
                 pass
@@ -808,10 +849,14 @@ class Station:
     ) -> str:
         if connector_id is not None and connector_id not in self.connectors:
             return "Rejected"
-        c = self._pick_connector(connector_id)
+        c = self._pick_connector(connector_id, id_tag)
         if c is None or c.tx is not None or not c.operative or c.inputs().fault is not None:
             return "Rejected"
-        if profile is not None and profile.get("chargingProfilePurpose") != sc.TX:
+        if self.reservations.reserved_for_others(c, id_tag):
+            log.info("RemoteStartTransaction rejected: connector %d is reserved", c.id)
+            return "Rejected"
+        if profile is not None and (problem := self.charging.remote_problem(c.id, profile)):
+            log.warning("RemoteStartTransaction rejected: its charging profile: %s", problem)
             return "Rejected"
         self.spawn(self._remote_start(c, id_tag, profile), f"remote-start-{c.id}")
         return "Accepted"
@@ -912,134 +957,38 @@ class Station:
             await asyncio.sleep(0.05)
 
     def clear_cache(self) -> str:
-        self.store.cache_clear()
-        return "Accepted"
+        return self.auth.clear_cache()
 
     # ------------------------------------------------------------------ smart charging
+    # The profiles live in ``self.charging`` (agent.charging); the station actuates.
     def set_charging_profile(self, connector_id: int, body: dict[str, Any]) -> str:
         if connector_id != 0 and connector_id not in self.connectors:
             return "Rejected"
-        try:
-            profile = sc.parse_profile(connector_id, body)
-        except sc.ProfileError as exc:
-            log.warning("SetChargingProfile rejected: %s", exc)
-            return "Rejected"
-        problem = self._profile_problem(profile)
-        if problem:
-            log.warning("SetChargingProfile rejected: %s", problem)
-            return "Rejected"
-        self._install(profile)
-        return "Accepted"
-
-    def _profile_problem(self, p: sc.Profile) -> str | None:
-        if p.stack_level > self.keys.get_int("ChargeProfileMaxStackLevel"):
-            return f"stackLevel {p.stack_level} exceeds ChargeProfileMaxStackLevel"
-        if len(p.periods) > self.keys.get_int("ChargingScheduleMaxPeriods"):
-            return "more periods than ChargingScheduleMaxPeriods"
-        allowed = {"Current": "A", "Power": "W"}
-        units = {allowed[u] for u in self.keys.get_list("ChargingScheduleAllowedChargingRateUnit")}
-        if p.unit not in units:
-            return f"chargingRateUnit {p.unit} not allowed"
-        if p.purpose == sc.CP_MAX and p.connector_id != 0:
-            return "a ChargePointMaxProfile must be set on connector 0"
-        if p.purpose == sc.TX:
-            if p.connector_id == 0:
-                return "a TxProfile needs a connector"
-            c = self.connectors[p.connector_id]
-            if c.tx is None:
-                return f"no transaction on connector {p.connector_id}"
-            csms_id = self.store.csms_transaction_id(c.tx.local_id)
-            if p.transaction_id is not None and p.transaction_id != csms_id:
-                return f"transactionId {p.transaction_id} is not running"
-        kept = [q for q in self._profiles if not self._replaces(p, q)]
-        if len(kept) + 1 > self.keys.get_int("MaxChargingProfilesInstalled"):
-            return "MaxChargingProfilesInstalled reached"
-        return None
-
-    @staticmethod
-    def _replaces(new: sc.Profile, old: sc.Profile) -> bool:
-        return new.profile_id == old.profile_id or (
-            new.purpose == old.purpose
-            and new.stack_level == old.stack_level
-            and new.connector_id == old.connector_id
-        )
-
-    def _install(self, profile: sc.Profile) -> None:
-        self._profiles = [q for q in self._profiles if not self._replaces(profile, q)]
-        self._profiles.append(profile)
-        self._persist_profiles()
-        log.info(
-            "charging profile %d installed (%s, stack %d, connector %d)",
-            profile.profile_id,
-            profile.purpose,
-            profile.stack_level,
-            profile.connector_id,
-        )
-        self.actuate_all()
+        c = self.connectors.get(connector_id)
+        tx = self._tx_for_profiles(c) if c is not None else None
+        status = self.charging.set(connector_id, body, tx)
+        if status == "Accepted":
+            self.actuate_all()
+        return status
 
     def composite_schedule(
         self, connector_id: int, duration_s: int, unit: str | None
     ) -> tuple[str, dict[str, Any]] | None:
         """GetCompositeSchedule: ``(scheduleStart, chargingSchedule)`` or None (Rejected)."""
-        if connector_id != 0 and connector_id not in self.connectors:
-            return None
-        unit = unit or "A"
-        if unit not in ("A", "W") or duration_s < 0:
-            return None
         c = self.connectors.get(connector_id)
-        tx = self._tx_for_profiles(c) if c is not None else None
-        start = self.now().replace(microsecond=0)
-        end = start + timedelta(seconds=duration_s)
-        periods: list[dict[str, Any]] = []
-        at = start
-        while at < end:
-            limit_a = sc.effective_limit_a(
-                self._profiles,
-                connector_id=connector_id,
-                now=at,
-                tx=tx,
-                hardware_max_a=self.max_current_a,
-                voltage_v=self.voltage_v,
-                phases=self.phases,
-            )
-            value = round(limit_a if unit == "A" else limit_a * self.voltage_v * self.phases, 1)
-            if not periods or periods[-1]["limit"] != value:
-                periods.append(
-                    {
-                        "startPeriod": int((at - start).total_seconds()),
-                        "limit": value,
-                        "numberPhases": self.phases,
-                    }
-                )
-            edge = sc.next_boundary(self._profiles, at, tx.start if tx else None)
-            if edge is None:
-                break
-            at = edge
-        schedule = {
-            "duration": duration_s,
-            "startSchedule": iso(start),
-            "chargingRateUnit": unit,
-            "chargingSchedulePeriod": periods,
-        }
-        return iso(start), schedule
+        return self.charging.composite(
+            connector_id,
+            self.now(),
+            duration_s,
+            unit,
+            self._tx_for_profiles(c) if c is not None else None,
+            hardware_max_a=self._hardware_max_a(c) if c is not None else None,
+        )
 
     def _install_tx_profile_from_remote(self, c: Connector, body: dict[str, Any]) -> None:
-        try:
-            profile = sc.parse_profile(c.id, body)
-        except sc.ProfileError as exc:
-            log.warning("charging profile in RemoteStartTransaction ignored: %s", exc)
-            return
-        self._install(profile)
-
-    def _persist_profiles(self) -> None:
-        stored = {int(raw["profile"]["chargingProfileId"]) for raw in self.store.profiles()}
-        current = {p.profile_id: p for p in self._profiles}
-        for profile_id in stored - set(current):
-            self.store.delete_profile(profile_id)
-        for p in current.values():
-            self.store.put_profile(
-                p.profile_id, p.connector_id, {"_connector": p.connector_id, "profile": p.body}
-            )
+        tx = self._tx_for_profiles(c)
+        if tx is not None:
+            self.charging.install_remote(c.id, body, tx)
 
     def clear_charging_profile(
         self,
@@ -1048,22 +997,10 @@ class Station:
         purpose: str | None,
         stack_level: int | None,
     ) -> str:
-        def matches(p: sc.Profile) -> bool:
-            if profile_id is not None:
-                return p.profile_id == profile_id
-            return (
-                (connector_id is None or p.connector_id == connector_id)
-                and (purpose is None or p.purpose == purpose)
-                and (stack_level is None or p.stack_level == stack_level)
-            )
-
-        removed = [p for p in self._profiles if matches(p)]
-        if not removed:
-            return "Unknown"
-        self._profiles = [p for p in self._profiles if not matches(p)]
-        self._persist_profiles()
-        self.actuate_all()
-        return "Accepted"
+        status = self.charging.clear(profile_id, connector_id, purpose, stack_level)
+        if status == "Accepted":
+            self.actuate_all()
+        return status
 
     # ------------------------------------------------------------------ triggers
     def trigger(self, message: str, connector_id: int | None) -> str:
@@ -1181,7 +1118,10 @@ class Station:
                 "charge_point_id": self.cfg.csms["charge_point_id"],
                 "last_error": self.last_connect_error,
             },
-            "queue": {"pending": pending, "failed": failed},
+            "queue": {"pending": pending, "failed": failed, "dropped": self.store.queue_dropped()},
+            "storage": self.store.storage_status(),
+            "local_list_version": self.auth.list_version(),
+            "reservations": self.reservations.snapshot(),
             "clock": {"now": iso(self.now())},
             "connectors": connectors,
         }

@@ -1,26 +1,51 @@
 """Durable state in one SQLite file (WAL): configuration keys, transactions, the outbound
-transaction-message queue, the authorization cache and charging profiles.
+transaction-message queue, the authorization cache, the local authorization list,
+reservations and charging profiles.
 
-One writer (the agent's event loop). Every write is its own committed transaction with
-``synchronous=FULL``: a message is on disk before it is first sent, and a SIGKILL or power
-loss at any instant loses nothing that was committed. Schema changes are numbered
-migrations (``PRAGMA user_version``). A file SQLite cannot read is moved aside with a
-timestamp suffix, never truncated, and a fresh one is started.
+One writer (the agent's event loop), one connection, held in exclusive locking mode (no
+shared-memory index file is written, and a second agent on the same state directory is
+refused with a clear message). Every write is its own committed transaction:
+
+- a transaction message (and every other state change) is committed with
+  ``synchronous=FULL`` -- on disk -- before it is first sent, so neither a SIGKILL nor a
+  power cut loses it;
+- its removal after the CALLRESULT is committed without waiting for the disk
+  (``synchronous=NORMAL``, the next FULL commit makes it durable): a SIGKILL cannot undo it
+  (the WAL is in the operating system's cache), and an operating-system crash in the few
+  seconds before it reaches the disk at worst sends the message once more, unchanged --
+  the same duplicate a CSMS sees when a connection drops before a CALLRESULT arrives.
+
+The last meter reading of a running transaction is written with the transaction's
+messages (and at most every :attr:`Store.note_interval_s` otherwise), not at every meter
+poll: flash wear. Schema changes are numbered migrations (``PRAGMA user_version``). A file
+SQLite cannot read is moved aside with a timestamp suffix, never truncated, and a fresh one
+is started.
+
+When a write fails (a full disk, an I/O error), the store logs one clear line, copies the
+state into memory and carries on there -- charging and reporting continue, and the queue
+still drains -- and tries to write it all back to disk every :attr:`Store.disk_retry_s`
+seconds. Until then a power loss loses what was not written; :attr:`Store.write_error`
+says so (``evcp status`` shows it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger("evcp.store")
+
+T = TypeVar("T")
+
+#: Page size of a new database: small pages keep the bytes written per sample low.
+PAGE_SIZE = 1024
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: initial schema
@@ -64,7 +89,44 @@ MIGRATIONS: tuple[str, ...] = (
         body TEXT NOT NULL
     );
     """,
+    # 2: the local authorization list, reservations, cache entry ages; the queue without
+    # AUTOINCREMENT (one page less written per message: the order is the rowid's, and a
+    # seq is never reused while a message that had it is still queued).
+    """
+    CREATE TABLE local_list (
+        id_tag TEXT PRIMARY KEY COLLATE NOCASE,
+        status TEXT NOT NULL,
+        expiry TEXT,
+        parent_id_tag TEXT
+    );
+    CREATE TABLE reservations (
+        reservation_id INTEGER PRIMARY KEY,
+        connector_id INTEGER NOT NULL,
+        id_tag TEXT NOT NULL,
+        parent_id_tag TEXT,
+        expiry TEXT NOT NULL
+    );
+    ALTER TABLE auth_cache ADD COLUMN updated REAL NOT NULL DEFAULT 0;
+    CREATE TABLE queue_v2 (
+        seq INTEGER PRIMARY KEY,
+        action TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        tx_local_id INTEGER,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        created TEXT NOT NULL
+    );
+    INSERT INTO queue_v2 SELECT seq, action, payload, tx_local_id, attempts, failed,
+        last_error, created FROM queue;
+    DROP TABLE queue;
+    ALTER TABLE queue_v2 RENAME TO queue;
+    """,
 )
+
+
+class StoreInUse(RuntimeError):
+    """Another process holds the state file (a second agent on the same state directory)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,15 +150,61 @@ class QueuedMessage:
     attempts: int
 
 
+@dataclass(frozen=True, slots=True)
+class AuthEntry:
+    """An idTagInfo held locally (cache or local list); ``expiry`` as sent by the CSMS."""
+
+    status: str
+    expiry: str | None
+    parent_id_tag: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationRecord:
+    reservation_id: int
+    connector_id: int
+    id_tag: str
+    parent_id_tag: str | None
+    expiry: str
+
+
+def message_time(action: str, payload: dict[str, Any]) -> str:
+    """When a transaction message was taken: its timestamp (a MeterValues: its first
+    meterValue's)."""
+    if "timestamp" in payload:
+        return str(payload["timestamp"])
+    values = payload.get("meterValue")
+    if isinstance(values, list) and values and isinstance(values[0], dict):
+        return str(values[0].get("timestamp", ""))
+    return ""
+
+
 class Store:
     """The agent's SQLite database. Create with :meth:`open`; call :meth:`close` at exit."""
 
-    #: Most messages the outbound queue holds before intermediate MeterValues are thinned.
+    #: Most messages the outbound queue holds before intermediate MeterValues are thinned
+    #: (the agent sets it from its configuration).
     max_queue = 100_000
+    #: Most entries in the authorization cache (invalid and oldest entries go first).
+    cache_max = 1000
+    #: Seconds between attempts to write the state back to disk after a write failed.
+    disk_retry_s = 60.0
+    #: Seconds between writes of a running transaction's last meter reading when no
+    #: message of the transaction is queued in between.
+    note_interval_s = 300.0
 
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self._disk = db
         self._db = db
         self.path = path
+        #: Why the state lives in memory only (a write to disk failed); None when on disk.
+        self.write_error: str | None = None
+        self._disk_retry_at = 0.0
+        self._queue_len = int(db.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
+        self._thin_cursor = 0
+        #: Last meter reading per running transaction not yet written: (Wh, timestamp).
+        self._notes: dict[int, tuple[int, str]] = {}
+        self._noted_at: dict[int, float] = {}
 
     @classmethod
     def open(cls, state_dir: Path) -> Store:
@@ -105,6 +213,13 @@ class Store:
         path = state_dir / "evcp.db"
         try:
             db = cls._connect(path)
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc):
+                raise StoreInUse(
+                    f"state file {path} is in use by another process (is another evcp agent"
+                    " running with the same state_dir?)"
+                ) from None
+            raise
         except sqlite3.DatabaseError as exc:
             aside = path.with_name(f"evcp.db.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             log.error("state file %s is unreadable (%s); moved aside to %s", path, exc, aside)
@@ -118,8 +233,12 @@ class Store:
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        new = not path.exists() or path.stat().st_size == 0
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=2.0)
         try:
+            if new:
+                db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             result = db.execute("PRAGMA quick_check").fetchone()
@@ -134,34 +253,117 @@ class Store:
         return db
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not self._disk:
+            self._back_to_disk(final=True)
+        if self._db is not self._disk:
+            self._db.close()
+        self._disk.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+    # ------------------------------------------------------------------ writing
+    def _write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """Run ``fn`` in one committed transaction; on a failed disk, carry on in memory."""
+        if self._db is not self._disk and time.monotonic() >= self._disk_retry_at:
+            self._back_to_disk()
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            return self._commit(fn, durable=durable)
+        except sqlite3.DatabaseError as exc:
+            if self._db is not self._disk or not _disk_trouble(exc):
+                raise
+            self._to_memory(exc)
+        return self._commit(fn, durable=durable)
+
+    def _commit(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool) -> T:
+        db = self._db
+        relaxed = not durable and db is self._disk
+        if relaxed:
+            db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
+        finally:
+            if relaxed:
+                db.execute("PRAGMA synchronous=FULL")
+        return result
+
+    def _to_memory(self, exc: sqlite3.Error) -> None:
+        memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        self._disk.backup(memory)
+        self._db = memory
+        self.write_error = str(exc)
+        self._disk_retry_at = time.monotonic() + self.disk_retry_s
+        log.error(
+            "cannot write the state file %s (%s): the agent carries on with its state in"
+            " memory, charging and reporting as usual, but a power loss now loses what was"
+            " not written; retrying to write it every %.0f s",
+            self.path,
+            exc,
+            self.disk_retry_s,
+        )
+
+    def _back_to_disk(self, *, final: bool = False) -> None:
+        try:
+            self._db.backup(self._disk)
+        except sqlite3.Error as exc:
+            self._disk_retry_at = time.monotonic() + self.disk_retry_s
+            (log.error if final else log.warning)(
+                "the state file %s still cannot be written (%s)%s",
+                self.path,
+                exc,
+                ": state since the failure is lost at exit" if final else "",
+            )
+            return
+        self._db.close()
+        self._db = self._disk
+        self.write_error = None
+        log.warning("the state file %s can be written again: state saved to disk", self.path)
+
+    def storage_status(self) -> dict[str, Any]:
+        """For ``evcp status``: where the state lives and why."""
+        return {
+            "path": str(self.path),
+            "on_disk": self._db is self._disk,
+            "error": self.write_error,
+        }
 
     # ------------------------------------------------------------------ config and kv
     def config_values(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT key, value FROM config").fetchall())
 
     def set_config(self, key: str, value: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)", (key, value))
+        self._write(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)", (key, value)
+            )
+        )
 
     def get(self, key: str, default: str | None = None) -> str | None:
         row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return default if row is None else str(row[0])
 
     def put(self, key: str, value: str | None) -> None:
+        def put(db: sqlite3.Connection) -> None:
+            self._put(db, key, value)
+
+        self._write(put)
+
+    @staticmethod
+    def _put(db: sqlite3.Connection, key: str, value: str | None) -> None:
         if value is None:
-            self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
+            db.execute("DELETE FROM kv WHERE key = ?", (key,))
         else:
-            self._db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+            db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, key: str) -> str | None:
+        row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
 
     # ------------------------------------------------------------------ transactions
     def begin_transaction(
@@ -175,7 +377,8 @@ class Store:
         start_payload: dict[str, Any],
     ) -> int:
         """Record a new transaction and queue its StartTransaction in one commit."""
-        with self._tx() as db:
+
+        def begin(db: sqlite3.Connection) -> tuple[int, int, int]:
             cur = db.execute(
                 "INSERT INTO transactions (connector_id, id_tag, meter_start_wh, start_ts,"
                 " reservation_id, last_meter_wh, last_meter_ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -190,7 +393,11 @@ class Store:
                 ),
             )
             local_id = int(cur.lastrowid or 0)
-            self._enqueue(db, "StartTransaction", start_payload, local_id, start_ts)
+            seq, delta = self._enqueue(db, "StartTransaction", start_payload, local_id)
+            return local_id, seq, delta
+
+        local_id, seq, delta = self._write(begin)
+        self._queued("StartTransaction", start_payload, local_id, seq, delta)
         return local_id
 
     def end_transaction(
@@ -203,24 +410,53 @@ class Store:
         stop_payload: dict[str, Any],
     ) -> None:
         """Close a transaction and queue its StopTransaction in one commit."""
-        with self._tx() as db:
+
+        def end(db: sqlite3.Connection) -> tuple[int, int]:
             db.execute(
                 "UPDATE transactions SET active = 0, meter_stop_wh = ?, stop_ts = ?,"
-                " stop_reason = ? WHERE local_id = ?",
-                (meter_stop_wh, stop_ts, reason, local_id),
+                " stop_reason = ?, last_meter_wh = ?, last_meter_ts = ? WHERE local_id = ?",
+                (meter_stop_wh, stop_ts, reason, meter_stop_wh, stop_ts, local_id),
             )
-            self._enqueue(db, "StopTransaction", stop_payload, local_id, stop_ts)
+            return self._enqueue(db, "StopTransaction", stop_payload, local_id)
+
+        seq, delta = self._write(end)
+        self._notes.pop(local_id, None)
+        self._noted_at.pop(local_id, None)
+        self._queued("StopTransaction", stop_payload, local_id, seq, delta)
 
     def note_meter(self, local_id: int, energy_wh: int, ts: str) -> None:
-        """Remember the last reading of a running transaction (used after a power loss)."""
-        self._db.execute(
-            "UPDATE transactions SET last_meter_wh = ?, last_meter_ts = ? WHERE local_id = ?",
-            (energy_wh, ts, local_id),
-        )
+        """Remember the last reading of a running transaction (used after a power loss).
+
+        Written with the transaction's next queued message, or after
+        :attr:`note_interval_s` -- not at every meter poll.
+        """
+        self._notes[local_id] = (energy_wh, ts)
+        now = time.monotonic()
+        last = self._noted_at.setdefault(local_id, now)
+        if now - last >= self.note_interval_s:
+
+            def note(db: sqlite3.Connection) -> None:
+                self._write_note(db, local_id)
+
+            self._write(note, durable=False)
+
+    def _write_note(self, db: sqlite3.Connection, local_id: int) -> None:
+        note = self._notes.pop(local_id, None)
+        self._noted_at[local_id] = time.monotonic()
+        if note is not None:
+            db.execute(
+                "UPDATE transactions SET last_meter_wh = MAX(COALESCE(last_meter_wh, 0), ?),"
+                " last_meter_ts = ? WHERE local_id = ? AND active = 1",
+                (note[0], note[1], local_id),
+            )
 
     def set_csms_transaction_id(self, local_id: int, csms_id: int) -> None:
-        self._db.execute(
-            "UPDATE transactions SET csms_id = ? WHERE local_id = ?", (csms_id, local_id)
+        if self.csms_transaction_id(local_id) == csms_id:
+            return
+        self._write(
+            lambda db: db.execute(
+                "UPDATE transactions SET csms_id = ? WHERE local_id = ?", (csms_id, local_id)
+            )
         )
 
     def csms_transaction_id(self, local_id: int) -> int | None:
@@ -228,6 +464,12 @@ class Store:
             "SELECT csms_id FROM transactions WHERE local_id = ?", (local_id,)
         ).fetchone()
         return None if row is None or row[0] is None else int(row[0])
+
+    def transaction_id_tag(self, local_id: int) -> str | None:
+        row = self._db.execute(
+            "SELECT id_tag FROM transactions WHERE local_id = ?", (local_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
 
     def active_transactions(self) -> list[TxRecord]:
         rows = self._db.execute(
@@ -238,8 +480,29 @@ class Store:
 
     # ------------------------------------------------------------------ outbound queue
     def enqueue(self, action: str, payload: dict[str, Any], tx_local_id: int | None) -> int:
-        with self._tx() as db:
-            return self._enqueue(db, action, payload, tx_local_id, payload.get("timestamp", ""))
+        """Commit one transaction message (with the transaction's last meter reading)."""
+
+        def enqueue(db: sqlite3.Connection) -> tuple[int, int]:
+            if tx_local_id is not None and tx_local_id in self._notes:
+                self._write_note(db, tx_local_id)
+            return self._enqueue(db, action, payload, tx_local_id)
+
+        seq, delta = self._write(enqueue)
+        self._queued(action, payload, tx_local_id, seq, delta)
+        return seq
+
+    def _queued(
+        self, action: str, payload: dict[str, Any], local_id: int | None, seq: int, delta: int
+    ) -> None:
+        self._queue_len += delta
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "queued %s #%d of transaction %s taken at %s",
+                action,
+                seq,
+                local_id,
+                message_time(action, payload),
+            )
 
     def _enqueue(
         self,
@@ -247,49 +510,71 @@ class Store:
         action: str,
         payload: dict[str, Any],
         tx_local_id: int | None,
-        created: str,
-    ) -> int:
-        if db.execute("SELECT COUNT(*) FROM queue").fetchone()[0] >= self.max_queue:
-            self._thin(db)
+    ) -> tuple[int, int]:
+        """Insert a message (thinning first when full); return ``(seq, queue length
+        change)``."""
+        delta = 1
+        if self._queue_len >= self.max_queue and self._thin(db):
+            delta = 0
         cur = db.execute(
             "INSERT INTO queue (action, payload, tx_local_id, created) VALUES (?, ?, ?, ?)",
-            (action, json.dumps(payload, separators=(",", ":")), tx_local_id, created),
+            (
+                action,
+                json.dumps(payload, separators=(",", ":")),
+                tx_local_id,
+                message_time(action, payload),
+            ),
         )
-        return int(cur.lastrowid or 0)
+        return int(cur.lastrowid or 0), delta
 
-    def _thin(self, db: sqlite3.Connection) -> None:
-        """Drop one intermediate MeterValues to make room (never the first or last of a
-        transaction, never a StartTransaction or StopTransaction); count and log it."""
-        row = db.execute(
-            "SELECT q.seq, q.tx_local_id FROM queue q WHERE q.action = 'MeterValues'"
-            " AND q.failed = 0"
-            " AND EXISTS (SELECT 1 FROM queue e WHERE e.action = 'MeterValues'"
-            "   AND e.tx_local_id IS q.tx_local_id AND e.seq < q.seq)"
-            " AND EXISTS (SELECT 1 FROM queue l WHERE l.action = 'MeterValues'"
-            "   AND l.tx_local_id IS q.tx_local_id AND l.seq > q.seq)"
-            " ORDER BY q.seq LIMIT 1 OFFSET 0"
-        ).fetchone()
+    _INTERMEDIATE = (
+        "SELECT q.seq, q.tx_local_id, q.created FROM queue q"
+        " WHERE q.action = 'MeterValues' AND q.failed = 0 AND q.tx_local_id IS NOT NULL"
+        " AND q.seq > ?"
+        " AND EXISTS (SELECT 1 FROM queue e WHERE e.seq < q.seq AND e.action = 'MeterValues'"
+        "   AND e.tx_local_id = q.tx_local_id)"
+        " AND EXISTS (SELECT 1 FROM queue l WHERE l.seq > q.seq AND l.action = 'MeterValues'"
+        "   AND l.tx_local_id = q.tx_local_id)"
+        " ORDER BY q.seq LIMIT 1"
+    )
+
+    def _thin(self, db: sqlite3.Connection) -> bool:
+        """Drop one intermediate MeterValues to make room (never the first or last queued
+        of a transaction, never a StartTransaction or StopTransaction); count and log it.
+
+        The drops walk through the queue dropping every other intermediate sample, then
+        start over: the resolution of a long outage halves evenly, instead of a hole
+        growing at its start.
+        """
+        row = db.execute(self._INTERMEDIATE, (self._thin_cursor,)).fetchone()
+        if row is None and self._thin_cursor:
+            row = db.execute(self._INTERMEDIATE, (0,)).fetchone()
         if row is None:
-            log.error("outbound queue is full (%d) and holds nothing that may be dropped",
-                      self.max_queue)  # fmt: skip
-            return
-        db.execute("DELETE FROM queue WHERE seq = ?", (row[0],))
+            log.error(
+                "outbound queue is full (%d) and holds nothing that may be dropped:"
+                " keeping every message",
+                self.max_queue,
+            )
+            return False
+        seq, local_id, created = row
+        db.execute("DELETE FROM queue WHERE seq = ?", (seq,))
+        kept = db.execute(
+            "SELECT MIN(seq) FROM queue WHERE seq > ? AND action = 'MeterValues'"
+            " AND tx_local_id = ?",
+            (seq, local_id),
+        ).fetchone()[0]
+        self._thin_cursor = int(kept if kept is not None else seq)
         dropped = int(self._get(db, "queue.dropped") or 0) + 1
-        db.execute(
-            "INSERT OR REPLACE INTO kv (key, value) VALUES ('queue.dropped', ?)", (str(dropped),)
-        )
+        self._put(db, "queue.dropped", str(dropped))
         log.warning(
-            "outbound queue full (%d): dropped an intermediate MeterValues of transaction %s"
-            " (%d dropped so far)",
+            "outbound queue full (%d messages): dropped the MeterValues taken at %s of"
+            " transaction %s (%d dropped so far)",
             self.max_queue,
-            row[1],
+            created,
+            local_id,
             dropped,
         )
-
-    @staticmethod
-    def _get(db: sqlite3.Connection, key: str) -> str | None:
-        row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
+        return True
 
     def queue_dropped(self) -> int:
         return int(self.get("queue.dropped") or 0)
@@ -304,20 +589,32 @@ class Store:
         return QueuedMessage(row[0], row[1], json.loads(row[2]), row[3], row[4])
 
     def queue_done(self, seq: int) -> None:
-        self._db.execute("DELETE FROM queue WHERE seq = ?", (seq,))
+        """The message was answered with a CALLRESULT: remove it."""
+        removed = self._write(
+            lambda db: db.execute("DELETE FROM queue WHERE seq = ?", (seq,)).rowcount,
+            durable=False,
+        )
+        self._queue_len -= removed
 
     def start_delivered(self, seq: int, local_id: int, csms_id: int) -> None:
         """StartTransaction answered: record the CSMS id and dequeue it in one commit."""
-        with self._tx() as db:
+
+        def delivered(db: sqlite3.Connection) -> int:
             db.execute(
                 "UPDATE transactions SET csms_id = ? WHERE local_id = ?", (csms_id, local_id)
             )
-            db.execute("DELETE FROM queue WHERE seq = ?", (seq,))
+            return int(db.execute("DELETE FROM queue WHERE seq = ?", (seq,)).rowcount)
+
+        self._queue_len -= self._write(delivered)
 
     def queue_attempt(self, seq: int, error: str, *, give_up: bool) -> None:
-        self._db.execute(
-            "UPDATE queue SET attempts = attempts + 1, last_error = ?, failed = ? WHERE seq = ?",
-            (error, 1 if give_up else 0, seq),
+        self._write(
+            lambda db: db.execute(
+                "UPDATE queue SET attempts = attempts + 1, last_error = ?, failed = ?"
+                " WHERE seq = ?",
+                (error, 1 if give_up else 0, seq),
+            ),
+            durable=give_up,
         )
 
     def queue_counts(self) -> tuple[int, int]:
@@ -327,23 +624,119 @@ class Store:
         ).fetchone()
         return int(row[0]), int(row[1])
 
+    def queue_failed(self) -> list[tuple[int, str, int | None, str, str | None]]:
+        """Messages given up on: ``(seq, action, local transaction, taken at, last error)``."""
+        rows = self._db.execute(
+            "SELECT seq, action, tx_local_id, created, last_error FROM queue WHERE failed = 1"
+            " ORDER BY seq"
+        ).fetchall()
+        return [(int(r[0]), str(r[1]), r[2], str(r[3]), r[4]) for r in rows]
+
     # ------------------------------------------------------------------ auth cache
     def cache_put(
         self, id_tag: str, status: str, expiry: str | None, parent_id_tag: str | None
     ) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO auth_cache VALUES (?, ?, ?, ?)",
-            (id_tag, status, expiry, parent_id_tag),
-        )
+        def put(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM auth_cache WHERE id_tag = ? COLLATE NOCASE", (id_tag,))
+            db.execute(
+                "INSERT INTO auth_cache (id_tag, status, expiry, parent_id_tag, updated)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (id_tag, status, expiry, parent_id_tag, time.time()),
+            )
+            excess = db.execute("SELECT COUNT(*) FROM auth_cache").fetchone()[0] - self.cache_max
+            if excess > 0:
+                # Entries that do not authorize go first, then the least recently updated.
+                db.execute(
+                    "DELETE FROM auth_cache WHERE id_tag IN (SELECT id_tag FROM auth_cache"
+                    " ORDER BY status = 'Accepted', updated LIMIT ?)",
+                    (excess,),
+                )
+
+        self._write(put, durable=False)
 
     def cache_get(self, id_tag: str) -> tuple[str, str | None, str | None] | None:
         row = self._db.execute(
-            "SELECT status, expiry, parent_id_tag FROM auth_cache WHERE id_tag = ?", (id_tag,)
+            "SELECT status, expiry, parent_id_tag FROM auth_cache WHERE id_tag = ? COLLATE NOCASE",
+            (id_tag,),
         ).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
     def cache_clear(self) -> None:
-        self._db.execute("DELETE FROM auth_cache")
+        self._write(lambda db: db.execute("DELETE FROM auth_cache"))
+
+    # ------------------------------------------------------------------ local auth list
+    def local_list_version(self) -> int:
+        return int(self.get("local_list.version") or 0)
+
+    def local_list_size(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM local_list").fetchone()[0])
+
+    def local_list_get(self, id_tag: str) -> AuthEntry | None:
+        row = self._db.execute(
+            "SELECT status, expiry, parent_id_tag FROM local_list WHERE id_tag = ?", (id_tag,)
+        ).fetchone()
+        return None if row is None else AuthEntry(row[0], row[1], row[2])
+
+    def local_list_entries(self) -> dict[str, AuthEntry]:
+        rows = self._db.execute(
+            "SELECT id_tag, status, expiry, parent_id_tag FROM local_list ORDER BY id_tag"
+        ).fetchall()
+        return {r[0]: AuthEntry(r[1], r[2], r[3]) for r in rows}
+
+    def local_list_update(
+        self,
+        *,
+        version: int,
+        full: bool,
+        entries: list[tuple[str, AuthEntry | None]],
+        max_size: int,
+    ) -> bool:
+        """Apply a SendLocalList in one commit (``None`` removes the idTag). Returns False,
+        changing nothing, when the list would exceed ``max_size``."""
+
+        def update(db: sqlite3.Connection) -> bool:
+            if full:
+                db.execute("DELETE FROM local_list")
+            for id_tag, entry in entries:
+                if entry is None:
+                    db.execute("DELETE FROM local_list WHERE id_tag = ?", (id_tag,))
+                else:
+                    db.execute(
+                        "INSERT OR REPLACE INTO local_list VALUES (?, ?, ?, ?)",
+                        (id_tag, entry.status, entry.expiry, entry.parent_id_tag),
+                    )
+            if db.execute("SELECT COUNT(*) FROM local_list").fetchone()[0] > max_size:
+                raise _TooLarge
+            self._put(db, "local_list.version", str(version))
+            return True
+
+        try:
+            return self._write(update)
+        except _TooLarge:
+            return False
+
+    # ------------------------------------------------------------------ reservations
+    def reservations(self) -> list[ReservationRecord]:
+        rows = self._db.execute(
+            "SELECT reservation_id, connector_id, id_tag, parent_id_tag, expiry"
+            " FROM reservations ORDER BY reservation_id"
+        ).fetchall()
+        return [ReservationRecord(*row) for row in rows]
+
+    def put_reservation(self, r: ReservationRecord) -> None:
+        self._write(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?, ?)",
+                (r.reservation_id, r.connector_id, r.id_tag, r.parent_id_tag, r.expiry),
+            )
+        )
+
+    def delete_reservation(self, reservation_id: int) -> None:
+        self._write(
+            lambda db: db.execute(
+                "DELETE FROM reservations WHERE reservation_id = ?", (reservation_id,)
+            )
+        )
 
     # ------------------------------------------------------------------ charging profiles
     def profiles(self) -> list[dict[str, Any]]:
@@ -351,10 +744,28 @@ class Store:
         return [json.loads(row[0]) for row in rows]
 
     def put_profile(self, profile_id: int, connector_id: int, body: dict[str, Any]) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO profiles VALUES (?, ?, ?)",
-            (profile_id, connector_id, json.dumps(body)),
+        self._write(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO profiles VALUES (?, ?, ?)",
+                (profile_id, connector_id, json.dumps(body)),
+            )
         )
 
     def delete_profile(self, profile_id: int) -> None:
-        self._db.execute("DELETE FROM profiles WHERE profile_id = ?", (profile_id,))
+        self._write(
+            lambda db: db.execute("DELETE FROM profiles WHERE profile_id = ?", (profile_id,))
+        )
+
+
+#: SQLite result codes that mean the file cannot be written (not a mistake in a query).
+_DISK_TROUBLE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN",
+                 "SQLITE_CORRUPT", "SQLITE_NOTADB")  # fmt: skip
+
+
+def _disk_trouble(exc: sqlite3.DatabaseError) -> bool:
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith(_DISK_TROUBLE)
+
+
+class _TooLarge(Exception):
+    """Rolls back a local list update that would exceed the maximum size."""

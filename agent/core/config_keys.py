@@ -46,7 +46,13 @@ OCPP_MEASURANDS = (
     "Temperature",
 )
 
-FEATURE_PROFILES = ("Core", "SmartCharging", "RemoteTrigger")
+FEATURE_PROFILES = (
+    "Core",
+    "SmartCharging",
+    "RemoteTrigger",
+    "LocalAuthListManagement",
+    "Reservation",
+)
 PHASE_ROTATIONS = ("NotApplicable", "Unknown", "RST", "RTS", "SRT", "STR", "TRS", "TSR")
 
 
@@ -188,6 +194,12 @@ KEYS: tuple[KeySpec, ...] = (
     _i("ChargingScheduleMaxPeriods", 48, access=RO),
     _b("ConnectorSwitch3to1PhaseSupported", False, access=RO),
     _i("MaxChargingProfilesInstalled", 20, access=RO),
+    # --- Local Auth List Management (section 9.2)
+    _b("LocalAuthListEnabled", True),
+    _i("LocalAuthListMaxLength", 10000, access=RO),
+    _i("SendLocalListMaxLength", 1000, access=RO),
+    # --- Reservation (section 9.3)
+    _b("ReserveConnectorZeroSupported", True, access=RO),
     # --- Security extensions (OCPP 1.6 security whitepaper, edition 2)
     KeySpec(
         "AuthorizationKey",

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from typing import Any
 
-from ocpp.exceptions import OCPPError
+from ocpp.exceptions import OCPPError, ValidationError
 from websockets.exceptions import ConnectionClosed
 
 from agent.config import Config
@@ -22,6 +22,7 @@ from agent.ocpp.adapter import OcppAdapter
 from agent.ocpp.transport import backoff, classify, open_connection, tls_context
 from agent.outbox import Outgoing
 from agent.station import Station
+from agent.store import QueuedMessage, message_time
 
 log = logging.getLogger("evcp.session")
 
@@ -199,7 +200,9 @@ class Session:
         if delay <= 0:
             return
         try:
-            await asyncio.wait_for(outbox.wake.wait(), delay)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            async with asyncio.timeout(delay):
+                await outbox.wake.wait()
         except TimeoutError:
             pass
 
@@ -283,31 +286,51 @@ class Session:
         try:
             result = await cp.send(head.action, payload)
         except (OCPPError, TimeoutError) as exc:
-            attempts = head.attempts + 1
-            give_up = attempts >= self.keys.get_int("TransactionMessageAttempts")
-            store.queue_attempt(head.seq, str(exc) or type(exc).__name__, give_up=give_up)
-            if give_up:
-                log.error(
-                    "%s (queue #%d) refused %d times, last: %s; kept as failed",
-                    head.action,
-                    head.seq,
-                    attempts,
-                    exc,
-                )
-            else:
-                wait = self.keys.get_int("TransactionMessageRetryInterval") * attempts
-                log.warning(
-                    "%s (queue #%d) failed (%s); retry %d in %d s",
-                    head.action,
-                    head.seq,
-                    exc,
-                    attempts + 1,
-                    wait,
-                )
-                self._retry_at = asyncio.get_running_loop().time() + wait
+            self._queued_failed(head, exc)
+            return
+        except (ConnectionClosed, asyncio.CancelledError):
+            # The connection dropped between the CALL and its result: the message stays
+            # first in the queue and is sent again, unchanged, after the reconnect.
+            raise
+        except (ValidationError, TypeError, ValueError) as exc:
+            # A message the library cannot even send (it breaks the schema): retrying
+            # cannot help, and it must not stop the queue behind it.
+            log.error("%s (queue #%d) cannot be sent: %s: %s; kept as failed",
+                      head.action, head.seq, type(exc).__name__, exc)  # fmt: skip
+            store.queue_attempt(head.seq, f"{type(exc).__name__}: {exc}", give_up=True)
             return
         if head.action == "StartTransaction" and head.tx_local_id is not None:
             store.start_delivered(head.seq, head.tx_local_id, int(result["transactionId"]))
             self.station.on_start_result(head.tx_local_id, result)
         else:
             store.queue_done(head.seq)
+            if head.action == "StopTransaction" and "idTag" in payload:
+                self.station.auth.remember(str(payload["idTag"]), result.get("idTagInfo"))
+
+    def _queued_failed(self, head: QueuedMessage, exc: Exception) -> None:
+        """A CALLERROR or no answer: retry after TransactionMessageRetryInterval times the
+        attempts so far, up to TransactionMessageAttempts; then keep it, marked failed (it
+        stays in the store and in ``evcp status``; the queue moves on)."""
+        attempts = head.attempts + 1
+        give_up = attempts >= self.keys.get_int("TransactionMessageAttempts")
+        self.station.store.queue_attempt(head.seq, str(exc) or type(exc).__name__, give_up=give_up)
+        if give_up:
+            log.error(
+                "%s (queue #%d, taken at %s) refused %d times, last: %s; kept as failed",
+                head.action,
+                head.seq,
+                message_time(head.action, head.payload),
+                attempts,
+                exc,
+            )
+            return
+        wait = self.keys.get_int("TransactionMessageRetryInterval") * attempts
+        log.warning(
+            "%s (queue #%d) failed (%s); retry %d in %d s",
+            head.action,
+            head.seq,
+            exc,
+            attempts + 1,
+            wait,
+        )
+        self._retry_at = asyncio.get_running_loop().time() + wait

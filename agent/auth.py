@@ -1,0 +1,193 @@
+"""Authorization without the CSMS: the Local Authorization List, the Authorization Cache
+and the offline rules of OCPP 1.6 (sections 3.5, 5.15, 9.1 and 9.2).
+
+:class:`Authorizer` holds no state of its own: the list and the cache live in the store
+(SQLite), so both survive a restart. It never sends anything; the station asks it
+
+- :meth:`~Authorizer.pre_authorized` before sending an Authorize.req (LocalPreAuthorize:
+  an idTag the list or the cache holds as Accepted starts at once);
+- :meth:`~Authorizer.offline` when the CSMS cannot be asked (LocalAuthorizeOffline for a
+  known idTag, AllowOfflineTxForUnknownId for an unknown one);
+- :meth:`~Authorizer.remember` with every idTagInfo the CSMS sends (Authorize.conf,
+  StartTransaction.conf, StopTransaction.conf) -- the cache, when enabled.
+
+The list takes precedence over the cache (section 3.5.3), and an idTag on the list is not
+cached. idTags compare case-insensitively (IdToken is a CiString20). An entry whose
+expiryDate has passed counts as Expired.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.core.config_keys import ConfigKeys
+from agent.store import AuthEntry, Store
+
+log = logging.getLogger("evcp.auth")
+
+ACCEPTED = "Accepted"
+INVALID = "Invalid"
+EXPIRED = "Expired"
+ID_TAG_STATUSES = ("Accepted", "Blocked", "Expired", "Invalid", "ConcurrentTx")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """An authorization outcome: the idTagInfo status, the parent idTag, and where it
+    came from (``"csms"``, ``"list"``, ``"cache"`` or ``"unknown"``)."""
+
+    status: str
+    parent_id_tag: str | None = None
+    source: str = "csms"
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == ACCEPTED
+
+
+def parse_time(text: str) -> datetime:
+    """An OCPP timestamp as an aware datetime (naive ones are taken as UTC)."""
+    value = datetime.fromisoformat(text.strip())
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class Authorizer:
+    def __init__(self, *, store: Store, keys: ConfigKeys, now: Callable[[], datetime]) -> None:
+        self.store = store
+        self.keys = keys
+        self.now = now
+
+    # ------------------------------------------------------------------ decisions
+    def local(self, id_tag: str) -> Decision | None:
+        """What the charger knows of ``id_tag`` by itself: the list first, then the cache."""
+        if self.keys.get_bool("LocalAuthListEnabled"):
+            entry = self.store.local_list_get(id_tag)
+            if entry is not None:
+                return self._decide(entry, "list")
+        if self.keys.get_bool("AuthorizationCacheEnabled"):
+            cached = self.store.cache_get(id_tag)
+            if cached is not None:
+                return self._decide(AuthEntry(*cached), "cache")
+        return None
+
+    def pre_authorized(self, id_tag: str) -> Decision | None:
+        """LocalPreAuthorize: an idTag known locally as Accepted needs no Authorize.req."""
+        if not self.keys.get_bool("LocalPreAuthorize"):
+            return None
+        known = self.local(id_tag)
+        return known if known is not None and known.accepted else None
+
+    def offline(self, id_tag: str) -> Decision:
+        """The decision when the CSMS cannot be asked."""
+        known = self.local(id_tag)
+        if known is not None:
+            if self.keys.get_bool("LocalAuthorizeOffline"):
+                return known
+            return Decision(INVALID, known.parent_id_tag, known.source)
+        if self.keys.get_bool("AllowOfflineTxForUnknownId"):
+            return Decision(ACCEPTED, None, "unknown")
+        return Decision(INVALID, None, "unknown")
+
+    def parent_of(self, id_tag: str) -> str | None:
+        """The parent idTag known locally for ``id_tag`` (for reservations), if any."""
+        known = self.local(id_tag)
+        return known.parent_id_tag if known is not None else None
+
+    def _decide(self, entry: AuthEntry, source: str) -> Decision:
+        status = entry.status
+        if entry.expiry:
+            try:
+                if parse_time(entry.expiry) <= self.now():
+                    status = EXPIRED
+            except ValueError:
+                log.warning("unreadable expiryDate %r in the %s: treated as expired",
+                            entry.expiry, source)  # fmt: skip
+                status = EXPIRED
+        return Decision(status, entry.parent_id_tag, source)
+
+    # ------------------------------------------------------------------ cache
+    def remember(self, id_tag: str, info: dict[str, Any] | None) -> None:
+        """Cache an idTagInfo from the CSMS (not for an idTag on the local list)."""
+        if not info or "status" not in info:
+            return
+        if not self.keys.get_bool("AuthorizationCacheEnabled"):
+            return
+        if self.store.local_list_get(id_tag) is not None:
+            return
+        self.store.cache_put(
+            id_tag, str(info["status"]), info.get("expiryDate"), info.get("parentIdTag")
+        )
+
+    def clear_cache(self) -> str:
+        self.store.cache_clear()
+        log.info("authorization cache cleared")
+        return "Accepted"
+
+    # ------------------------------------------------------------------ local list
+    def list_version(self) -> int:
+        """GetLocalListVersion: the version of the list (0: no list was ever sent)."""
+        return self.store.local_list_version()
+
+    def send_local_list(self, version: int, update_type: str, entries: list[dict[str, Any]]) -> str:
+        """SendLocalList: Accepted, Failed or VersionMismatch.
+
+        ``entries`` are camelCase AuthorizationData. A Full update replaces the list; a
+        Differential one adds or replaces the entries with an idTagInfo and removes those
+        without, and must carry a version above the current one (VersionMismatch
+        otherwise). Failed: more entries than SendLocalListMaxLength, a list longer than
+        LocalAuthListMaxLength, an idTag given twice or an invalid entry; nothing changes.
+        """
+        limit = self.keys.get_int("SendLocalListMaxLength")
+        if len(entries) > limit:
+            log.warning("SendLocalList with %d entries refused: SendLocalListMaxLength is %d",
+                        len(entries), limit)  # fmt: skip
+            return "Failed"
+        full = update_type == "Full"
+        current = self.store.local_list_version()
+        if not full and version <= current:
+            log.warning("differential SendLocalList version %d refused: the list is at %d",
+                        version, current)  # fmt: skip
+            return "VersionMismatch"
+        parsed: list[tuple[str, AuthEntry | None]] = []
+        seen: set[str] = set()
+        for item in entries:
+            id_tag = item.get("idTag")
+            if not isinstance(id_tag, str) or not 1 <= len(id_tag) <= 20:
+                log.warning("SendLocalList refused: an entry without a valid idTag")
+                return "Failed"
+            if id_tag.casefold() in seen:
+                log.warning("SendLocalList refused: idTag %s given twice", id_tag)
+                return "Failed"
+            seen.add(id_tag.casefold())
+            info = item.get("idTagInfo")
+            if info is None:
+                parsed.append((id_tag, None))
+                continue
+            status, expiry = info.get("status"), info.get("expiryDate")
+            if status not in ID_TAG_STATUSES:
+                log.warning("SendLocalList refused: status %r for idTag %s", status, id_tag)
+                return "Failed"
+            if expiry is not None:
+                try:
+                    parse_time(str(expiry))
+                except ValueError:
+                    log.warning("SendLocalList refused: expiryDate %r", expiry)
+                    return "Failed"
+            parsed.append((id_tag, AuthEntry(status, expiry, info.get("parentIdTag"))))
+        if full:
+            # A Full update replaces: entries without idTagInfo simply are not on it.
+            parsed = [(tag, entry) for tag, entry in parsed if entry is not None]
+        maximum = self.keys.get_int("LocalAuthListMaxLength")
+        if not self.store.local_list_update(
+            version=version, full=full, entries=parsed, max_size=maximum
+        ):
+            log.warning("SendLocalList refused: the list would exceed LocalAuthListMaxLength"
+                        " (%d)", maximum)  # fmt: skip
+            return "Failed"
+        log.info("local authorization list %s update to version %d: %d entries",
+                 update_type, version, self.store.local_list_size())  # fmt: skip
+        return "Accepted"
