@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench lock clean system-deps
+.PHONY: demo test lint typecheck pytest bench lock clean system-deps deb
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -54,3 +54,12 @@ lock:
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+
+# The Debian package (dh-virtualenv): build/deb/evcp_*.deb. Needs: apt-get install
+# debhelper dh-virtualenv python3-venv python3-dev libsystemd-dev pkg-config build-essential
+deb:
+	rm -rf build/deb && mkdir -p build/deb/src
+	git archive HEAD | tar -x -C build/deb/src
+	cp -r packaging/debian build/deb/src/debian
+	cd build/deb/src && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
+	ls -l build/deb/*.deb
