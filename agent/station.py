@@ -750,9 +750,11 @@ class Station:
         csms_id = int(result["transactionId"])
         self.store.set_csms_transaction_id(local_id, csms_id)
         info = result.get("idTagInfo", {})
+        id_tag = self.store.transaction_id_tag(local_id)
+        if id_tag is not None:  # also when it already ended (started and stopped offline)
+            self._remember(id_tag, info)
         for c in self.connectors.values():
             if c.tx is not None and c.tx.local_id == local_id:
-                self._remember(c.tx.id_tag, info)
                 if info.get("status") != "Accepted":
                     log.warning(
                         "CSMS refused the idTag of transaction %d (%s)",
