@@ -526,7 +526,8 @@ class Station:
                 info = result.get("idTagInfo", {})
                 self._remember(id_tag, info)
                 return str(info.get("status", "Invalid")), info.get("parentIdTag")
-            except (NotConnected, TimeoutError) as exc:
+            except (NotConnected, ConnectionError, TimeoutError) as exc:
+                # Not sent, no answer, or the connection dropped while waiting.
                 log.warning("Authorize for a tag failed (%s): deciding offline", exc)
             except Exception as exc:  # a CALLERROR from the CSMS
                 log.warning("CSMS answered Authorize with an error: %s", exc)

@@ -29,6 +29,7 @@ from ocpp.v16.enums import Action
 from websockets.exceptions import ConnectionClosed
 
 from agent.core.config_keys import is_secret
+from agent.ocpp.offline_handlers import OfflineHandlers
 
 if TYPE_CHECKING:
     from agent.ocpp.session import Session
@@ -75,7 +76,7 @@ def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
-class OcppAdapter(ChargePoint):
+class OcppAdapter(OfflineHandlers, ChargePoint):
     """``ocpp.v16.ChargePoint`` bound to the station. One instance per connection."""
 
     def __init__(self, charge_point_id: str, connection: Any, station: Station,
