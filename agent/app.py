@@ -73,6 +73,7 @@ class Restart(Exception):
 async def run(cfg: Config) -> str | None:
     """Run the agent until SIGTERM/SIGINT (returns None) or a Reset (returns its kind)."""
     store = Store.open(cfg.state_dir)
+    store.max_queue = int(cfg.agent["queue_max_messages"])
     password = store.get("csms.password") or cfg.csms["password"]
     add_secret(password)
     add_secret(cfg.csms["password"])

@@ -106,6 +106,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "log_level": Key(str, "info", _one_of("debug", "info", "warning", "error")),
         "log_target": Key(str, "auto", _one_of("auto", "journal", "stderr")),
         "reboot_command": Key(str, "", doc="run on a Hard Reset; empty: restart the agent"),
+        "queue_max_messages": Key(
+            int,
+            100_000,
+            _range(100, 10_000_000),
+            doc="outbound queue size before MeterValues are thinned",
+        ),
     },
     "time": {
         "ntp_servers": Key(list, REQUIRED, _ntp_list, doc="empty list: no NTP"),
