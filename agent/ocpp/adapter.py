@@ -176,8 +176,14 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
             self._answered = True
         await self._connection.send(message)
 
-    async def send(self, action: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async def send(
+        self, action: str, payload: dict[str, Any], *, validate: bool = True
+    ) -> dict[str, Any]:
         """Send one CALL and return the CALLRESULT payload (camelCase).
+
+        ``validate=False`` skips the library's JSON-schema checks of the request and the
+        answer: used when draining a backlog of queued MeterValues, whose shape is fixed by
+        ``agent.core.metering`` (and checked by every end-to-end test's CSMS).
 
         Raises OCPPError for a CALLERROR, TimeoutError when no answer comes within the
         response timeout. Only the session's sender calls this (one CALL in flight).
@@ -186,7 +192,9 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
         unique_id = str(self._unique_id_generator())
         self.pending_ids.add(unique_id)
         try:
-            result = await self.call(request, suppress=False, unique_id=unique_id)
+            result = await self.call(
+                request, suppress=False, unique_id=unique_id, skip_schema_validation=not validate
+            )
         finally:
             self.pending_ids.discard(unique_id)
             # Python 3.11's asyncio.wait_for (used by the library to await the answer)

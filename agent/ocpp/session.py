@@ -284,7 +284,7 @@ class Session:
                 return
             payload["transactionId"] = csms_id
         try:
-            result = await cp.send(head.action, payload)
+            result = await cp.send(head.action, payload, validate=head.action != "MeterValues")
         except (OCPPError, TimeoutError) as exc:
             self._queued_failed(head, exc)
             return

@@ -21,10 +21,7 @@ import pytest
 import trustme
 from ocpp.v16 import call
 
-from agent.ocpp import session as session_module
-from agent.ocpp.adapter import OcppAdapter
 from agent.ocpp.csms import Csms, Received
-from agent.ocpp.offline_handlers import OfflineHandlers
 from agent.store import Store
 from tests.conftest import (
     CP_ID,
@@ -36,17 +33,6 @@ from tests.conftest import (
 )
 
 TX_ACTIONS = ("StartTransaction", "MeterValues", "StopTransaction")
-
-
-@pytest.fixture(autouse=True)
-def offline_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The adapter with the Local Auth List and Reservation handlers (until it has them)."""
-    if not issubclass(OcppAdapter, OfflineHandlers):
-
-        class Adapter(OfflineHandlers, OcppAdapter):
-            pass
-
-        monkeypatch.setattr(session_module, "OcppAdapter", Adapter)
 
 
 # ---------------------------------------------------------------------- helpers
