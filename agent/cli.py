@@ -164,7 +164,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if csms.get("last_error"):
         print(f"         last error: {csms['last_error']}")
     queue = answer["queue"]
-    print(f"Queue    {queue['pending']} pending, {queue['failed']} failed")
+    dropped = queue.get("dropped", 0)
+    print(
+        f"Queue    {queue['pending']} pending, {queue['failed']} failed"
+        + (f", {dropped} MeterValues thinned" if dropped else "")
+    )
+    storage = answer.get("storage")
+    if isinstance(storage, dict) and storage.get("on_disk") is False:
+        print("Storage  WARNING: the state file cannot be written; keeping state in memory")
     print()
     header = f"{'#':>2}  {'status':<14} {'vehicle':<11} {'offered':>8} {'power':>9} "
     header += f"{'energy':>11}  transaction"
