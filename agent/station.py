@@ -384,9 +384,13 @@ class Station:
         c = self.connectors[connector_id]
         return c.observed or (Status.AVAILABLE.value, "NoError", None)
 
-    def send_status(self, connector_id: int) -> None:
-        """Queue a StatusNotification with the connector's current status."""
-        if not self.registered:
+    def send_status(self, connector_id: int, *, triggered: bool = False) -> None:
+        """Queue a StatusNotification with the connector's current status.
+
+        Only once registered, unless the CSMS asked for it (TriggerMessage, allowed while
+        the BootNotification is Pending).
+        """
+        if not self.registered and not triggered:
             return
         status, code, vendor = self.status_of(connector_id)
         payload: dict[str, Any] = {
@@ -1025,7 +1029,7 @@ class Station:
             if connector_id is None:
                 self.send_all_statuses_triggered()
             else:
-                self._send_status_even_unregistered(connector_id)
+                self.send_status(connector_id, triggered=True)
         elif message == "MeterValues":
             targets = (
                 list(self.connectors.values())
@@ -1051,21 +1055,9 @@ class Station:
         elif message == "FirmwareStatusNotification":
             self.outbox.send(Outgoing("FirmwareStatusNotification", {"status": "Idle"}))
 
-    def _send_status_even_unregistered(self, connector_id: int) -> None:
-        status, code, vendor = self.status_of(connector_id)
-        payload: dict[str, Any] = {
-            "connectorId": connector_id,
-            "errorCode": code,
-            "status": status,
-            "timestamp": iso(self.now()),
-        }
-        if vendor:
-            payload["vendorErrorCode"] = vendor
-        self.outbox.send(Outgoing("StatusNotification", payload))
-
     def send_all_statuses_triggered(self) -> None:
         for connector_id in (0, *self.connectors):
-            self._send_status_even_unregistered(connector_id)
+            self.send_status(connector_id, triggered=True)
 
     # ------------------------------------------------------------------ boot
     def boot_payload(self) -> dict[str, Any]:
