@@ -222,3 +222,40 @@ async def booted(make_agent: AgentFactory, csms: Csms) -> RunningAgent:
 
 def status_is(connector: int, status: str) -> Callable[[dict[str, Any]], bool]:
     return lambda p: p["connectorId"] == connector and p["status"] == status
+
+
+#: The errorCode values OCPP 1.6 JSON (section 4.2.3) allows in a CALLERROR.
+OCPP16_ERROR_CODES = frozenset(
+    {
+        "NotImplemented",
+        "NotSupported",
+        "InternalError",
+        "ProtocolError",
+        "SecurityError",
+        "FormationViolation",
+        "PropertyConstraintViolation",
+        "OccurenceConstraintViolation",
+        "TypeConstraintViolation",
+        "GenericError",
+    }
+)
+
+
+async def running_tx_id(agent: RunningAgent, connector: int = 1) -> int:
+    """The CSMS transaction id running on ``connector`` (waits until there is one)."""
+    status = await agent.wait_status(
+        lambda s: s["connectors"][connector - 1]["transaction_id"] is not None
+    )
+    return int(status["connectors"][connector - 1]["transaction_id"])
+
+
+async def start_charging(agent: RunningAgent, csms: Any, tag: str = "TAG-1") -> int:
+    """Plug, RemoteStartTransaction, wait for Charging; return the CSMS transaction id."""
+    from ocpp.v16 import call
+
+    mark = len(csms.received)
+    await agent.sim("plug")
+    result = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag=tag, connector_id=1))
+    assert result["status"] == "Accepted"
+    await csms.wait_message("StatusNotification", status_is(1, "Charging"), after=mark)
+    return await running_tx_id(agent)

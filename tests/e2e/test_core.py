@@ -9,29 +9,19 @@ import pytest
 from ocpp.v16 import call
 
 from agent.ocpp.csms import Csms, Received
-from tests.conftest import CP_ID, AgentFactory, RunningAgent, status_is
+from tests.conftest import (
+    CP_ID,
+    AgentFactory,
+    RunningAgent,
+    running_tx_id,
+    start_charging,
+    status_is,
+)
 
 
 def position(csms: Csms, item: Received) -> int:
     """Where ``item`` (the very object) is in ``csms.received``."""
     return next(i for i, r in enumerate(csms.received) if r is item)
-
-
-async def running_tx_id(agent: RunningAgent, connector: int = 1) -> int:
-    status = await agent.wait_status(
-        lambda s: s["connectors"][connector - 1]["transaction_id"] is not None
-    )
-    return int(status["connectors"][connector - 1]["transaction_id"])
-
-
-async def start_charging(agent: RunningAgent, csms: Csms, tag: str = "TAG-1") -> int:
-    """Plug, remote start, wait for Charging; return the CSMS transaction id."""
-    mark = len(csms.received)
-    await agent.sim("plug")
-    result = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag=tag, connector_id=1))
-    assert result["status"] == "Accepted"
-    await csms.wait_message("StatusNotification", status_is(1, "Charging"), after=mark)
-    return await running_tx_id(agent)
 
 
 async def get_config(csms: Csms, *keys: str) -> dict[str, Any]:

@@ -51,20 +51,8 @@ from ocpp.v16.enums import Action
 from agent.core.config_keys import SPECS
 from agent.ocpp import csms as csms_module
 from agent.ocpp.csms import Csms
-from tests.conftest import CP_ID, RunningAgent
+from tests.conftest import CP_ID, OCPP16_ERROR_CODES, RunningAgent
 
-OCPP16_ERROR_CODES = {
-    "NotImplemented",
-    "NotSupported",
-    "InternalError",
-    "ProtocolError",
-    "SecurityError",
-    "FormationViolation",
-    "PropertyConstraintViolation",
-    "OccurenceConstraintViolation",
-    "TypeConstraintViolation",
-    "GenericError",
-}
 ACTIONS = sorted(a.value for a in Action if a is not Action.reset)
 FIELDS = [
     "connectorId", "type", "key", "value", "idTag", "transactionId", "requestedMessage",

@@ -9,15 +9,7 @@ import pytest
 from ocpp.v16 import call
 
 from agent.ocpp.csms import Csms
-from tests.conftest import CP_ID, AgentFactory, RunningAgent, status_is
-
-
-async def charging(agent: RunningAgent, csms: Csms) -> int:
-    await agent.sim("plug")
-    await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="HW", connector_id=1))
-    await csms.wait_message("StatusNotification", status_is(1, "Charging"))
-    status = await agent.wait_status(lambda s: s["connectors"][0]["transaction_id"] is not None)
-    return int(status["connectors"][0]["transaction_id"])
+from tests.conftest import CP_ID, AgentFactory, RunningAgent, start_charging, status_is
 
 
 def energy_values(payload: dict[str, Any]) -> list[float]:
@@ -32,7 +24,7 @@ def energy_values(payload: dict[str, Any]) -> list[float]:
 async def test_garbage_on_the_controller_line_changes_nothing(
     booted: RunningAgent, csms: Csms, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tx_id = await charging(booted, csms)
+    tx_id = await start_charging(booted, csms)
     for _ in range(3):
         await booted.sim("rapi-garbage")
     mark = len(csms.received)
@@ -50,7 +42,7 @@ async def test_garbage_on_the_controller_line_changes_nothing(
 async def test_controller_reset_mid_session_restores_the_limit(
     booted: RunningAgent, csms: Csms
 ) -> None:
-    await charging(booted, csms)
+    await start_charging(booted, csms)
     profile = {
         "chargingProfileId": 3, "stackLevel": 0, "chargingProfilePurpose": "TxProfile",
         "chargingProfileKind": "Relative",
@@ -74,7 +66,7 @@ async def test_controller_reset_mid_session_restores_the_limit(
 async def test_meter_exception_is_reported_not_invented(
     booted: RunningAgent, csms: Csms, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tx_id = await charging(booted, csms)
+    tx_id = await start_charging(booted, csms)
     caplog.set_level(logging.WARNING)
     await booted.sim("meter-exception", code=4)
     await csms.wait_message("StatusNotification", status_is(1, "Faulted"))
@@ -100,7 +92,7 @@ async def test_meter_register_survives_an_agent_restart(
 ) -> None:
     agent: RunningAgent = await make_agent()
     await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
-    await charging(agent, csms)
+    await start_charging(agent, csms)
     await agent.wait_status(lambda s: s["connectors"][0]["energy_wh"] > 1000)
     await agent.sim("ev-pause")
     status = await agent.wait_status(lambda s: s["connectors"][0]["power_w"] == 0)

@@ -13,25 +13,16 @@ from typing import Any
 from ocpp.v16 import call
 
 from agent.ocpp.csms import Csms
-from tests.conftest import CP_ID, AgentFactory, RunningAgent, status_is
+from tests.conftest import (
+    CP_ID,
+    AgentFactory,
+    RunningAgent,
+    running_tx_id,
+    start_charging,
+    status_is,
+)
 
 FULL_POWER_W = 3 * 230 * 32
-
-
-async def running_tx_id(agent: RunningAgent, connector: int = 1) -> int:
-    status = await agent.wait_status(
-        lambda s: s["connectors"][connector - 1]["transaction_id"] is not None
-    )
-    return int(status["connectors"][connector - 1]["transaction_id"])
-
-
-async def start_charging(agent: RunningAgent, csms: Csms, tag: str = "METER-1") -> int:
-    mark = len(csms.received)
-    await agent.sim("plug")
-    result = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag=tag, connector_id=1))
-    assert result["status"] == "Accepted"
-    await csms.wait_message("StatusNotification", status_is(1, "Charging"), after=mark)
-    return await running_tx_id(agent)
 
 
 async def sim_energy_wh(agent: RunningAgent) -> float:

@@ -24,21 +24,8 @@ from ocpp.v16 import call
 
 from agent.ocpp import csms as csms_module
 from agent.ocpp.csms import Csms
-from tests.conftest import CP_ID, RunningAgent, status_is
+from tests.conftest import CP_ID, OCPP16_ERROR_CODES, RunningAgent, status_is
 
-#: The errorCode values OCPP 1.6 JSON (section 4.2.3) allows in a CALLERROR.
-OCPP16_ERROR_CODES = {
-    "NotImplemented",
-    "NotSupported",
-    "InternalError",
-    "ProtocolError",
-    "SecurityError",
-    "FormationViolation",
-    "PropertyConstraintViolation",
-    "OccurenceConstraintViolation",
-    "TypeConstraintViolation",
-    "GenericError",
-}
 PAYLOAD_ERRORS = {
     "FormationViolation",
     "PropertyConstraintViolation",

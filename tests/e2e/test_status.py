@@ -9,7 +9,13 @@ import pytest
 from ocpp.v16 import call
 
 from agent.ocpp.csms import Csms, Received
-from tests.conftest import CP_ID, AgentFactory, RunningAgent, status_is
+from tests.conftest import (
+    CP_ID,
+    AgentFactory,
+    RunningAgent,
+    running_tx_id,
+    status_is,
+)
 
 
 def position(csms: Csms, item: Received) -> int:
@@ -28,13 +34,6 @@ def tx_profile(limit_a: float, profile_id: int = 1) -> dict[str, Any]:
             "chargingSchedulePeriod": [{"startPeriod": 0, "limit": limit_a}],
         },
     }
-
-
-async def running_tx_id(agent: RunningAgent, connector: int = 1) -> int:
-    status = await agent.wait_status(
-        lambda s: s["connectors"][connector - 1]["transaction_id"] is not None
-    )
-    return int(status["connectors"][connector - 1]["transaction_id"])
 
 
 async def next_status(csms: Csms, connector: int, status: str, mark: int) -> dict[str, Any]:
