@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
+	@# systemd-python (sd_notify, journald) is compiled against libsystemd: optional here.
+	@$(BIN)/pip install -q systemd-python==235 2>/dev/null || \
+		echo "note: systemd-python not built (needs libsystemd-dev pkg-config); the agent falls back to a plain sd_notify datagram"
 	@touch $@
 
 demo: $(STAMP)

@@ -47,11 +47,13 @@ def sd_notify(message: str) -> None:
         return
     try:
         from systemd import daemon
-
-        daemon.notify(message)
-        return
     except ImportError:
         pass
+    else:
+        # Best effort, as sd_notify(3) is: a socket that went away must not stop charging.
+        with contextlib.suppress(OSError):
+            daemon.notify(message)
+        return
     if address.startswith("@"):
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
@@ -173,8 +175,8 @@ async def _until(stop: asyncio.Event, restart: asyncio.Future[str]) -> None:
 
 async def _watchdog() -> None:
     usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-    if usec <= 0:
-        return
+    if usec <= 0 or os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+        return  # no watchdog, or it watches another process (sd_watchdog_enabled(3))
     interval = usec / 1e6 / 2
     while True:
         sd_notify("WATCHDOG=1")

@@ -124,6 +124,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent import deferred
+
+    # Before anything imports websockets: see agent/deferred.py (about 4.4 MiB less RSS).
+    deferred.defer("importlib.metadata")
+    deferred.defer("urllib.request")
     from agent import app, logs
 
     cfg = load(args.config)

@@ -69,6 +69,19 @@ def _wss_url(value: Any) -> str | None:
     return None
 
 
+def _http_proxy(value: Any) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be empty (direct) or an http:// or https:// proxy URL, e.g. http://proxy:3128"
+    try:
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError:
+        return "has an invalid port (expected http://host:port)"
+    return None
+
+
 _CP_ID = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]{1,48}$")
 
 
@@ -96,6 +109,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "charge_point_id": Key(str, check=_cp_id),
         "password": Key(str, check=_password, doc="initial AuthorizationKey (Basic Auth)"),
         "ca_file": Key(str, "", doc="CA bundle for the CSMS certificate; empty: system store"),
+        "proxy": Key(str, "", _http_proxy, doc="http://host:port of an HTTP CONNECT proxy"),
         "response_timeout_s": Key((int, float), 30, _range(1, 600)),
         "reconnect_min_s": Key((int, float), 1, _range(0.05, 3600)),
         "reconnect_max_s": Key((int, float), 300, _range(0.1, 86400)),

@@ -9,15 +9,23 @@ Energy.Active.Import.Register and Power.Active.Import) and measures the agent pr
 - resident memory while charging (target <= 36 MiB);
 - CPU time per hour of charging, as a share of one core (target <= 0.2 %).
 
-Usage: python bench/bench_agent.py [--seconds 120]
+The agent runs as systemd runs it: NOTIFY_SOCKET points at a datagram socket of the bench
+(so the sd_notify path, with systemd-python when it is installed, is part of the figure and
+READY=1 is timed too). ``--python`` runs the agent with another interpreter, e.g. the
+installed package's ``/opt/venvs/evcp/bin/python`` (Debian's python3.11, runtime
+dependencies only), which is what a charger runs; the default is this interpreter.
+
+Usage: python bench/bench_agent.py [--seconds 120] [--python PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -47,7 +55,15 @@ def proc_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def main(seconds: float) -> None:
+def proc_pss_mib(pid: int) -> float:
+    """Proportional set size: shared library pages divided among the processes using them."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def main(seconds: float, python: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="evcp-bench-"))
     ca = trustme.CA()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -75,9 +91,21 @@ meter_poll_s = 60
 MeterValueSampleInterval = 60
 MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
 """)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(work / "notify.sock"))
+    notify.setblocking(False)
+    ready_at: list[float] = []
+
+    def on_notify() -> None:
+        with contextlib.suppress(BlockingIOError):
+            if b"READY=1" in notify.recv(4096) and not ready_at:
+                ready_at.append(time.monotonic())
+
+    asyncio.get_running_loop().add_reader(notify.fileno(), on_notify)
+    env = {**os.environ, "NOTIFY_SOCKET": str(work / "notify.sock")}
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent", "run", "--config", str(config)
+        python, "-m", "agent", "run", "--config", str(config), env=env, cwd=work
     )
     print("agent started", file=sys.stderr, flush=True)
     await csms.wait_message("BootNotification", timeout_s=30)
@@ -92,14 +120,18 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
     cpu0, w0 = proc_cpu_s(proc.pid), time.monotonic()
     await asyncio.sleep(seconds)
     cpu1, w1 = proc_cpu_s(proc.pid), time.monotonic()
-    rss = proc_rss_mib(proc.pid)
+    rss, pss = proc_rss_mib(proc.pid), proc_pss_mib(proc.pid)
     meter_values = len(csms.messages("MeterValues"))
     proc.send_signal(signal.SIGTERM)
     await proc.wait()
     await csms.stop()
     share = (cpu1 - cpu0) / (w1 - w0) * 100
+    print(f"interpreter: {python}")
     print(f"start to BootNotification on the wire: {boot_s:.2f} s (target <= 1.0 s)")
+    if ready_at:
+        print(f"start to READY=1 (sd_notify):          {ready_at[0] - t0:.2f} s")
     print(f"resident memory while charging:        {rss:.1f} MiB (target <= 36 MiB)")
+    print(f"  proportional set size (PSS):         {pss:.1f} MiB")
     print(f"CPU while charging at 60 s sampling:   {share:.3f} % of one core "
           f"= {(cpu1 - cpu0) / (w1 - w0) * 3600:.1f} s per hour (target <= 0.2 %)")  # fmt: skip
     print(f"(measured over {w1 - w0:.0f} s; {meter_values} MeterValues delivered)")
@@ -108,4 +140,6 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=120)
-    asyncio.run(main(parser.parse_args().seconds))
+    parser.add_argument("--python", default=sys.executable, help="interpreter for the agent")
+    args = parser.parse_args()
+    asyncio.run(main(args.seconds, args.python))

@@ -60,6 +60,7 @@ def write_config(
     password: str = PASSWORD,
     ocpp: dict[str, Any] | None = None,
     extra: str = "",
+    csms_extra: str = "",
     time_scale: float = 3600.0,
     connectors: int = 1,
 ) -> Path:
@@ -85,6 +86,7 @@ ca_file = "{ca_file or ""}"
 reconnect_min_s = 0.1
 reconnect_max_s = 0.5
 response_timeout_s = 5
+{csms_extra}
 
 [agent]
 state_dir = "{directory / "state"}"

@@ -86,6 +86,7 @@ class Session:
                     password=self.password,
                     ssl_context=self._ssl,
                     ping_interval_s=self.keys.get_int("WebSocketPingInterval"),
+                    proxy=csms["proxy"],
                 )
             except asyncio.CancelledError:
                 raise

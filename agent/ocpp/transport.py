@@ -129,11 +129,14 @@ async def open_connection(
     ssl_context: ssl.SSLContext,
     ping_interval_s: float,
     open_timeout_s: float = 20.0,
+    proxy: str = "",
 ) -> ClientConnection:
     """Open the WSS connection; raise on failure (see :func:`classify`).
 
     WebSocket pings go every ``ping_interval_s`` seconds (0: none); a pong that does not
     come back within the same interval closes the connection, and the caller reconnects.
+    ``proxy`` is an http(s):// HTTP CONNECT proxy, or empty to connect directly (proxy
+    variables in the environment are ignored: a service's network path is its config).
     """
     if urlsplit(url).scheme != "wss":
         raise ValueError("refusing a non-wss:// CSMS URL")
@@ -149,6 +152,7 @@ async def open_connection(
         close_timeout=5,
         max_size=2**20,
         user_agent_header=None,
+        proxy=proxy or None,
     )
     if ws.subprotocol != SUBPROTOCOL:
         await ws.close()

@@ -132,3 +132,19 @@ def test_missing_file_is_refused(tmp_path: Path) -> None:
 def test_invalid_toml_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, VALID + "\n[agent\n")
     assert_refused(check_config(path), path, "not valid TOML")
+
+
+@pytest.mark.parametrize(
+    "proxy", ["socks5://127.0.0.1:1080", "proxy.lan:3128", "http://", "http://proxy:99999"]
+)
+def test_bad_proxy_url_is_refused(tmp_path: Path, proxy: str) -> None:
+    text = VALID.replace('password = "', f'proxy = "{proxy}"\npassword = "')
+    path = write(tmp_path, text)
+    err = assert_refused(check_config(path), path, "[csms] proxy")
+    assert "http" in err
+
+
+def test_http_proxy_url_is_accepted(tmp_path: Path) -> None:
+    text = VALID.replace('password = "', 'proxy = "http://proxy.lan:3128"\npassword = "')
+    result = check_config(write(tmp_path, text))
+    assert result.returncode == 0, result.stderr

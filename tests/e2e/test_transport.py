@@ -483,6 +483,56 @@ class Relay:
             await self._server.wait_closed()
 
 
+class ConnectProxy(Relay):
+    """An HTTP CONNECT proxy on 127.0.0.1 that only tunnels to 127.0.0.1 (RFC 9110 9.3.6)."""
+
+    def __init__(self) -> None:
+        super().__init__(upstream_port=0)
+        self.requests: list[str] = []
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        request_line = head.split("\r\n", 1)[0]
+        self.requests.append(request_line)
+        method, target, _ = request_line.split(" ", 2)
+        if method != "CONNECT":
+            writer.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            writer.close()
+            return
+        self.upstream_port = int(target.rsplit(":", 1)[1])
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await super()._accept(reader, writer)
+
+
+async def test_agent_reaches_the_csms_through_an_http_connect_proxy(
+    make_agent: AgentFactory, csms: Csms
+) -> None:
+    proxy = ConnectProxy()
+    await proxy.start()
+    try:
+        agent = await make_agent(csms_extra=f'proxy = "http://127.0.0.1:{proxy.port}"')
+        await csms.wait_message("BootNotification")
+        await agent.wait_status(lambda s: s["csms"]["connected"])
+        # TLS runs end to end through the tunnel: the proxy saw only the CONNECT line.
+        assert proxy.requests == [f"CONNECT localhost:{csms.port} HTTP/1.1"]
+        assert csms.errors == []
+    finally:
+        await proxy.stop()
+
+
+async def test_unreachable_proxy_is_a_logged_network_failure_and_retried(
+    make_agent: AgentFactory, csms: Csms, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    caplog.set_level(logging.WARNING)
+    agent = await make_agent(csms_extra=f'proxy = "http://127.0.0.1:{port}"')
+    await eventually(lambda: len(connect_failures(caplog, "network")) >= 2)
+    assert alive(agent)
+    assert csms.connections == 0
+
+
 @pytest.fixture
 async def relay(csms: Csms) -> AsyncIterator[Relay]:
     r = Relay(csms.port)

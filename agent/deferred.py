@@ -1,0 +1,73 @@
+"""Defer heavy standard-library imports that a dependency makes but does not use.
+
+``websockets`` 17 runs ``import importlib.metadata`` in ``websockets/version.py`` (released
+versions hard-code their version string and never call it) and ``import urllib.request`` in
+``websockets/proxy.py`` (used only to read proxy settings from the environment, which the
+agent does not do: see ``[csms] proxy``). Together they pull in ``email``, ``zipfile``,
+``csv``, ``http.client`` and more: about 4.4 MiB of resident memory, an eighth of the agent's
+budget, for code that never runs.
+
+:func:`defer` puts a placeholder module in ``sys.modules``. ``import x`` then binds the
+placeholder; the first attribute looked up on it imports the real module and the
+placeholder takes over its namespace, so code that does use the module still works, just
+later. (The standard library's ``importlib.util.LazyLoader`` cannot do this on Python 3.11:
+the import statement itself reads ``__spec__`` through the module, which triggers the load.)
+
+Only ``evcp run`` defers anything, before it imports the rest of the agent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import threading
+import types
+from typing import Any
+
+_lock = threading.RLock()
+
+
+class _Deferred(types.ModuleType):
+    """Placeholder for a module not imported yet; any unknown attribute imports it."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_load(self), name)
+
+
+def _load(placeholder: _Deferred) -> types.ModuleType:
+    name = placeholder.__name__
+    with _lock:
+        if sys.modules.get(name) is placeholder:
+            del sys.modules[name]
+        real = importlib.import_module(name)
+        # Later lookups through the placeholder (held by whoever imported it early) find
+        # the real attributes directly.
+        vars(placeholder).update(vars(real))
+    return real
+
+
+def defer(name: str) -> bool:
+    """Defer importing module *name* until an attribute of it is used.
+
+    Returns False (and does nothing) when the module is already imported or cannot be
+    found; True when a placeholder was installed.
+    """
+    if name in sys.modules:
+        return False
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        return False
+    placeholder = _Deferred(name)
+    placeholder.__spec__ = spec
+    sys.modules[name] = placeholder
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, placeholder)
+    return True
+
+
+def is_loaded(name: str) -> bool:
+    """True when module *name* has really been imported (not only deferred)."""
+    module = sys.modules.get(name)
+    return module is not None and not isinstance(module, _Deferred)

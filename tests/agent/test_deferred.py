@@ -1,0 +1,72 @@
+"""agent.deferred: a deferred module costs nothing until used, and then works as usual.
+
+Each case runs in a fresh interpreter: pytest itself has imported these modules long ago.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(code: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_import_binds_a_placeholder_and_first_use_loads_the_real_module() -> None:
+    out = run(
+        """
+        import sys
+        from agent import deferred
+        assert deferred.defer("importlib.metadata")
+        import importlib.metadata
+        import websockets  # imports importlib.metadata at the top, as in production
+        assert not deferred.is_loaded("importlib.metadata")
+        assert "zipfile" not in sys.modules and "email" not in sys.modules
+        early = importlib.metadata          # the placeholder, as websockets holds it
+        # First use: the real import happens here.
+        print(early.version("websockets") == websockets.version.version)
+        assert deferred.is_loaded("importlib.metadata")
+        assert "zipfile" in sys.modules
+        from importlib.metadata import version, PackageNotFoundError
+        print(version("ocpp") != "", early.PackageNotFoundError is PackageNotFoundError)
+        """
+    )
+    assert out.split() == ["True", "True", "True"]
+
+
+def test_submodule_of_a_deferred_package_imports_normally() -> None:
+    out = run(
+        """
+        from agent import deferred
+        deferred.defer("importlib.metadata")
+        from importlib.metadata import _text
+        print(_text.FoldedCase("A") == "a")
+        """
+    )
+    assert out.split() == ["True"]
+
+
+def test_already_imported_or_missing_modules_are_left_alone() -> None:
+    out = run(
+        """
+        import json, sys
+        from agent import deferred
+        print(deferred.defer("json"), deferred.defer("no_such_module_evcp"))
+        print(sys.modules["json"] is json, "no_such_module_evcp" in sys.modules)
+        """
+    )
+    assert out.split() == ["False", "False", "True", "False"]

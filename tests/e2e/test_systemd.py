@@ -1,0 +1,114 @@
+"""The agent under systemd's notify protocol (Type=notify, WatchdogSec): ``evcp run`` as a
+separate process, with NOTIFY_SOCKET pointing at a datagram socket the test reads, as
+systemd's would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent.ocpp.csms import Csms
+from tests.conftest import write_config
+
+
+class NotifySocket:
+    """What systemd listens on: collects every sd_notify datagram."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages: list[str] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.setblocking(False)
+        self._changed = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._read)
+
+    def _read(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self.messages.append(self._sock.recv(4096).decode())
+            self._changed.set()
+
+    def count(self, word: str) -> int:
+        return sum(word in message.splitlines() for message in self.messages)
+
+    async def wait(self, word: str, times: int = 1, timeout_s: float = 20) -> None:
+        async with asyncio.timeout(timeout_s):
+            while self.count(word) < times:
+                self._changed.clear()
+                await self._changed.wait()
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
+async def start_agent(
+    tmp_path: Path, csms: Csms, ca_file: Path, env: dict[str, str]
+) -> asyncio.subprocess.Process:
+    config = write_config(tmp_path, url=f"wss://localhost:{csms.port}/ocpp", ca_file=ca_file)
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM")}  # fmt: skip
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "run", "--config", str(config),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE, env={**clean, **env},
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def notify(tmp_path: Path) -> AsyncIterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()
+
+
+async def stop(proc: asyncio.subprocess.Process) -> bytes:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    return err
+
+
+async def test_ready_watchdog_and_stopping_are_sent(
+    tmp_path: Path, csms: Csms, ca_file: Path, notify: NotifySocket
+) -> None:
+    proc = await start_agent(
+        tmp_path, csms, ca_file, {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}
+    )
+    try:
+        await notify.wait("READY=1")
+        ready = next(m for m in notify.messages if "READY=1" in m.splitlines())
+        assert any(line.startswith("STATUS=evcp ") for line in ready.splitlines())
+        # WatchdogSec=1: pinged at least every half period, so several within 3 s.
+        await notify.wait("WATCHDOG=1", times=3, timeout_s=10)
+    finally:
+        err = await stop(proc)
+    assert proc.returncode == 0, err.decode()
+    assert notify.count("STOPPING=1") == 1
+    assert notify.count("READY=1") == 1
+
+
+async def test_a_notify_socket_that_went_away_does_not_stop_the_agent(
+    tmp_path: Path, csms: Csms, ca_file: Path
+) -> None:
+    proc = await start_agent(
+        tmp_path, csms, ca_file,
+        {"NOTIFY_SOCKET": str(tmp_path / "gone.sock"), "WATCHDOG_USEC": "1000000"},
+    )  # fmt: skip
+    try:
+        await csms.wait_message("BootNotification", timeout_s=20)
+        await asyncio.sleep(1.5)  # a few watchdog pings into the void
+        assert proc.returncode is None
+    finally:
+        err = await stop(proc)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err
