@@ -142,7 +142,7 @@ async def run(cfg: Config) -> str | None:
                     )
                 group.create_task(_until(stop, restart), name="until")
         except* _Stop:
-            pass
+            station.note_orderly_stop()
         except* Restart as group:
             first = group.exceptions[0]
             assert isinstance(first, Restart)

@@ -221,16 +221,18 @@ class Station:
             self._refresh_status(c)
 
     async def _recover_transactions(self) -> None:
-        """A transaction the store still holds as running was cut by a power loss or crash."""
-        reason_after_reset = self.store.get("reset.pending")
+        """Close what the store still holds as running: the agent stopped mid-transaction.
+
+        After an orderly restart -- a Reset from the CSMS (whose transactions are normally
+        stopped before it, with SoftReset/HardReset) or SIGTERM (``systemctl restart``, a
+        reboot, a package upgrade) -- the reason is Reboot; with no such record (a crash, a
+        SIGKILL, a power cut) it is PowerLoss.
+        """
+        orderly = self.store.get("reset.pending")
         self.store.put("reset.pending", None)
+        reason = "Reboot" if orderly else "PowerLoss"
         for rec in self.store.active_transactions():
             c = self.connectors.get(rec.connector_id)
-            reason = (
-                {"Soft": "SoftReset", "Hard": "HardReset"}.get(reason_after_reset, "Reboot")
-                if reason_after_reset
-                else "PowerLoss"
-            )
             meter_stop = rec.last_meter_wh if rec.last_meter_wh is not None else rec.meter_start_wh
             if c is not None and c.reading is not None:
                 register_wh = energy_register_wh(c.reading)
@@ -939,6 +941,10 @@ class Station:
             await self.stop_transaction(c, "UnlockCommand")
         with contextlib.suppress(DriverError):
             await c.hw.evse.unlock()
+
+    def note_orderly_stop(self) -> None:
+        """The agent is stopping on request (SIGTERM): see :meth:`_recover_transactions`."""
+        self.store.put("reset.pending", "Stop")
 
     def reset(self, kind: str) -> str:
         self.spawn(self._reset(kind), "reset")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.ocpp.csms import Csms
-from tests.conftest import write_config
+from tests.conftest import RunningAgent, start_charging, write_config
 
 
 class NotifySocket:
@@ -54,7 +54,9 @@ class NotifySocket:
 async def start_agent(
     tmp_path: Path, csms: Csms, ca_file: Path, env: dict[str, str]
 ) -> asyncio.subprocess.Process:
-    config = write_config(tmp_path, url=f"wss://localhost:{csms.port}/ocpp", ca_file=ca_file)
+    config = tmp_path / "evcp.toml"
+    if not config.exists():
+        write_config(tmp_path, url=f"wss://localhost:{csms.port}/ocpp", ca_file=ca_file)
     clean = {k: v for k, v in os.environ.items()
              if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM")}  # fmt: skip
     return await asyncio.create_subprocess_exec(
@@ -112,3 +114,33 @@ async def test_a_notify_socket_that_went_away_does_not_stop_the_agent(
         err = await stop(proc)
     assert proc.returncode == 0, err.decode()
     assert b"Traceback" not in err
+
+
+async def test_sigterm_mid_session_closes_the_transaction_with_reboot_at_the_next_start(
+    tmp_path: Path, csms: Csms, ca_file: Path
+) -> None:
+    """``systemctl restart evcp`` (or a reboot) while a car charges: an orderly stop, so
+    the transaction is closed with Reason Reboot -- not PowerLoss -- and the meter's
+    register as meterStop."""
+    proc = await start_agent(tmp_path, csms, ca_file, {})
+    view = RunningAgent(tmp_path / "evcp.toml")  # the control socket of that process
+    try:
+        await csms.wait_message("BootNotification", timeout_s=20)
+        tx_id = await start_charging(view, csms)
+        start = await csms.wait_message("StartTransaction")
+        await csms.wait_message("MeterValues", lambda p: p["transactionId"] == tx_id)
+        energy_wh = (await view.status())["connectors"][0]["energy_wh"]
+    finally:
+        err = await stop(proc)
+    assert proc.returncode == 0, err.decode()
+
+    mark = len(csms.received)
+    proc = await start_agent(tmp_path, csms, ca_file, {})
+    try:
+        stop_tx = await csms.wait_message("StopTransaction", after=mark, timeout_s=20)
+    finally:
+        await stop(proc)
+    assert stop_tx.payload["transactionId"] == tx_id
+    assert stop_tx.payload["reason"] == "Reboot"
+    assert stop_tx.payload["meterStop"] >= max(start.payload["meterStart"], int(energy_wh))
+    assert csms.errors == []
