@@ -1,9 +1,10 @@
 """Agent figures (prints, never asserts): start-up to BootNotification, memory, CPU.
 
-Runs the real agent (`python -m agent run`) as a process on the simulated hardware against
-a local WSS CSMS, then charges with ev.energy's settings (60 s sampling of
-Energy.Active.Import.Register and Power.Active.Import) and measures the agent process only
-(the simulators are a separate process, as the real devices would be):
+Runs the device simulators (`python -m drivers.sim`: an OpenEVSE controller on a pty, an
+SDM630 meter over Modbus TCP) and the real agent (`python -m agent run`) configured as on a
+charger -- ``driver = "devices"``, its drivers talking to those devices -- against a local
+WSS CSMS, then charges with ev.energy's settings (60 s sampling of
+Energy.Active.Import.Register and Power.Active.Import) and measures the agent process only:
 
 - process start to BootNotification received by the CSMS (target <= 1.0 s);
 - resident memory while charging (target <= 36 MiB);
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -31,11 +33,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import trustme
 from ocpp.v16 import call
 
-from agent.control import request
 from agent.ocpp.csms import Csms
 
 CP = "BENCH-1"
@@ -63,6 +65,15 @@ def proc_pss_mib(pid: int) -> float:
     return float("nan")
 
 
+async def sim_command(path: Path, command: dict[str, Any]) -> None:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(json.dumps(command).encode() + b"\n")
+    answer = json.loads(await reader.readline())
+    writer.close()
+    if not answer.get("ok"):
+        raise RuntimeError(f"simulator refused {command}: {answer}")
+
+
 async def main(seconds: float, python: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="evcp-bench-"))
     ca = trustme.CA()
@@ -71,6 +82,12 @@ async def main(seconds: float, python: str) -> None:
     ca.cert_pem.write_to_path(str(work / "ca.pem"))
     csms = Csms(passwords={CP: PASSWORD})
     await csms.start(ctx)
+    sim = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "drivers.sim", "--control", str(work / "sim.sock"),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert sim.stdout is not None
+    devices = json.loads(await sim.stdout.readline())
     config = work / "evcp.toml"
     config.write_text(f"""
 [csms]
@@ -85,8 +102,15 @@ log_level = "warning"
 [time]
 ntp_servers = []
 [hardware]
-driver = "sim"
+driver = "devices"
 meter_poll_s = 60
+[meter]
+model = "sdm630"
+transport = "tcp"
+host = "127.0.0.1"
+port = "{devices["meter"]["port"]}"
+[evse]
+port = "{devices["evse_ports"][0]}"
 [ocpp]
 MeterValueSampleInterval = 60
 MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
@@ -111,8 +135,7 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
     await csms.wait_message("BootNotification", timeout_s=30)
     boot_s = time.monotonic() - t0
     await csms.wait_message("StatusNotification", timeout_s=10)
-    sock = work / "control.sock"
-    await asyncio.to_thread(request, sock, {"cmd": "sim", "request": {"cmd": "plug"}})
+    await sim_command(work / "sim.sock", {"cmd": "plug", "connector": 1})
     await csms.call(CP, call.RemoteStartTransaction(id_tag="BENCH", connector_id=1))
     await csms.wait_message("StartTransaction", timeout_s=10)
     print("charging; measuring", file=sys.stderr, flush=True)
@@ -124,6 +147,9 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
     meter_values = len(csms.messages("MeterValues"))
     proc.send_signal(signal.SIGTERM)
     await proc.wait()
+    assert sim.stdin is not None
+    sim.stdin.close()  # the simulators exit on EOF
+    await sim.wait()
     await csms.stop()
     share = (cpu1 - cpu0) / (w1 - w0) * 100
     print(f"interpreter: {python}")

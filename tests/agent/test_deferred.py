@@ -70,3 +70,23 @@ def test_already_imported_or_missing_modules_are_left_alone() -> None:
         """
     )
     assert out.split() == ["False", "False", "True", "False"]
+
+
+def test_archive_formats_still_work_after_defer_unused(tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "evcp.log").write_text("line\n" * 100)
+    out = run(
+        f"""
+        import sys
+        from agent import deferred
+        deferred.defer_unused()
+        import shutil, tarfile
+        print("_bz2" in sys.modules, "_lzma" in sys.modules)
+        for fmt in ("bztar", "xztar"):
+            archive = shutil.make_archive({str(tmp_path / "diag")!r} + fmt, fmt,
+                                          root_dir={str(tmp_path / "logs")!r})
+            with tarfile.open(archive) as tar:
+                print(tar.extractfile("./evcp.log").read().count(b"line"))
+        """
+    )
+    assert out.split() == ["False", "False", "100", "100"]
