@@ -46,6 +46,7 @@ from drivers.base import (
     MeterReading,
     TransientDriverError,
     VehicleState,
+    raise_if_cancelling,
 )
 
 log = logging.getLogger("evcp.station")
@@ -316,6 +317,7 @@ class Station:
         """Read the meter now; count misses; the connector is Faulted after the limit."""
         try:
             reading = await c.hw.meter.read()
+            raise_if_cancelling()  # a driver's library may have swallowed a cancellation
         except TransientDriverError as exc:
             c.meter_misses += 1
             limit = int(self.cfg.hardware["meter_miss_limit"])

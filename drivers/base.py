@@ -14,6 +14,7 @@ Units are part of the names: ``energy_wh`` is watt-hours, ``current_a`` amperes,
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,23 @@ from typing import Protocol, runtime_checkable
 
 #: IEC 61851-1: the lowest pilot duty cycle an EV must honour is 6 A.
 IEC61851_MIN_CURRENT_A = 6.0
+
+
+# --------------------------------------------------------------------------- asyncio
+
+
+def raise_if_cancelling() -> None:
+    """Re-raise a cancellation that a library swallowed.
+
+    On Python 3.11 (Debian bookworm) ``asyncio.wait_for`` -- which pymodbus, ntplib
+    wrappers and the ``ocpp`` library use -- returns the result instead of raising
+    CancelledError when the cancellation and the answer arrive in the same loop iteration.
+    The task is then still marked as cancelling but carries on: a polling loop would never
+    end and the agent would never stop on SIGTERM. Call this after such an await.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 # --------------------------------------------------------------------------- errors

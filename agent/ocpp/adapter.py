@@ -15,7 +15,6 @@ is logged in one line (a CALL not yet answered gets an InternalError CALLERROR).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from dataclasses import asdict
@@ -30,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 
 from agent.core.config_keys import is_secret
 from agent.ocpp.offline_handlers import OfflineHandlers
+from drivers.base import raise_if_cancelling
 
 if TYPE_CHECKING:
     from agent.ocpp.session import Session
@@ -197,12 +197,9 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
             )
         finally:
             self.pending_ids.discard(unique_id)
-            # Python 3.11's asyncio.wait_for (used by the library to await the answer)
-            # swallows a cancellation that arrives together with the answer: re-raise it,
-            # or the sender would carry on and the agent would never stop.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+            # The library awaits the answer with wait_for (see raise_if_cancelling): the
+            # sender must not carry on after a swallowed cancellation.
+            raise_if_cancelling()
         converted: dict[str, Any] = snake_to_camel_case(asdict(result))
         return {k: v for k, v in converted.items() if v is not None}
 

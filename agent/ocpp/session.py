@@ -23,6 +23,7 @@ from agent.ocpp.transport import backoff, classify, open_connection, tls_context
 from agent.outbox import Outgoing
 from agent.station import Station
 from agent.store import QueuedMessage, message_time
+from drivers.base import raise_if_cancelling
 
 log = logging.getLogger("evcp.session")
 
@@ -91,6 +92,7 @@ class Session:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                raise_if_cancelling()  # a cancellation turned into an error by a library
                 failure = classify(exc)
                 delay = next(delays)
                 self.station.last_connect_error = f"{failure.kind}: {failure.detail}"

@@ -154,10 +154,9 @@ async def _sync(
     sample: ClockSample | None = None
     for server in servers:
         try:
-            sample = await asyncio.wait_for(
-                asyncio.to_thread(query, server, timeout_s=timeout_s),
-                timeout_s + _RESOLVE_ALLOWANCE_S,
-            )
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            async with asyncio.timeout(timeout_s + _RESOLVE_ALLOWANCE_S):
+                sample = await asyncio.to_thread(query, server, timeout_s=timeout_s)
         except TimeoutError:
             logger.info("NTP server %s: no answer (name resolution too slow)", server)
         except FatalDriverError as exc:

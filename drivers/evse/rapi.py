@@ -747,7 +747,8 @@ class RapiController:
             return
         writer.close()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer.wait_closed(), 2.0)
+            async with asyncio.timeout(2.0):  # not wait_for: see raise_if_cancelling
+                await writer.wait_closed()
         log.info("rapi %s: serial port closed", self.port)
 
     async def _ensure_open(self) -> asyncio.StreamWriter:

@@ -29,6 +29,7 @@ from drivers.base import (
     MeterReading,
     ProtocolError,
     TransientDriverError,
+    raise_if_cancelling,
 )
 from drivers.meter.maps import PlannedRead, RegisterMap, decode, load_map, plan_reads
 
@@ -212,9 +213,13 @@ class ModbusBus:
         client = self._new_client()
         try:
             ok = await client.connect()
+            raise_if_cancelling()  # pymodbus awaits with wait_for
         except (OSError, ModbusException) as exc:
             client.close()
             raise DeviceTimeout(f"modbus {self.description}: cannot connect: {exc}") from exc
+        except asyncio.CancelledError:
+            client.close()
+            raise
         if not ok or not client.connected:
             client.close()
             raise DeviceTimeout(f"modbus {self.description}: cannot connect")
@@ -268,6 +273,7 @@ class ModbusBus:
                     )
                 else:
                     raise ProtocolError(f"{what}: function code not supported for reads")
+                raise_if_cancelling()  # pymodbus awaits the answer with wait_for
             except ModbusIOException as exc:
                 self._drop_client()
                 if " id=" in str(exc):  # answer from another unit/transaction: garbage

@@ -427,3 +427,37 @@ async def test_late_rtu_answer_is_not_taken_for_the_next_one(start: Start) -> No
     connector.energy_wh = 2000.0
     assert (await meter.read()).energy_wh == pytest.approx(2000.0)
     await meter.close()
+
+
+# --------------------------------------------------------------------------- cancellation
+
+
+async def test_a_polling_loop_always_ends_when_cancelled(start: Start) -> None:
+    """The agent stops its meter polling by cancelling it. On Python 3.11 pymodbus's
+    wait_for drops a cancellation that lands in the same loop iteration as the answer; the
+    driver must still end the loop (or SIGTERM would never stop the agent). The
+    cancellation is thrown at many instants around the answers."""
+    server = await start({1: charging_connector()}, load_map("sdm630"))
+    meter = ModbusMeter(bus_for(server), load_map("sdm630"), unit_id=1)
+    await meter.connect()
+    loop = asyncio.get_running_loop()
+    answers = 0
+
+    async def poll() -> None:
+        nonlocal answers
+        while True:
+            await meter.read()
+            answers += 1
+
+    try:
+        for attempt in range(200):
+            task = loop.create_task(poll())
+            # Spread the cancel over a few reads: before, during and just after an answer.
+            await asyncio.sleep(0.0002 * (attempt % 25))
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=2)
+            assert done, f"attempt {attempt}: the polling loop ignored its cancellation"
+            assert task.cancelled()
+    finally:
+        await meter.close()
+    assert answers > 0
