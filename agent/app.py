@@ -130,6 +130,8 @@ async def run(cfg: Config) -> str | None:
         sd_notify(f"READY=1\nSTATUS=evcp {__version__}: {len(hardware)} connector(s)")
         log.info("evcp %s running with %d connector(s)", __version__, len(hardware))
         restart_kind: str | None = None
+        me = asyncio.current_task()
+        cancelling_before = me.cancelling() if me is not None else 0
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(station.run(), name="station")
@@ -142,8 +144,10 @@ async def run(cfg: Config) -> str | None:
                     )
                 group.create_task(_until(stop, restart), name="until")
         except* _Stop:
+            _undo_taskgroup_cancel(me, cancelling_before)
             station.note_orderly_stop()
         except* Restart as group:
+            _undo_taskgroup_cancel(me, cancelling_before)
             first = group.exceptions[0]
             assert isinstance(first, Restart)
             restart_kind = first.kind
@@ -160,6 +164,15 @@ async def run(cfg: Config) -> str | None:
         if sim is not None:
             await sim.stop()
         store.close()
+
+
+def _undo_taskgroup_cancel(task: asyncio.Task[Any] | None, before: int) -> None:
+    """Python 3.11's TaskGroup leaves its parent task marked as cancelling when a child
+    ends the group (our _Stop/Restart) while it waits -- fixed in 3.12. Undo exactly that,
+    or ``raise_if_cancelling()`` would later take it for a real cancellation (after a
+    Reset the next run happens in this same task when the agent is embedded)."""
+    while task is not None and task.cancelling() > before:
+        task.uncancel()
 
 
 async def _until(stop: asyncio.Event, restart: asyncio.Future[str]) -> None:
