@@ -76,6 +76,9 @@ class ActiveTx:
     begin_sample: list[dict[str, Any]]
     parent_id_tag: str | None = None
     suspended_invalid: bool = False
+    #: Register (Wh) at which energy stops after the CSMS invalidated the idTag and
+    #: StopTransactionOnInvalidId is false: the register then + MaxEnergyOnInvalidId.
+    invalid_energy_limit_wh: int | None = None
 
 
 @dataclass(slots=True)
@@ -345,6 +348,7 @@ class Station:
         c.reading = reading
         if c.tx is not None:
             self.store.note_meter(c.tx.local_id, energy_register_wh(reading), iso(self.now()))
+            self._check_invalid_energy(c, reading)
         self._refresh_status(c)
         return reading
 
@@ -773,10 +777,36 @@ class Station:
                     if self.keys.get_bool("StopTransactionOnInvalidId"):
                         self.spawn(self.stop_transaction(c, "DeAuthorized"), "deauthorized")
                     else:
-                        c.tx.suspended_invalid = True
-                        self.spawn(self.actuate(c), "suspend-invalid")
+                        self._limit_invalid_energy(c, c.tx)
                 else:
                     self.spawn(self.actuate(c), "tx-id-known")  # TxProfiles may name the id
+
+    def _limit_invalid_energy(self, c: Connector, tx: ActiveTx) -> None:
+        """StopTransactionOnInvalidId is false: stop energy (SuspendedEVSE), keeping the
+        transaction -- at once, or after MaxEnergyOnInvalidId Wh more (OCPP 1.6 9.1.16)."""
+        allowance = self.keys.get_int("MaxEnergyOnInvalidId")
+        register = energy_register_wh(c.reading) if c.reading is not None else None
+        if allowance > 0 and register is not None:
+            tx.invalid_energy_limit_wh = register + allowance
+            log.warning(
+                "connector %d: idTag invalid; charging on until the register reaches %d Wh"
+                " (MaxEnergyOnInvalidId %d Wh)",
+                c.id,
+                tx.invalid_energy_limit_wh,
+                allowance,
+            )
+            return
+        tx.suspended_invalid = True
+        self.spawn(self.actuate(c), "suspend-invalid")
+
+    def _check_invalid_energy(self, c: Connector, reading: MeterReading) -> None:
+        tx = c.tx
+        if tx is None or tx.invalid_energy_limit_wh is None or tx.suspended_invalid:
+            return
+        if energy_register_wh(reading) >= tx.invalid_energy_limit_wh:
+            log.warning("connector %d: MaxEnergyOnInvalidId delivered: suspending energy", c.id)
+            tx.suspended_invalid = True
+            self.spawn(self.actuate(c), "suspend-invalid")
 
     # ================================================================== metering
     def _restart_sampler(self, c: Connector) -> None:

@@ -259,6 +259,39 @@ async def test_offline_start_refused_afterwards(
     assert csms.errors == []
 
 
+async def test_refused_after_offline_start_charges_on_up_to_max_energy_on_invalid_id(
+    make_agent: AgentFactory, csms: Csms, outage: Outage
+) -> None:
+    """StopTransactionOnInvalidId false and MaxEnergyOnInvalidId set: after the CSMS
+    refuses the idTag the car still gets that much energy, then energy stops
+    (SuspendedEVSE) and the transaction stays open."""
+    allowance_wh = 5000
+    csms.accepted_tags = {"SOMEONE-ELSE"}
+    # time_scale 360: 22 kW gives about 1.1 kWh per 0.5 s meter poll.
+    agent: RunningAgent = await make_agent(
+        time_scale=360,
+        ocpp={"AllowOfflineTxForUnknownId": True, "StopTransactionOnInvalidId": False,
+              "MaxEnergyOnInvalidId": allowance_wh},
+    )  # fmt: skip
+    await wait_booted(csms)
+    await outage.begin(agent)
+    await plug(agent)
+    assert "started" in await agent.swipe("STRANGER")
+    await agent.wait_status(lambda s: s["connectors"][0]["status"] == "Charging")
+    mark = await outage.end()
+    await csms.wait_message("StartTransaction", after=mark)
+    refused_at_wh = (await agent.sim("state"))["connectors"][0]["energy_wh"]
+    await csms.wait_message("StatusNotification", status_is(1, "SuspendedEVSE"), after=mark)
+    sim = (await agent.sim("state"))["connectors"][0]
+    assert not sim["contactor_closed"]
+    delivered_wh = sim["energy_wh"] - refused_at_wh
+    per_poll_wh = 1300  # a reading may be one poll old at either end
+    assert allowance_wh - per_poll_wh <= delivered_wh <= allowance_wh + 2 * per_poll_wh
+    status = (await agent.status())["connectors"][0]
+    assert status["transaction_id"] is not None
+    assert csms.errors == []
+
+
 async def test_connection_drop_between_call_and_result_resends_the_same_message(
     booted: RunningAgent, csms: Csms, monkeypatch: pytest.MonkeyPatch
 ) -> None:
