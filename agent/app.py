@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from agent import __version__
 from agent.config import Config
@@ -79,6 +80,10 @@ async def run(cfg: Config) -> str | None:
     password = store.get("csms.password") or cfg.csms["password"]
     add_secret(password)
     add_secret(cfg.csms["password"])
+    proxy_password = urlsplit(cfg.csms["proxy"]).password if cfg.csms["proxy"] else None
+    if proxy_password:  # an error about the proxy may quote its URL
+        add_secret(proxy_password)
+        add_secret(unquote(proxy_password))
     try:
         keys = ConfigKeys(
             stored=store.config_values(),
@@ -170,9 +175,14 @@ def _undo_taskgroup_cancel(task: asyncio.Task[Any] | None, before: int) -> None:
     """Python 3.11's TaskGroup leaves its parent task marked as cancelling when a child
     ends the group (our _Stop/Restart) while it waits -- fixed in 3.12. Undo exactly that,
     or ``raise_if_cancelling()`` would later take it for a real cancellation (after a
-    Reset the next run happens in this same task when the agent is embedded)."""
-    while task is not None and task.cancelling() > before:
-        task.uncancel()
+    Reset the next run happens in this same task when the agent is embedded). A real
+    cancellation that arrived meanwhile (the group swallowed its CancelledError) is
+    raised again."""
+    if task is None or task.cancelling() <= before:
+        return
+    task.uncancel()  # the one request the group made itself
+    if task.cancelling() > before:
+        raise asyncio.CancelledError
 
 
 async def _until(stop: asyncio.Event, restart: asyncio.Future[str]) -> None:

@@ -70,15 +70,23 @@ def _wss_url(value: Any) -> str | None:
 
 
 def _http_proxy(value: Any) -> str | None:
+    """What websockets' proxy support accepts, so that a bad value fails here, not at every
+    connection attempt."""
     if not value:
         return None
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be empty (direct) or an http:// or https:// proxy URL, e.g. http://proxy:3128"
     try:
-        parts.port  # noqa: B018 (raises ValueError on a bad port)
+        port = parts.port
     except ValueError:
+        port = 0
+    if port == 0:
         return "has an invalid port (expected http://host:port)"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "must be http://host:port only (no path, query or fragment)"
+    if parts.username is not None and parts.password is None:
+        return "has a user name without a password (http://user:password@host:port)"
     return None
 
 

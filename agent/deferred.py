@@ -13,9 +13,9 @@ Together about 2.6 MiB of resident memory (measured with bench/bench_agent.py), 
 agent's budget, for code that never runs.
 
 :func:`defer` puts a placeholder module in ``sys.modules``. ``import x`` then binds the
-placeholder; the first attribute looked up on it imports the real module and the
-placeholder takes over its namespace, so code that does use the module still works, just
-later. (The standard library's ``importlib.util.LazyLoader`` cannot do this on Python 3.11:
+placeholder; the first attribute looked up on it imports the real module, and from then
+on the placeholder forwards every lookup, assignment and deletion to it, so code that does
+use the module (or patches it) still works, just later. (The standard library's ``importlib.util.LazyLoader`` cannot do this on Python 3.11:
 the import statement itself reads ``__spec__`` through the module, which triggers the load.)
 
 The ``evcp`` command calls :func:`defer_unused` first thing.
@@ -26,29 +26,37 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-import threading
 import types
 from typing import Any
 
-_lock = threading.RLock()
+_REAL = "_deferred_real_module"
 
 
 class _Deferred(types.ModuleType):
-    """Placeholder for a module not imported yet; any unknown attribute imports it."""
+    """Placeholder for a module not imported yet. It holds only ``__name__`` and
+    ``__spec__`` (what the import system reads); anything else imports the real module
+    and is forwarded to it."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(_load(self), name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(_load(self), name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(_load(self), name)
+
 
 def _load(placeholder: _Deferred) -> types.ModuleType:
-    name = placeholder.__name__
-    with _lock:
+    namespace = vars(placeholder)
+    real: types.ModuleType | None = namespace.get(_REAL)
+    if real is None:
+        name = namespace["__name__"]
         if sys.modules.get(name) is placeholder:
             del sys.modules[name]
+        # The import system's own per-module lock serialises concurrent first uses.
         real = importlib.import_module(name)
-        # Later lookups through the placeholder (held by whoever imported it early) find
-        # the real attributes directly.
-        vars(placeholder).update(vars(real))
+        namespace[_REAL] = real
     return real
 
 
@@ -64,7 +72,10 @@ def defer(name: str) -> bool:
     if spec is None:
         return False
     placeholder = _Deferred(name)
-    placeholder.__spec__ = spec
+    namespace = vars(placeholder)  # not setattr: that would load the module
+    for unset in ("__doc__", "__package__", "__loader__"):  # forwarded once loaded
+        namespace.pop(unset, None)
+    namespace["__spec__"] = spec
     sys.modules[name] = placeholder
     parent, _, child = name.rpartition(".")
     if parent:

@@ -227,14 +227,19 @@ class Station:
     async def _recover_transactions(self) -> None:
         """Close what the store still holds as running: the agent stopped mid-transaction.
 
-        After an orderly restart -- a Reset from the CSMS (whose transactions are normally
-        stopped before it, with SoftReset/HardReset) or SIGTERM (``systemctl restart``, a
-        reboot, a package upgrade) -- the reason is Reboot; with no such record (a crash, a
-        SIGKILL, a power cut) it is PowerLoss.
+        The reason says why: Reboot after an orderly local stop (SIGTERM: ``systemctl
+        restart``, a reboot, a package upgrade); SoftReset/HardReset after a Reset from the
+        CSMS (whose transactions are normally stopped before it, with the same reasons; one
+        that could not be is closed here); PowerLoss with no such record (a crash, a
+        SIGKILL, a power cut).
         """
-        orderly = self.store.get("reset.pending")
+        marker = self.store.get("reset.pending")
         self.store.put("reset.pending", None)
-        reason = "Reboot" if orderly else "PowerLoss"
+        reason = (
+            {"Soft": "SoftReset", "Hard": "HardReset"}.get(marker, "Reboot")
+            if marker
+            else "PowerLoss"
+        )
         for rec in self.store.active_transactions():
             c = self.connectors.get(rec.connector_id)
             meter_stop = rec.last_meter_wh if rec.last_meter_wh is not None else rec.meter_start_wh
@@ -319,8 +324,10 @@ class Station:
     async def read_meter(self, c: Connector) -> MeterReading | None:
         """Read the meter now; count misses; the connector is Faulted after the limit."""
         try:
-            reading = await c.hw.meter.read()
-            raise_if_cancelling()  # a driver's library may have swallowed a cancellation
+            try:
+                reading = await c.hw.meter.read()
+            finally:
+                raise_if_cancelling()  # a driver's library may have swallowed a cancellation
         except TransientDriverError as exc:
             c.meter_misses += 1
             limit = int(self.cfg.hardware["meter_miss_limit"])
@@ -332,14 +339,14 @@ class Station:
                     exc,
                 )
                 c.meter_failed = True
-                self._refresh_status(c)
+                self._meter_lost(c)
             elif c.meter_misses < limit:
                 log.warning("connector %d: meter read failed: %s", c.id, exc)
             return None
         except DriverError as exc:
             log.error("connector %d: meter unusable: %s", c.id, exc)
             c.meter_failed = True
-            self._refresh_status(c)
+            self._meter_lost(c)
             return None
         if c.meter_failed:
             log.info("connector %d: meter answers again", c.id)
@@ -785,8 +792,9 @@ class Station:
         """StopTransactionOnInvalidId is false: stop energy (SuspendedEVSE), keeping the
         transaction -- at once, or after MaxEnergyOnInvalidId Wh more (OCPP 1.6 9.1.16)."""
         allowance = self.keys.get_int("MaxEnergyOnInvalidId")
+        usable = c.reading is not None and not c.meter_failed
         register = energy_register_wh(c.reading) if c.reading is not None else None
-        if allowance > 0 and register is not None:
+        if allowance > 0 and usable and register is not None:
             tx.invalid_energy_limit_wh = register + allowance
             log.warning(
                 "connector %d: idTag invalid; charging on until the register reaches %d Wh"
@@ -798,6 +806,19 @@ class Station:
             return
         tx.suspended_invalid = True
         self.spawn(self.actuate(c), "suspend-invalid")
+
+    def _meter_lost(self, c: Connector) -> None:
+        """The meter is Faulted. Energy allowed only up to a metered amount
+        (MaxEnergyOnInvalidId) cannot be counted any more: stop it now."""
+        self._refresh_status(c)
+        tx = c.tx
+        if tx is not None and tx.invalid_energy_limit_wh is not None and not tx.suspended_invalid:
+            log.warning(
+                "connector %d: meter lost while charging on an invalid idTag: suspending energy",
+                c.id,
+            )
+            tx.suspended_invalid = True
+            self.spawn(self.actuate(c), "suspend-invalid")
 
     def _check_invalid_energy(self, c: Connector, reading: MeterReading) -> None:
         tx = c.tx

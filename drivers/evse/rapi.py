@@ -89,6 +89,7 @@ from drivers.base import (
     StatusListener,
     TransientDriverError,
     VehicleState,
+    raise_if_cancelling,
 )
 
 __all__ = [
@@ -761,6 +762,7 @@ class RapiController:
                 with contextlib.suppress(BaseException):
                     await self._reader_task
                 self._reader_task = None
+                raise_if_cancelling()  # the suppress above may have eaten our own cancel
             await self._close_port()
             try:
                 await self._open_port()

@@ -263,17 +263,21 @@ class ModbusBus:
         async with self._lock:
             client = await self._ensure_client()
             try:
-                if function_code == 4:
-                    response = await client.read_input_registers(
-                        address, count=count, device_id=unit_id
-                    )
-                elif function_code == 3:
-                    response = await client.read_holding_registers(
-                        address, count=count, device_id=unit_id
-                    )
-                else:
-                    raise ProtocolError(f"{what}: function code not supported for reads")
-                raise_if_cancelling()  # pymodbus awaits the answer with wait_for
+                try:
+                    if function_code == 4:
+                        response = await client.read_input_registers(
+                            address, count=count, device_id=unit_id
+                        )
+                    elif function_code == 3:
+                        response = await client.read_holding_registers(
+                            address, count=count, device_id=unit_id
+                        )
+                    else:
+                        raise ProtocolError(f"{what}: function code not supported for reads")
+                finally:
+                    # pymodbus awaits the answer with wait_for: a cancellation it dropped
+                    # wins over its answer and over any error it raised instead.
+                    raise_if_cancelling()
             except ModbusIOException as exc:
                 self._drop_client()
                 if " id=" in str(exc):  # answer from another unit/transaction: garbage

@@ -135,7 +135,17 @@ def test_invalid_toml_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "proxy", ["socks5://127.0.0.1:1080", "proxy.lan:3128", "http://", "http://proxy:99999"]
+    "proxy",
+    [
+        "socks5://127.0.0.1:1080",
+        "proxy.lan:3128",
+        "http://",
+        "http://proxy:99999",
+        "http://proxy:0",
+        "http://proxy:3128/path",
+        "http://proxy:3128/?x=1",
+        "http://user@proxy:3128",
+    ],
 )
 def test_bad_proxy_url_is_refused(tmp_path: Path, proxy: str) -> None:
     text = VALID.replace('password = "', f'proxy = "{proxy}"\npassword = "')

@@ -48,6 +48,41 @@ def test_import_binds_a_placeholder_and_first_use_loads_the_real_module() -> Non
     assert out.split() == ["True", "True", "True"]
 
 
+def test_the_placeholder_forwards_to_the_real_module_after_loading() -> None:
+    out = run(
+        """
+        import sys
+        from agent import deferred
+        deferred.defer("bz2")
+        import bz2
+        early = bz2                      # what shutil or zipfile would hold
+        early.evcp_marker = 1            # an assignment loads and reaches the real module
+        real = sys.modules["bz2"]
+        print(real is not early, real.evcp_marker)
+        real.evcp_marker = 2             # a later rebinding is seen through the placeholder
+        print(early.evcp_marker, early.__loader__ is real.__loader__)
+        del early.evcp_marker
+        print(hasattr(real, "evcp_marker"))
+        """
+    )
+    assert out.split() == ["True", "1", "2", "True", "False"]
+
+
+def test_the_evcp_command_defers_before_anything_imports_them(tmp_path: Path) -> None:
+    config = tmp_path / "evcp.toml"
+    config.write_text((ROOT / "etc" / "sim.toml").read_text())
+    out = run(
+        f"""
+        import sys
+        from agent import cli, deferred
+        assert cli.main(["check-config", "--config", {str(config)!r}]) == 0
+        print([(n, n in sys.modules, deferred.is_loaded(n)) for n, _ in deferred.UNUSED])
+        """
+    )
+    assert "OK" in out
+    assert "('bz2', True, False)" in out and "('importlib.metadata', True, False)" in out
+
+
 def test_submodule_of_a_deferred_package_imports_normally() -> None:
     out = run(
         """

@@ -292,6 +292,34 @@ async def test_refused_after_offline_start_charges_on_up_to_max_energy_on_invali
     assert csms.errors == []
 
 
+async def test_energy_allowed_on_an_invalid_id_stops_when_the_meter_is_lost(
+    make_agent: AgentFactory, csms: Csms, outage: Outage
+) -> None:
+    """Energy allowed after a refusal is metered energy: without a meter it stops."""
+    csms.accepted_tags = {"SOMEONE-ELSE"}
+    agent: RunningAgent = await make_agent(
+        time_scale=36,
+        ocpp={"AllowOfflineTxForUnknownId": True, "StopTransactionOnInvalidId": False,
+              "MaxEnergyOnInvalidId": 10_000_000},
+    )  # fmt: skip
+    await wait_booted(csms)
+    await outage.begin(agent)
+    await plug(agent)
+    assert "started" in await agent.swipe("STRANGER")
+    await agent.wait_status(lambda s: s["connectors"][0]["status"] == "Charging")
+    mark = await outage.end()
+    await csms.wait_message("StartTransaction", after=mark)
+    await asyncio.sleep(1.2)  # refused, charging on within the allowance
+    assert (await agent.sim("state"))["connectors"][0]["contactor_closed"]
+    await agent.sim("meter-silent")
+    await csms.wait_message("StatusNotification", status_is(1, "Faulted"), after=mark)
+    assert (await agent.status())["connectors"][0]["transaction_id"] is not None
+    async with asyncio.timeout(10):
+        while (await agent.sim("state"))["connectors"][0]["contactor_closed"]:
+            await asyncio.sleep(0.1)
+    assert csms.errors == []
+
+
 async def test_connection_drop_between_call_and_result_resends_the_same_message(
     booted: RunningAgent, csms: Csms, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -99,6 +99,24 @@ async def test_ready_watchdog_and_stopping_are_sent(
     assert notify.count("READY=1") == 1
 
 
+async def test_a_watchdog_meant_for_another_process_is_not_fed(
+    tmp_path: Path, csms: Csms, ca_file: Path, notify: NotifySocket
+) -> None:
+    """WATCHDOG_PID names the process systemd watches (sd_watchdog_enabled(3)): a child
+    that inherited the variables must not feed it."""
+    proc = await start_agent(
+        tmp_path, csms, ca_file,
+        {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000", "WATCHDOG_PID": "1"},
+    )  # fmt: skip
+    try:
+        await notify.wait("READY=1")
+        await asyncio.sleep(1.5)  # more than seven watchdog periods of 0.2 s
+    finally:
+        err = await stop(proc)
+    assert proc.returncode == 0, err.decode()
+    assert notify.count("WATCHDOG=1") == 0
+
+
 async def test_a_notify_socket_that_went_away_does_not_stop_the_agent(
     tmp_path: Path, csms: Csms, ca_file: Path
 ) -> None:
