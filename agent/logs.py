@@ -114,6 +114,33 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+#: logging level -> syslog priority (sd-daemon(3) "<N>" line prefixes).
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+class JournalStreamFormatter(logging.Formatter):
+    """For stderr read by journald (JOURNAL_STREAM): each line starts with the record's
+    syslog priority as ``<N>`` -- journald stores it as PRIORITY, so ``journalctl -p err``
+    works without systemd-python -- and carries no timestamp (journald adds its own)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for lvl, p in _PRIORITIES if record.levelno >= lvl), 7)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is the stream systemd connected to journald (systemd.exec(5))."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
 def setup(level: str = "info", target: str = "auto") -> None:
     """Configure the root logger once (idempotent)."""
     install()
@@ -122,7 +149,7 @@ def setup(level: str = "info", target: str = "auto") -> None:
         if getattr(old, "_evcp", False):
             root.removeHandler(old)
     handler: logging.Handler | None = None
-    if target == "journal" or (target == "auto" and os.environ.get("JOURNAL_STREAM")):
+    if target == "journal" or (target == "auto" and stderr_is_journal()):
         try:
             from systemd.journal import JournalHandler
 
@@ -133,7 +160,12 @@ def setup(level: str = "info", target: str = "auto") -> None:
             handler = None
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        if stderr_is_journal():  # no systemd-python, or log_target = "stderr" under systemd
+            handler.setFormatter(JournalStreamFormatter())
+        else:
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+            )
     handler.addFilter(RedactingFilter())
     handler._evcp = True  # type: ignore[attr-defined]
     root.addHandler(handler)
