@@ -46,8 +46,23 @@ pytest: $(STAMP) system-deps
 
 test: lint typecheck pytest
 
-bench: $(STAMP)
-	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+# The agent's own figures are taken as a charger runs it: the system's python3 (Debian's on
+# bookworm, as the package uses) with the runtime dependencies only, in build/runtime-venv.
+RUNTIME_VENV := build/runtime-venv
+SYSTEM_PYTHON := $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo $(PYTHON))
+
+$(RUNTIME_VENV)/.installed: requirements-runtime.txt pyproject.toml
+	rm -rf $(RUNTIME_VENV) && $(SYSTEM_PYTHON) -m venv $(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/pip install -q -r requirements-runtime.txt 2>/dev/null || \
+		$(RUNTIME_VENV)/bin/pip install -q $$(grep -v '^systemd-python' requirements-runtime.txt | grep -v '^#')
+	@touch $@
+
+bench: $(STAMP) $(RUNTIME_VENV)/.installed
+	$(RUNTIME_VENV)/bin/pip install -q --no-deps --force-reinstall .
+	@echo "== bench/bench_agent.py (agent in $(RUNTIME_VENV))"
+	@$(BIN)/python bench/bench_agent.py --python $(RUNTIME_VENV)/bin/python
+	@for b in bench/bench_*.py; do [ $$b = bench/bench_agent.py ] && continue; \
+		echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lock:
 	rm -rf /tmp/evcp-lock && $(PYTHON) -m venv /tmp/evcp-lock

@@ -168,4 +168,5 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--python", default=sys.executable, help="interpreter for the agent")
     args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.python))
+    # abspath, not resolve(): a venv's python is a symlink to the system interpreter.
+    asyncio.run(main(args.seconds, os.path.abspath(args.python)))
