@@ -9,7 +9,7 @@
   ``lzma`` for archive formats the agent never reads or writes; each loads a C extension
   and a compression library.
 
-Together about 2.6 MiB of resident memory (measured with bench/bench_agent.py), 7 % of the
+Together about 2 MiB of resident memory (measured with bench/bench_agent.py), 6 % of the
 agent's budget, for code that never runs.
 
 :func:`defer` puts a placeholder module in ``sys.modules``. ``import x`` then binds the
