@@ -9,10 +9,7 @@ and TCP or an RTU pty (Modbus): the demo and the end-to-end tests run the field 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +17,7 @@ from agent.config import Config
 from agent.station import ConnectorHardware
 from drivers.evse.rapi import RapiController
 from drivers.meter.modbus import bus_from_settings, meter_from_settings
+from drivers.sim import process as sim_process
 
 log = logging.getLogger("evcp.hardware")
 
@@ -50,25 +48,12 @@ class SimProcess:
             "--phases", str(hw["phases"]),
             "--voltage", str(sim["voltage_v"]),
             "--max-current", str(int(hw["max_current_a"])),
-            "--control", str(control),
             "--state-file", str(cfg.state_dir / "sim-meter.json"),
         ]  # fmt: skip
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "drivers.sim",
-            *args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        assert process.stdout is not None
         try:
-            line = await asyncio.wait_for(process.stdout.readline(), 20)
-            info = json.loads(line)
-        except (TimeoutError, ValueError):
-            process.kill()
-            await process.wait()
-            raise HardwareError("the hardware simulator did not start") from None
+            process, info = await sim_process.spawn(control, *args)
+        except sim_process.SimulatorStartError as exc:
+            raise HardwareError(str(exc)) from None
         log.info(
             "simulated hardware: controllers on %s, %s meter over %s",
             ", ".join(info["evse_ports"]),
@@ -79,26 +64,10 @@ class SimProcess:
 
     async def command(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send one command to the simulator; return its answer."""
-        reader, writer = await asyncio.open_unix_connection(self.info["control"])
-        try:
-            writer.write(json.dumps(request).encode() + b"\n")
-            await writer.drain()
-            answer: dict[str, Any] = json.loads(await reader.readline())
-            return answer
-        finally:
-            writer.close()
+        return await sim_process.command(self.info["control"], request)
 
     async def stop(self) -> None:
-        if self.process.returncode is not None:
-            return
-        if self.process.stdin is not None:
-            self.process.stdin.close()  # the simulator exits on EOF
-        try:
-            await asyncio.wait_for(self.process.wait(), 5)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            await self.process.wait()
+        await sim_process.stop(self.process)
 
 
 async def build(cfg: Config) -> tuple[list[ConnectorHardware], SimProcess | None]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -33,12 +32,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import trustme
 from ocpp.v16 import call
 
 from agent.ocpp.csms import Csms
+from drivers.sim import process as sim_process
 
 CP = "BENCH-1"
 PASSWORD = "bench-password-0123456789"
@@ -65,15 +64,6 @@ def proc_pss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def sim_command(path: Path, command: dict[str, Any]) -> None:
-    reader, writer = await asyncio.open_unix_connection(str(path))
-    writer.write(json.dumps(command).encode() + b"\n")
-    answer = json.loads(await reader.readline())
-    writer.close()
-    if not answer.get("ok"):
-        raise RuntimeError(f"simulator refused {command}: {answer}")
-
-
 async def main(seconds: float, python: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="evcp-bench-"))
     ca = trustme.CA()
@@ -82,12 +72,7 @@ async def main(seconds: float, python: str) -> None:
     ca.cert_pem.write_to_path(str(work / "ca.pem"))
     csms = Csms(passwords={CP: PASSWORD})
     await csms.start(ctx)
-    sim = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "drivers.sim", "--control", str(work / "sim.sock"),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert sim.stdout is not None
-    devices = json.loads(await sim.stdout.readline())
+    sim, devices = await sim_process.spawn(work / "sim.sock")
     config = work / "evcp.toml"
     config.write_text(f"""
 [csms]
@@ -135,7 +120,7 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
     await csms.wait_message("BootNotification", timeout_s=30)
     boot_s = time.monotonic() - t0
     await csms.wait_message("StatusNotification", timeout_s=10)
-    await sim_command(work / "sim.sock", {"cmd": "plug", "connector": 1})
+    await sim_process.command(work / "sim.sock", {"cmd": "plug", "connector": 1})
     await csms.call(CP, call.RemoteStartTransaction(id_tag="BENCH", connector_id=1))
     await csms.wait_message("StartTransaction", timeout_s=10)
     print("charging; measuring", file=sys.stderr, flush=True)
@@ -147,9 +132,7 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
     meter_values = len(csms.messages("MeterValues"))
     proc.send_signal(signal.SIGTERM)
     await proc.wait()
-    assert sim.stdin is not None
-    sim.stdin.close()  # the simulators exit on EOF
-    await sim.wait()
+    await sim_process.stop(sim)
     await csms.stop()
     share = (cpu1 - cpu0) / (w1 - w0) * 100
     print(f"interpreter: {python}")

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from drivers.evse.rapi import RapiController
 from drivers.meter.modbus import meter_from_settings
+from drivers.sim import process as sim_process
 
 
 def cpu_s() -> float:
@@ -31,12 +30,7 @@ def cpu_s() -> float:
 
 async def main(seconds: float, meter_poll_s: float) -> None:
     work = Path(tempfile.mkdtemp(prefix="evcp-poll-"))
-    sim = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "drivers.sim", "--control", str(work / "sim.sock"),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert sim.stdout is not None
-    info = json.loads(await sim.stdout.readline())
+    sim, info = await sim_process.spawn(work / "sim.sock")
     evse = RapiController(port=info["evse_ports"][0])
     meter = meter_from_settings(model="sdm630", transport="tcp", host="127.0.0.1",
                                 port=info["meter"]["port"], unit_id=1)  # fmt: skip
@@ -67,9 +61,7 @@ async def main(seconds: float, meter_poll_s: float) -> None:
     cpu1, wall1 = cpu_s(), time.monotonic()
     await evse.close()
     await meter.close()
-    assert sim.stdin is not None
-    sim.stdin.close()
-    await sim.wait()
+    await sim_process.stop(sim)
     per_hour = (cpu1 - cpu0) / (wall1 - wall0) * 3600
     print(
         f"full SDM630 read over TCP: {meter_ms:.2f} ms; RAPI $GS+$GG status read: {rapi_ms:.2f} ms"

@@ -219,20 +219,33 @@ async def test_transaction_started_offline_gets_its_id_at_delivery(
     assert csms.errors == []
 
 
+async def start_offline_for_a_tag_the_csms_refuses(
+    make_agent: AgentFactory, csms: Csms, outage: Outage, ocpp: dict[str, Any], **agent: Any
+) -> tuple[RunningAgent, int]:
+    """An unknown tag starts charging during an outage; when the link is back the CSMS
+    answers the StartTransaction with Invalid. Returns the agent and the mark of the
+    outage's end."""
+    csms.accepted_tags = {"SOMEONE-ELSE"}
+    running: RunningAgent = await make_agent(
+        ocpp={"AllowOfflineTxForUnknownId": True, **ocpp}, **agent
+    )
+    await wait_booted(csms)
+    await outage.begin(running)
+    await plug(running)
+    assert "started" in await running.swipe("STRANGER")
+    await running.wait_status(lambda s: s["connectors"][0]["status"] == "Charging")
+    mark = await outage.end()
+    await csms.wait_message("StartTransaction", after=mark)
+    return running, mark
+
+
 @pytest.mark.parametrize("stop_on_invalid", [True, False])
 async def test_offline_start_refused_afterwards(
     make_agent: AgentFactory, csms: Csms, outage: Outage, stop_on_invalid: bool
 ) -> None:
-    csms.accepted_tags = {"SOMEONE-ELSE"}
-    agent: RunningAgent = await make_agent(
-        ocpp={"AllowOfflineTxForUnknownId": True, "StopTransactionOnInvalidId": stop_on_invalid}
+    agent, mark = await start_offline_for_a_tag_the_csms_refuses(
+        make_agent, csms, outage, ocpp={"StopTransactionOnInvalidId": stop_on_invalid}
     )
-    await wait_booted(csms)
-    await outage.begin(agent)
-    await plug(agent)
-    assert "started" in await agent.swipe("STRANGER")
-    await agent.wait_status(lambda s: s["connectors"][0]["status"] == "Charging")
-    mark = await outage.end()
     start = await csms.wait_message("StartTransaction", after=mark)
     tx_id = await tx_id_of(agent) if not stop_on_invalid else None
     if stop_on_invalid:
@@ -266,20 +279,11 @@ async def test_refused_after_offline_start_charges_on_up_to_max_energy_on_invali
     refuses the idTag the car still gets that much energy, then energy stops
     (SuspendedEVSE) and the transaction stays open."""
     allowance_wh = 5000
-    csms.accepted_tags = {"SOMEONE-ELSE"}
     # time_scale 360: 22 kW gives about 1.1 kWh per 0.5 s meter poll.
-    agent: RunningAgent = await make_agent(
-        time_scale=360,
-        ocpp={"AllowOfflineTxForUnknownId": True, "StopTransactionOnInvalidId": False,
-              "MaxEnergyOnInvalidId": allowance_wh},
+    agent, mark = await start_offline_for_a_tag_the_csms_refuses(
+        make_agent, csms, outage, time_scale=360,
+        ocpp={"StopTransactionOnInvalidId": False, "MaxEnergyOnInvalidId": allowance_wh},
     )  # fmt: skip
-    await wait_booted(csms)
-    await outage.begin(agent)
-    await plug(agent)
-    assert "started" in await agent.swipe("STRANGER")
-    await agent.wait_status(lambda s: s["connectors"][0]["status"] == "Charging")
-    mark = await outage.end()
-    await csms.wait_message("StartTransaction", after=mark)
     refused_at_wh = (await agent.sim("state"))["connectors"][0]["energy_wh"]
     await csms.wait_message("StatusNotification", status_is(1, "SuspendedEVSE"), after=mark)
     sim = (await agent.sim("state"))["connectors"][0]
@@ -296,19 +300,10 @@ async def test_energy_allowed_on_an_invalid_id_stops_when_the_meter_is_lost(
     make_agent: AgentFactory, csms: Csms, outage: Outage
 ) -> None:
     """Energy allowed after a refusal is metered energy: without a meter it stops."""
-    csms.accepted_tags = {"SOMEONE-ELSE"}
-    agent: RunningAgent = await make_agent(
-        time_scale=36,
-        ocpp={"AllowOfflineTxForUnknownId": True, "StopTransactionOnInvalidId": False,
-              "MaxEnergyOnInvalidId": 10_000_000},
+    agent, mark = await start_offline_for_a_tag_the_csms_refuses(
+        make_agent, csms, outage, time_scale=36,
+        ocpp={"StopTransactionOnInvalidId": False, "MaxEnergyOnInvalidId": 10_000_000},
     )  # fmt: skip
-    await wait_booted(csms)
-    await outage.begin(agent)
-    await plug(agent)
-    assert "started" in await agent.swipe("STRANGER")
-    await agent.wait_status(lambda s: s["connectors"][0]["status"] == "Charging")
-    mark = await outage.end()
-    await csms.wait_message("StartTransaction", after=mark)
     await asyncio.sleep(1.2)  # refused, charging on within the allowance
     assert (await agent.sim("state"))["connectors"][0]["contactor_closed"]
     await agent.sim("meter-silent")
