@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from agent import __version__, deferred
-from agent.config import Config, ConfigError, load
+from agent.config import Config, ConfigError, check_meter_map, load
 from agent.control import ControlError, request
 
 DEFAULT_CONFIG = "/etc/evcp/evcp.toml"
@@ -120,18 +120,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load(args.config)
+    check_meter_map(cfg)
     print(f"{cfg.path}: OK")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent import app, logs
+    from agent.hardware import HardwareError
 
     cfg = load(args.config)
+    check_meter_map(cfg)
     logs.setup(cfg.agent["log_level"], cfg.agent["log_target"])
     log = logging.getLogger("evcp")
     while True:
-        kind = asyncio.run(app.run(cfg))
+        try:
+            kind = asyncio.run(app.run(cfg))
+        except HardwareError as exc:
+            print(f"evcp: hardware: {exc}", file=sys.stderr)
+            return 1
         if kind is None:
             return 0
         command = cfg.agent["reboot_command"]
@@ -257,6 +264,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from agent.probe import probe
 
     cfg = load(args.config)
+    check_meter_map(cfg)
     return int(probe(cfg, args.device, as_json=args.json))
 
 

@@ -313,6 +313,23 @@ def validate(data: Mapping[str, Any], path: Path) -> Config:
     return Config(path=path, ocpp=dict(ocpp_keys), **sections)
 
 
+def check_meter_map(cfg: Config) -> None:
+    """Load the meter register map the config names (``[meter] model``, or ``[sim]
+    meter_model`` for the simulators) and report a bad one as a config error. Separate from
+    :func:`load` because it imports the Modbus driver: ``run``, ``check-config`` and
+    ``probe`` call it; ``status`` and ``sim`` do not need it."""
+    from drivers.base import DriverError
+    from drivers.meter.maps import load_map
+
+    section = "sim" if cfg.hardware["driver"] == "sim" else "meter"
+    key = "meter_model" if section == "sim" else "model"
+    model = str(getattr(cfg, section)[key])
+    try:
+        load_map(model)
+    except DriverError as exc:
+        raise ConfigError(f"{cfg.path}: [{section}] {key}: {exc}") from None
+
+
 def load(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file. Raises ConfigError naming the file and key."""
     p = Path(path)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers.base import FaultCode
+from drivers.base import DriverError, FaultCode
 from drivers.meter.maps import load_map
 from drivers.sim.modbus_meter import SimMeterServer, start_meter_server
 from drivers.sim.physics import SimConnector, VirtualEV
@@ -292,3 +292,6 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(main_async(args))
     except KeyboardInterrupt:
         return 0
+    except DriverError as exc:  # e.g. an unknown meter model: one line, no traceback
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 2

@@ -158,3 +158,26 @@ def test_http_proxy_url_is_accepted(tmp_path: Path) -> None:
     text = VALID.replace('password = "', 'proxy = "http://proxy.lan:3128"\npassword = "')
     result = check_config(write(tmp_path, text))
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("section_line", "extra", "key"),
+    [
+        ('driver = "sim"', '\n[sim]\nmeter_model = "sdm999"\n', "[sim] meter_model"),
+        ('driver = "devices"', '\n[meter]\nmodel = "sdm999"\n', "[meter] model"),
+    ],
+)
+def test_unknown_meter_model_is_refused(
+    tmp_path: Path, section_line: str, extra: str, key: str
+) -> None:
+    text = VALID.replace('driver = "sim"', section_line) + extra
+    path = write(tmp_path, text)
+    err = assert_refused(check_config(path), path, key, "sdm999")
+    assert "sdm630" in err  # the known models are listed
+
+
+def test_broken_meter_map_file_is_refused_with_its_key(tmp_path: Path) -> None:
+    (tmp_path / "mymeter.toml").write_text("[meter]\nname = 1\n")
+    text = VALID + f'\n[sim]\nmeter_model = "{tmp_path / "mymeter.toml"}"\n'
+    path = write(tmp_path, text)
+    assert_refused(check_config(path), path, "[sim] meter_model", "mymeter.toml")

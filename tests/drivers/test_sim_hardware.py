@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import stat
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -334,3 +335,22 @@ async def test_no_orphan_when_the_parent_is_killed(tmp_path: Path) -> None:
         if alive(child_pid):
             os.kill(child_pid, signal.SIGKILL)
     assert not control.exists()
+
+
+def test_simulator_with_an_unknown_meter_model_says_so_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "drivers.sim", "--meter-model", "sdm999",
+         "--control", str(tmp_path / "sim.sock")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "unknown meter model 'sdm999'" in result.stderr
+
+
+async def test_spawn_reports_a_simulator_that_does_not_come_up(tmp_path: Path) -> None:
+    from drivers.sim import process as sim_process
+
+    with pytest.raises(sim_process.SimulatorStartError, match="did not start"):
+        await sim_process.spawn(tmp_path / "sim.sock", "--meter-model", "sdm999")
