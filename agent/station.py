@@ -79,6 +79,9 @@ class ActiveTx:
     #: Register (Wh) at which energy stops after the CSMS invalidated the idTag and
     #: StopTransactionOnInvalidId is false: the register then + MaxEnergyOnInvalidId.
     invalid_energy_limit_wh: int | None = None
+    #: A stop is under way (it awaits the last meter reading): a second one must not queue
+    #: another StopTransaction (RemoteStop and an unplug at the same moment).
+    stopping: bool = False
 
 
 @dataclass(slots=True)
@@ -701,8 +704,9 @@ class Station:
         self, c: Connector, reason: str, *, id_tag: str | None = None
     ) -> bool:
         tx = c.tx
-        if tx is None:
+        if tx is None or tx.stopping:
             return False
+        tx.stopping = True
         reading = await self.read_meter(c) or c.reading
         now = self.now()
         meter_stop = energy_register_wh(reading) if reading else tx.meter_start_wh

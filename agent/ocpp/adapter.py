@@ -21,7 +21,12 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ocpp.charge_point import camel_to_snake_case, snake_to_camel_case
-from ocpp.exceptions import FormationViolationError, FormatViolationError
+from ocpp.exceptions import (
+    FormationViolationError,
+    FormatViolationError,
+    GenericError,
+    UnknownCallErrorCodeError,
+)
 from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import Action
@@ -195,6 +200,10 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
             result = await self.call(
                 request, suppress=False, unique_id=unique_id, skip_schema_validation=not validate
             )
+        except UnknownCallErrorCodeError as exc:
+            # A CALLERROR whose code OCPP 1.6 does not define (a 2.0.1 code, a typo): still
+            # the CSMS's refusal of this CALL, not a reason for the agent to die.
+            raise GenericError(description=f"CSMS answered with an unknown error: {exc}") from None
         finally:
             self.pending_ids.discard(unique_id)
             # The library awaits the answer with wait_for (see raise_if_cancelling): the

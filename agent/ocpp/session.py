@@ -189,6 +189,8 @@ class Session:
                 continue
             interval = self.keys.get_int("HeartbeatInterval")
             if interval > 0 and now >= self._heartbeat_due:
+                # Due again one interval later even if this one is refused (no busy loop).
+                self._heartbeat_due = now + interval
                 await self._send_volatile(cp, Outgoing("Heartbeat", {}))
                 continue
             wake_at = self._heartbeat_due if interval > 0 else now + 3600

@@ -439,3 +439,19 @@ async def test_restart_mid_session_stops_with_power_loss(booted: RunningAgent, c
     await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1, after=mark)
     assert booted.restarts == []
     assert csms.errors == []
+
+
+async def test_remote_stop_and_unplug_at_once_send_one_stop_transaction(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    tx_id = await start_charging(booted, csms)
+    mark = len(csms.received)
+    await asyncio.gather(
+        csms.call(CP_ID, call.RemoteStopTransaction(transaction_id=tx_id)),
+        booted.sim("unplug"),
+    )
+    await csms.wait_message("StopTransaction", after=mark)
+    await csms.wait_message("StatusNotification", status_is(1, "Available"), after=mark)
+    await asyncio.sleep(0.5)
+    assert actions(csms, mark).count("StopTransaction") == 1
+    assert csms.errors == []

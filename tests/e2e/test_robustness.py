@@ -24,7 +24,7 @@ from ocpp.v16 import call
 
 from agent.ocpp import csms as csms_module
 from agent.ocpp.csms import Csms
-from tests.conftest import CP_ID, OCPP16_ERROR_CODES, RunningAgent, status_is
+from tests.conftest import CP_ID, OCPP16_ERROR_CODES, AgentFactory, RunningAgent, status_is
 
 PAYLOAD_ERRORS = {
     "FormationViolation",
@@ -403,3 +403,31 @@ async def test_simulator_bad_requests(booted: RunningAgent, csms: Csms) -> None:
     await csms.wait_message("StatusNotification", status_is(1, "Preparing"), after=mark)
     assert not booted.task.done()  # type: ignore[union-attr]
     assert csms.errors == []
+
+
+async def test_callerror_with_an_unknown_code_is_a_refusal_not_a_crash(
+    make_agent: AgentFactory, csms: Csms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CSMS answering StartTransaction with an error code OCPP 1.6 does not define (here
+    2.0.1's RpcFrameworkError) once: the agent keeps running, retries, and the transaction
+    is delivered (the library raises a non-OCPPError for unknown codes)."""
+    original = csms_module._CsmsChargePoint._send
+    state: dict[str, Any] = {"armed": True, "last": None}
+    csms.listener = lambda item: state.__setitem__("last", item.action)
+
+    async def send(self: Any, message: str) -> None:
+        if state["armed"] and state["last"] == "StartTransaction" and message.startswith("[3,"):
+            state["armed"] = False
+            unique_id = json.loads(message)[1]
+            await self._connection.send(json.dumps([4, unique_id, "RpcFrameworkError", "x", {}]))
+            return
+        await original(self, message)
+
+    monkeypatch.setattr(csms_module._CsmsChargePoint, "_send", send)
+    booted = await make_agent(ocpp={"TransactionMessageRetryInterval": 1})
+    await booted.sim("plug")
+    assert "started" in await booted.swipe("TAG-1")
+    await csms.wait_for(lambda: len(csms.messages("StartTransaction")) >= 2, timeout_s=30)
+    assert not state["armed"]
+    assert booted.task is not None and not booted.task.done()
+    await booted.wait_status(lambda s: s["connectors"][0]["transaction_id"] is not None)
