@@ -452,9 +452,16 @@ class Store:
                 self._write_note(db, local_id)
 
             self._write(note, durable=False)
+            self._noted(local_id, energy_wh, ts)
+
+    def _noted(self, local_id: int, energy_wh: int, ts: str) -> None:
+        """The note is committed: forget it, unless a newer one came meanwhile. (Forgotten
+        only after the commit: a commit that fails and is redone in memory keeps it.)"""
+        if self._notes.get(local_id) == (energy_wh, ts):
+            del self._notes[local_id]
 
     def _write_note(self, db: sqlite3.Connection, local_id: int) -> None:
-        note = self._notes.pop(local_id, None)
+        note = self._notes.get(local_id)
         self._noted_at[local_id] = time.monotonic()
         if note is not None:
             db.execute(
@@ -495,12 +502,16 @@ class Store:
     def enqueue(self, action: str, payload: dict[str, Any], tx_local_id: int | None) -> int:
         """Commit one transaction message (with the transaction's last meter reading)."""
 
+        note = self._notes.get(tx_local_id) if tx_local_id is not None else None
+
         def enqueue(db: sqlite3.Connection) -> tuple[int, int]:
-            if tx_local_id is not None and tx_local_id in self._notes:
+            if note is not None and tx_local_id is not None:
                 self._write_note(db, tx_local_id)
             return self._enqueue(db, action, payload, tx_local_id)
 
         seq, delta = self._write(enqueue)
+        if note is not None and tx_local_id is not None:
+            self._noted(tx_local_id, *note)
         self._queued(action, payload, tx_local_id, seq, delta)
         return seq
 
