@@ -110,16 +110,20 @@ class Authorizer:
         return Decision(status, entry.parent_id_tag, source)
 
     # ------------------------------------------------------------------ cache
-    def remember(self, id_tag: str, info: dict[str, Any] | None) -> None:
+    def remember(self, id_tag: str, info: Any) -> None:
         """Cache an idTagInfo from the CSMS (not for an idTag on the local list)."""
-        if not info or "status" not in info:
-            return
+        if not isinstance(info, dict) or info.get("status") not in ID_TAG_STATUSES:
+            return  # nothing usable (an answer that broke the schema)
         if not self.keys.get_bool("AuthorizationCacheEnabled"):
             return
         if self.store.local_list_get(id_tag) is not None:
             return
+        expiry, parent = info.get("expiryDate"), info.get("parentIdTag")
         self.store.cache_put(
-            id_tag, str(info["status"]), info.get("expiryDate"), info.get("parentIdTag")
+            id_tag,
+            str(info["status"]),
+            expiry if isinstance(expiry, str) else None,
+            parent if isinstance(parent, str) else None,
         )
 
     def clear_cache(self) -> str:

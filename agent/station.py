@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from agent import __version__
-from agent.auth import Authorizer
+from agent.auth import ID_TAG_STATUSES, Authorizer
 from agent.charging import ChargingProfiles
 from agent.config import Config
 from agent.core import smart_charging as sc
@@ -558,7 +558,7 @@ class Station:
         log.info("tag decided offline: %s (%s)", decided.status, decided.source)
         return decided.status, decided.parent_id_tag
 
-    def _remember(self, id_tag: str, info: dict[str, Any]) -> None:
+    def _remember(self, id_tag: str, info: Any) -> None:
         self.auth.remember(id_tag, info)
 
     async def swipe(self, id_tag: str, connector_id: int | None = None) -> str:
@@ -773,24 +773,27 @@ class Station:
         """StartTransaction.conf: record the CSMS id; act on a refused idTag."""
         csms_id = int(result["transactionId"])
         self.store.set_csms_transaction_id(local_id, csms_id)
-        info = result.get("idTagInfo", {})
-        id_tag = self.store.transaction_id_tag(local_id)
-        if id_tag is not None:  # also when it already ended (started and stopped offline)
-            self._remember(id_tag, info)
+        info = result.get("idTagInfo")
+        status = info.get("status") if isinstance(info, dict) else None
+        if status not in ID_TAG_STATUSES:
+            # Only from an answer that breaks the schema: no verdict, so nothing changes.
+            log.warning("transaction %d: the CSMS sent no usable idTagInfo (%.80r); charging"
+                        " goes on as authorized", csms_id, info)  # fmt: skip
+        else:
+            id_tag = self.store.transaction_id_tag(local_id)
+            if id_tag is not None:  # also when it already ended (started and stopped offline)
+                self._remember(id_tag, info)
         for c in self.connectors.values():
-            if c.tx is not None and c.tx.local_id == local_id:
-                if info.get("status") != "Accepted":
-                    log.warning(
-                        "CSMS refused the idTag of transaction %d (%s)",
-                        csms_id,
-                        info.get("status"),
-                    )
-                    if self.keys.get_bool("StopTransactionOnInvalidId"):
-                        self.spawn(self.stop_transaction(c, "DeAuthorized"), "deauthorized")
-                    else:
-                        self._limit_invalid_energy(c, c.tx)
-                else:
-                    self.spawn(self.actuate(c), "tx-id-known")  # TxProfiles may name the id
+            if c.tx is None or c.tx.local_id != local_id:
+                continue
+            if status == "Accepted" or status not in ID_TAG_STATUSES:
+                self.spawn(self.actuate(c), "tx-id-known")  # TxProfiles may name the id
+                continue
+            log.warning("CSMS refused the idTag of transaction %d (%s)", csms_id, status)
+            if self.keys.get_bool("StopTransactionOnInvalidId"):
+                self.spawn(self.stop_transaction(c, "DeAuthorized"), "deauthorized")
+            else:
+                self._limit_invalid_energy(c, c.tx)
 
     def _limit_invalid_energy(self, c: Connector, tx: ActiveTx) -> None:
         """StopTransactionOnInvalidId is false: stop energy (SuspendedEVSE), keeping the

@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from ocpp.charge_point import camel_to_snake_case, snake_to_camel_case
+from ocpp.charge_point import camel_to_snake_case, remove_nones, snake_to_camel_case
 from ocpp.exceptions import (
     FormationViolationError,
     FormatViolationError,
     GenericError,
+    OCPPError,
     UnknownCallErrorCodeError,
+    ValidationError,
 )
+from ocpp.messages import Call, MessageType, validate_payload
 from ocpp.routing import after, on
-from ocpp.v16 import ChargePoint, call, call_result
+from ocpp.v16 import ChargePoint, call_result
 from ocpp.v16.enums import Action
 from websockets.exceptions import ConnectionClosed
 
@@ -53,6 +55,36 @@ class _OneLine(logging.Filter):
         record.msg = message[:300] + ("..." if len(message) > 300 else "")
         record.args = None
         return True
+
+
+class UnsendableMessage(ValueError):
+    """The message breaks the OCPP 1.6 schema: it was not sent, and never can be."""
+
+
+class MalformedResult(FormatViolationError):
+    """The CSMS answered the CALL with a CALLRESULT whose payload breaks the schema.
+
+    The CSMS did receive the message (a refusal is a CALLERROR); ``payload`` is what came
+    back, for the fields that can still be used. Deliberately not a direct subclass of
+    OCPPError: the library maps CALLERROR codes over those, and this is not one.
+    """
+
+    def __init__(self, action: str, payload: dict[str, Any], cause: str) -> None:
+        super().__init__(
+            description=f"the CSMS answered {action} with a malformed payload: {cause}"
+        )
+        self.payload = payload
+
+    def __str__(self) -> str:
+        return str(self.description)
+
+
+def _cause(exc: Exception) -> str:
+    """One line saying why the library's schema check failed."""
+    details = getattr(exc, "details", None)
+    if isinstance(details, dict) and details.get("cause"):
+        return str(details["cause"])[:200]
+    return (getattr(exc, "description", None) or str(exc) or type(exc).__name__)[:200]
 
 
 #: The library's own logger: warnings and errors only, one line each (frames are logged
@@ -184,33 +216,70 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
     async def send(
         self, action: str, payload: dict[str, Any], *, validate: bool = True
     ) -> dict[str, Any]:
-        """Send one CALL and return the CALLRESULT payload (camelCase).
+        """Send one CALL and return the CALLRESULT payload (camelCase, as received).
 
-        ``validate=False`` skips the library's JSON-schema checks of the request and the
-        answer: used when draining a backlog of queued MeterValues, whose shape is fixed by
+        ``validate=False`` skips the JSON-schema checks of the request and the answer: used
+        when draining a backlog of queued MeterValues, whose shape is fixed by
         ``agent.core.metering`` (and checked by every end-to-end test's CSMS).
 
-        Raises OCPPError for a CALLERROR, TimeoutError when no answer comes within the
-        response timeout. Only the session's sender calls this (one CALL in flight).
+        Raises :class:`UnsendableMessage` when the request breaks the schema (nothing was
+        sent), OCPPError for a CALLERROR, :class:`MalformedResult` (an OCPPError) for a
+        CALLRESULT whose payload breaks the schema, TimeoutError when no answer comes within
+        the response timeout. Only the session's sender calls this (one CALL in flight).
+
+        Not the library's ``call()``: it reports a schema-breaking answer with the same
+        exceptions as a bad request (and a field it does not know as a TypeError), and
+        drops the payload, so a transaction message the CSMS *did* receive would look
+        refused and be sent again. The pieces used here are the library's own: message
+        framing, schema validation, response routing.
         """
-        request = getattr(call, action)(**camel_to_snake_case(payload))
-        unique_id = str(self._unique_id_generator())
-        self.pending_ids.add(unique_id)
+        message = Call(
+            unique_id=str(self._unique_id_generator()), action=action, payload=remove_nones(payload)
+        )
+        if validate:
+            try:
+                await validate_payload(message, self._ocpp_version)
+            except (OCPPError, ValidationError) as exc:
+                raise UnsendableMessage(
+                    f"{action} breaks the OCPP 1.6 schema: {_cause(exc)}"
+                ) from None
+        self.pending_ids.add(message.unique_id)
         try:
-            result = await self.call(
-                request, suppress=False, unique_id=unique_id, skip_schema_validation=not validate
-            )
-        except UnknownCallErrorCodeError as exc:
-            # A CALLERROR whose code OCPP 1.6 does not define (a 2.0.1 code, a typo): still
-            # the CSMS's refusal of this CALL, not a reason for the agent to die.
-            raise GenericError(description=f"CSMS answered with an unknown error: {exc}") from None
+            async with self._call_lock:
+                await self._send(message.to_json())
+                try:
+                    response = await self._get_specific_response(
+                        message.unique_id, self._response_timeout
+                    )
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"no answer to {action} within {self._response_timeout:g} s"
+                    ) from None
         finally:
-            self.pending_ids.discard(unique_id)
+            self.pending_ids.discard(message.unique_id)
             # The library awaits the answer with wait_for (see raise_if_cancelling): the
             # sender must not carry on after a swallowed cancellation.
             raise_if_cancelling()
-        converted: dict[str, Any] = snake_to_camel_case(asdict(result))
-        return {k: v for k, v in converted.items() if v is not None}
+        if response.message_type_id == MessageType.CallError:
+            try:
+                error = response.to_exception()
+            except UnknownCallErrorCodeError as exc:
+                # A code OCPP 1.6 does not define (a 2.0.1 code, a typo): still the CSMS's
+                # refusal of this CALL, not a reason for the agent to die.
+                raise GenericError(
+                    description=f"CSMS answered with an unknown error: {exc}"
+                ) from None
+            raise error
+        result = response.payload
+        if not isinstance(result, dict):
+            raise MalformedResult(action, {}, "the payload is not a JSON object")
+        if validate:
+            response.action = action
+            try:
+                await validate_payload(response, self._ocpp_version)
+            except (OCPPError, ValidationError) as exc:
+                raise MalformedResult(action, result, _cause(exc)) from None
+        return result
 
     # ------------------------------------------------------------------ Core
     @on(Action.change_availability)

@@ -13,12 +13,12 @@ import asyncio
 import logging
 from typing import Any
 
-from ocpp.exceptions import OCPPError, ValidationError
+from ocpp.exceptions import OCPPError
 from websockets.exceptions import ConnectionClosed
 
 from agent.config import Config
 from agent.core.smart_charging import parse_time
-from agent.ocpp.adapter import OcppAdapter
+from agent.ocpp.adapter import MalformedResult, OcppAdapter, UnsendableMessage
 from agent.ocpp.transport import backoff, classify, open_connection, tls_context
 from agent.outbox import Outgoing
 from agent.station import Station
@@ -290,6 +290,11 @@ class Session:
             payload["transactionId"] = csms_id
         try:
             result = await cp.send(head.action, payload, validate=head.action != "MeterValues")
+        except MalformedResult as exc:
+            # A CALLRESULT came back, so the CSMS has the message: sending it again would
+            # only make a duplicate. Go on with what can be read from the answer.
+            log.warning("%s (queue #%d) delivered, but %s", head.action, head.seq, exc)
+            result = exc.payload
         except (OCPPError, TimeoutError) as exc:
             self._queued_failed(head, exc)
             return
@@ -297,15 +302,21 @@ class Session:
             # The connection dropped between the CALL and its result: the message stays
             # first in the queue and is sent again, unchanged, after the reconnect.
             raise
-        except (ValidationError, TypeError, ValueError) as exc:
-            # A message the library cannot even send (it breaks the schema): retrying
-            # cannot help, and it must not stop the queue behind it.
-            log.error("%s (queue #%d) cannot be sent: %s: %s; kept as failed",
-                      head.action, head.seq, type(exc).__name__, exc)  # fmt: skip
+        except (UnsendableMessage, TypeError, ValueError) as exc:
+            # A message that cannot even be sent (it breaks the schema): retrying cannot
+            # help, and it must not stop the queue behind it.
+            log.error("%s (queue #%d) cannot be sent: %s; kept as failed", head.action,
+                      head.seq, exc)  # fmt: skip
             store.queue_attempt(head.seq, f"{type(exc).__name__}: {exc}", give_up=True)
             return
         if head.action == "StartTransaction" and head.tx_local_id is not None:
-            store.start_delivered(head.seq, head.tx_local_id, int(result["transactionId"]))
+            csms_id = result.get("transactionId")
+            if type(csms_id) is not int:
+                # Later messages of the transaction need the id: this answer is no use.
+                self._queued_failed(head, MalformedResult(
+                    head.action, result, f"no usable transactionId ({csms_id!r})"))  # fmt: skip
+                return
+            store.start_delivered(head.seq, head.tx_local_id, csms_id)
             self.station.on_start_result(head.tx_local_id, result)
         else:
             store.queue_done(head.seq)

@@ -425,9 +425,68 @@ async def test_callerror_with_an_unknown_code_is_a_refusal_not_a_crash(
 
     monkeypatch.setattr(csms_module._CsmsChargePoint, "_send", send)
     booted = await make_agent(ocpp={"TransactionMessageRetryInterval": 1})
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)  # online
     await booted.sim("plug")
     assert "started" in await booted.swipe("TAG-1")
     await csms.wait_for(lambda: len(csms.messages("StartTransaction")) >= 2, timeout_s=30)
     assert not state["armed"]
     assert booted.task is not None and not booted.task.done()
     await booted.wait_status(lambda s: s["connectors"][0]["transaction_id"] is not None)
+
+
+@pytest.mark.parametrize(
+    ("action", "field", "value"),
+    [
+        ("StartTransaction", "vendorNote", "not in OCPP 1.6"),
+        ("StartTransaction", "idTagInfo", "Accepted"),  # not an object
+        ("MeterValues", "vendorNote", "not in OCPP 1.6"),
+        ("StopTransaction", "vendorNote", "not in OCPP 1.6"),
+    ],
+)
+async def test_a_malformed_answer_to_a_transaction_message_counts_as_delivered(
+    make_agent: AgentFactory,
+    csms: Csms,
+    monkeypatch: pytest.MonkeyPatch,
+    action: str,
+    field: str,
+    value: Any,
+) -> None:
+    """The CSMS answers one transaction message with a CALLRESULT that breaks the schema.
+    A CALLRESULT means the CSMS has the message, so sending it again would only make a
+    duplicate: every message arrives exactly once, the transactionId is still read from
+    the answer, an unreadable idTagInfo does not stop the charging, nothing is left failed."""
+    original = csms_module._CsmsChargePoint._send
+    state: dict[str, Any] = {"armed": True, "last": None}
+    csms.listener = lambda item: state.__setitem__("last", item.action)
+
+    async def send(self: Any, message: str) -> None:
+        if state["armed"] and state["last"] == action and message.startswith("[3,"):
+            state["armed"] = False
+            frame = json.loads(message)
+            frame[2][field] = value
+            message = json.dumps(frame)
+        await original(self, message)
+
+    monkeypatch.setattr(csms_module._CsmsChargePoint, "_send", send)
+    agent = await make_agent(
+        ocpp={"TransactionMessageRetryInterval": 1, "MeterValueSampleInterval": 1}
+    )
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)  # online
+    await agent.sim("plug")
+    assert "started" in await agent.swipe("TAG-1")
+    await csms.wait_for(lambda: len(csms.messages("MeterValues")) >= 3, timeout_s=30)
+    await agent.wait_status(lambda s: s["connectors"][0]["status"] == "Charging")
+    assert "stopped" in await agent.swipe("TAG-1")
+    await csms.wait_message("StopTransaction")
+    status = await agent.wait_status(lambda s: s["queue"]["pending"] == 0)
+    await asyncio.sleep(1.5)  # a resend would come after TransactionMessageRetryInterval
+
+    assert not state["armed"]
+    assert status["queue"]["failed"] == 0
+    assert len(csms.messages("StartTransaction")) == 1
+    assert len(csms.messages("StopTransaction")) == 1
+    meter_values = csms.messages("MeterValues")
+    taken = [json.dumps(m["meterValue"], sort_keys=True) for m in meter_values]
+    assert len(set(taken)) == len(taken), "a MeterValues was sent twice"
+    assert {m["transactionId"] for m in meter_values} == {1001}
+    assert csms.messages("StopTransaction")[0]["transactionId"] == 1001
