@@ -213,6 +213,11 @@ async def handle_control(
     cmd = request["cmd"]
     if cmd == "status":
         return {"ok": True, **station.snapshot()}
+    if cmd == "queue":
+        pending, _failed = station.store.queue_counts()
+        return {"ok": True, "pending": pending, "failed": station.failed_messages()}
+    if cmd == "queue-retry":
+        return {"ok": True, "requeued": station.retry_failed_messages()}
     if cmd == "swipe":
         tag = request.get("tag")
         if not isinstance(tag, str) or not 1 <= len(tag) <= 20:

@@ -71,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=sorted(SIM_COMMANDS))
     p.add_argument("args", nargs="*")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "queue",
+        help="transaction messages given up on; 'retry' sends them again",
+        description="List the transaction messages the agent gave up on (the CSMS refused"
+        " them TransactionMessageAttempts times); 'retry' puts them back in the queue, in"
+        " their place, and sends them again.",
+    )
+    with_config(p)
+    p.add_argument("action", nargs="?", choices=("list", "retry"), default="list")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("demo", help="run a whole charging session against a local CSMS")
     p.add_argument("--time-scale", type=float, default=60.0,
                    help="simulated seconds per real second for the meter (default 60)")  # fmt: skip
@@ -100,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             "status": cmd_status,
             "check-config": cmd_check_config,
             "sim": cmd_sim,
+            "queue": cmd_queue,
             "demo": cmd_demo,
             "probe": cmd_probe,
             "schedule": cmd_schedule,
@@ -191,6 +202,36 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{c['id']:>2}  {status:<14} {c['vehicle']:<11} {c['offered_current_a']:>6.1f} A"
             f" {c['power_w']:>7.0f} W {c['energy_wh']:>8.0f} Wh  {tx}"
         )
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    if args.action == "retry":
+        answer = _control(cfg, {"cmd": "queue-retry"})
+        if args.json:
+            print(json.dumps({"requeued": answer["requeued"]}))
+        else:
+            print(f"{answer['requeued']} failed message(s) put back in the queue")
+        return 0
+    answer = _control(cfg, {"cmd": "queue"})
+    answer.pop("ok", None)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    failed = answer["failed"]
+    print(f"{answer['pending']} pending, {len(failed)} failed")
+    if failed:
+        print()
+        print(f"{'#':>6}  {'message':<16} {'transaction':<13} {'taken at':<20}  last error")
+        for m in failed:
+            tx = m["transaction_id"] if m["transaction_id"] is not None else "-"
+            if m["transaction_id"] is None and m["local_transaction"] is not None:
+                tx = f"local {m['local_transaction']}"
+            print(f"{m['seq']:>6}  {m['action']:<16} {tx!s:<13} {m['taken_at']:<20}"
+                  f"  {m['last_error'] or ''}")  # fmt: skip
+        print()
+        print("evcp queue retry: send them again")
     return 0
 
 

@@ -174,6 +174,8 @@ class Station:
         self._restarting = False
         #: Set by the session: queue a BootNotification now (TriggerMessage).
         self.request_boot: Callable[[], None] = lambda: None
+        #: Set by the session: send the queue's head now, whatever retry delay it waits on.
+        self.send_queue_now: Callable[[], None] = lambda: None
         self.max_current_a = float(cfg.hardware["max_current_a"])
         self.voltage_v = float(cfg.hardware["nominal_voltage_v"])
         self.phases = int(cfg.hardware["phases"])
@@ -1186,6 +1188,33 @@ class Station:
             "clock": {"now": iso(self.now())},
             "connectors": connectors,
         }
+
+    def failed_messages(self) -> list[dict[str, Any]]:
+        """What ``evcp queue --json`` lists: the messages given up on, oldest first."""
+        failed = []
+        for seq, action, local_id, taken, error in self.store.queue_failed():
+            failed.append(
+                {
+                    "seq": seq,
+                    "action": action,
+                    "local_transaction": local_id,
+                    "transaction_id": (
+                        None if local_id is None else self.store.csms_transaction_id(local_id)
+                    ),
+                    "taken_at": taken,
+                    "last_error": error,
+                }
+            )
+        return failed
+
+    def retry_failed_messages(self) -> int:
+        """``evcp queue retry``: every message given up on goes back into the queue, in
+        its place, with TransactionMessageAttempts new tries; sending starts at once."""
+        count = self.store.queue_retry_failed()
+        if count:
+            log.warning("%d failed transaction message(s) put back in the queue", count)
+            self.send_queue_now()
+        return count
 
 
 AsyncFn = Callable[[], Awaitable[None]]

@@ -649,6 +649,19 @@ class Store:
             durable=give_up,
         )
 
+    def queue_retry_failed(self) -> int:
+        """Put every message given up on back in the queue, in its place (``evcp queue
+        retry``): each gets TransactionMessageAttempts new tries. Returns how many."""
+        return int(
+            self._write(
+                lambda db: (
+                    db.execute(
+                        "UPDATE queue SET failed = 0, attempts = 0 WHERE failed = 1"
+                    ).rowcount
+                )
+            )
+        )
+
     def queue_counts(self) -> tuple[int, int]:
         """Return ``(pending, failed)``."""
         row = self._db.execute(

@@ -63,6 +63,7 @@ def write_config(
     csms_extra: str = "",
     time_scale: float = 3600.0,
     connectors: int = 1,
+    response_timeout_s: float = 5,
 ) -> Path:
     """A config for the agent on simulated hardware against ``url``."""
     ocpp_keys = {"MeterValueSampleInterval": 1, **(ocpp or {})}
@@ -85,7 +86,7 @@ password = "{password}"
 ca_file = "{ca_file or ""}"
 reconnect_min_s = 0.1
 reconnect_max_s = 0.5
-response_timeout_s = 5
+response_timeout_s = {response_timeout_s}
 {csms_extra}
 
 [agent]

@@ -28,6 +28,8 @@ from drivers.base import raise_if_cancelling
 log = logging.getLogger("evcp.session")
 
 TRANSACTION_ACTIONS = ("StartTransaction", "StopTransaction", "MeterValues")
+#: The longest wait before a transaction message that got no answer is sent again.
+UNANSWERED_MAX_WAIT_S = 600
 
 
 class _Reconnect(Exception):
@@ -44,11 +46,13 @@ class Session:
         self._boot_due = 0.0
         self._heartbeat_due = 0.0
         self._retry_at = 0.0
+        self._unanswered = 0  # queued messages in a row that got no answer
         self._reconnect = asyncio.Event()
         self._reconnect_reason = ""
         self._force_boot = False
         self._ssl = tls_context(cfg.csms["ca_file"] or None)
         station.request_boot = self._boot_now
+        station.send_queue_now = self._send_queue_now
 
     # ------------------------------------------------------------------ control
     def wake(self) -> None:
@@ -57,6 +61,10 @@ class Session:
     def _boot_now(self) -> None:
         self._boot_due = 0.0
         self._force_boot = True
+        self.wake()
+
+    def _send_queue_now(self) -> None:
+        self._retry_at = 0.0
         self.wake()
 
     def request_reconnect(self, reason: str) -> None:
@@ -281,11 +289,11 @@ class Session:
             if csms_id is None:
                 log.error(
                     "%s of local transaction %d cannot be delivered: its StartTransaction was"
-                    " never answered; kept in the queue as failed",
+                    " given up; kept in the queue as failed (evcp queue retry sends them again)",
                     head.action,
                     head.tx_local_id,
                 )
-                store.queue_attempt(head.seq, "transaction id unknown", give_up=True)
+                store.queue_attempt(head.seq, "its StartTransaction failed", give_up=True)
                 return
             payload["transactionId"] = csms_id
         try:
@@ -295,8 +303,11 @@ class Session:
             # only make a duplicate. Go on with what can be read from the answer.
             log.warning("%s (queue #%d) delivered, but %s", head.action, head.seq, exc)
             result = exc.payload
-        except (OCPPError, TimeoutError) as exc:
+        except OCPPError as exc:
             self._queued_failed(head, exc)
+            return
+        except TimeoutError as exc:
+            self._queued_unanswered(head, exc)
             return
         except (ConnectionClosed, asyncio.CancelledError):
             # The connection dropped between the CALL and its result: the message stays
@@ -309,6 +320,7 @@ class Session:
                       head.seq, exc)  # fmt: skip
             store.queue_attempt(head.seq, f"{type(exc).__name__}: {exc}", give_up=True)
             return
+        self._unanswered = 0
         if head.action == "StartTransaction" and head.tx_local_id is not None:
             csms_id = result.get("transactionId")
             if type(csms_id) is not int:
@@ -323,10 +335,30 @@ class Session:
             if head.action == "StopTransaction" and "idTag" in payload:
                 self.station.auth.remember(str(payload["idTag"]), result.get("idTagInfo"))
 
+    def _queued_unanswered(self, head: QueuedMessage, exc: TimeoutError) -> None:
+        """No answer within the response timeout. Not a refusal: OCPP 1.6 lets a charger
+        skip a transaction message only when the CSMS keeps failing to process it (a
+        CALLERROR), and the CSMS may well have this one. Never given up: sent again after
+        TransactionMessageRetryInterval times the unanswered tries so far (at most 10 min),
+        while volatile messages (statuses, heartbeats) keep flowing in between."""
+        self._unanswered += 1
+        retry = self.keys.get_int("TransactionMessageRetryInterval")
+        wait = min(retry * self._unanswered, max(retry, UNANSWERED_MAX_WAIT_S))
+        log.warning(
+            "%s (queue #%d) not answered (%s); sending it again in %d s",
+            head.action,
+            head.seq,
+            exc,
+            wait,
+        )
+        self._retry_at = asyncio.get_running_loop().time() + wait
+
     def _queued_failed(self, head: QueuedMessage, exc: Exception) -> None:
-        """A CALLERROR or no answer: retry after TransactionMessageRetryInterval times the
-        attempts so far, up to TransactionMessageAttempts; then keep it, marked failed (it
-        stays in the store and in ``evcp status``; the queue moves on)."""
+        """A CALLERROR (or an answer without a usable transactionId): retry after
+        TransactionMessageRetryInterval times the attempts so far, up to
+        TransactionMessageAttempts; then keep it, marked failed (it stays in the store, in
+        ``evcp status`` and ``evcp queue``, from where ``evcp queue retry`` sends it again;
+        the queue moves on)."""
         attempts = head.attempts + 1
         give_up = attempts >= self.keys.get_int("TransactionMessageAttempts")
         self.station.store.queue_attempt(head.seq, str(exc) or type(exc).__name__, give_up=give_up)
