@@ -15,6 +15,7 @@ is logged in one line (a CALL not yet answered gets an InternalError CALLERROR).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -124,6 +125,9 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
         self.station = station
         self.session = session
         self.pending_ids: set[str] = set()
+        #: Clear while a CALL of ours waits for its answer.
+        self.idle = asyncio.Event()
+        self.idle.set()
         #: Id of the CALL being handled and whether it has been answered yet.
         self._handling: str | None = None
         self._answered = False
@@ -233,6 +237,17 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
         refused and be sent again. The pieces used here are the library's own: message
         framing, schema validation, response routing.
         """
+        self.idle.clear()
+        try:
+            # Idle again only once the answer is checked: the session may close the
+            # connection as soon as it is, and the checking awaits (a worker thread).
+            return await self._call_once(action, payload, validate)
+        finally:
+            self.idle.set()
+
+    async def _call_once(
+        self, action: str, payload: dict[str, Any], validate: bool
+    ) -> dict[str, Any]:
         message = Call(
             unique_id=str(self._unique_id_generator()), action=action, payload=remove_nones(payload)
         )

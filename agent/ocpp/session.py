@@ -10,6 +10,7 @@ delay. Every connect failure (401, TLS, network) is logged in one clear line and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -142,7 +143,7 @@ class Session:
         tasks = [
             asyncio.create_task(adapter.start(), name="receive"),
             asyncio.create_task(self._sender(adapter), name="sender"),
-            asyncio.create_task(self._watch_reconnect(), name="reconnect"),
+            asyncio.create_task(self._watch_reconnect(adapter), name="reconnect"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -166,8 +167,16 @@ class Session:
         else:
             log.warning("connection to the CSMS ended (%s stopped)", tasks[first].get_name())
 
-    async def _watch_reconnect(self) -> None:
+    async def _watch_reconnect(self, cp: OcppAdapter) -> None:
+        """Close the connection when the agent wants a new one (a new AuthorizationKey or
+        WebSocketPingInterval) -- but first let a CALL in flight get its answer (for at most
+        the response timeout): cutting off a StartTransaction would send it twice."""
         await self._reconnect.wait()
+        if not cp.idle.is_set():
+            log.info("reconnecting once the CSMS answers the message in flight")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(float(self.cfg.csms["response_timeout_s"])):
+                    await cp.idle.wait()
         raise _Reconnect
 
     # ------------------------------------------------------------------ sender
@@ -176,6 +185,8 @@ class Session:
         station = self.station
         outbox = station.outbox
         while True:
+            if self._reconnect.is_set():
+                await loop.create_future()  # nothing new on a connection about to close
             now = loop.time()
             if self.registration != "Accepted" or self._force_boot:
                 if now >= self._boot_due:

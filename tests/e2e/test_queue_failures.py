@@ -12,14 +12,16 @@ point skip a transaction message only when the CSMS keeps *failing to process* i
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import pytest
+from ocpp.v16 import call
 
 from agent.ocpp import csms as csms_module
 from agent.ocpp.csms import Csms
-from tests.conftest import AgentFactory, RunningAgent
+from tests.conftest import CP_ID, AgentFactory, RunningAgent
 from tests.e2e.test_cli import evcp
 
 
@@ -143,3 +145,43 @@ async def test_refused_messages_are_listed_and_sent_again_on_request(
     tx_id = 1003  # two refused StartTransactions took 1001 and 1002
     assert all(r.payload["transactionId"] == tx_id for r in delivered[1:])
     assert (await evcp("queue", "--config", config, "--json")).json()["failed"] == []
+
+
+async def test_a_reconnect_the_agent_wants_waits_for_the_answer_in_flight(
+    make_agent: AgentFactory, csms: Csms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CSMS changes WebSocketPingInterval (the agent must reconnect to apply it) while
+    its answer to StartTransaction is still on the way. The agent waits for that answer
+    before it closes the connection, so the CSMS gets the StartTransaction once."""
+    changed: list[dict[str, Any]] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def change() -> None:
+        request = call.ChangeConfiguration(key="WebSocketPingInterval", value="30")
+        changed.append(await csms.call(CP_ID, request))
+
+    original = csms_module._CsmsChargePoint._send
+    state: dict[str, Any] = {"last": None}
+    csms.listener = lambda item: state.__setitem__("last", item.action)
+
+    async def send(self: Any, message: str) -> None:
+        if state["last"] == "StartTransaction" and message.startswith("[3,") and not tasks:
+            # The ChangeConfiguration goes out first; the StartTransaction's answer after.
+            tasks.append(asyncio.create_task(change()))
+            await asyncio.sleep(0.5)
+        await original(self, message)
+
+    monkeypatch.setattr(csms_module._CsmsChargePoint, "_send", send)
+    agent = await make_agent(ocpp={"TransactionMessageRetryInterval": 0})
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
+    connections = csms.connections
+    await agent.sim("plug")
+    assert "started" in await agent.swipe("TAG-1")
+    await csms.wait_for(lambda: csms.connections > connections, timeout_s=20)
+    await agent.wait_status(lambda s: s["csms"]["connected"] and s["queue"]["pending"] == 0)
+
+    await asyncio.wait_for(tasks[0], 5)
+    assert changed == [{"status": "Accepted"}]
+    assert len(csms.messages("StartTransaction")) == 1
+    status = await agent.wait_status(lambda s: s["connectors"][0]["transaction_id"] is not None)
+    assert status["connectors"][0]["transaction_id"] == 1001
