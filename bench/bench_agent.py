@@ -129,6 +129,7 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
     await asyncio.sleep(seconds)
     cpu1, w1 = proc_cpu_s(proc.pid), time.monotonic()
     rss, pss = proc_rss_mib(proc.pid), proc_pss_mib(proc.pid)
+    threads = len(os.listdir(f"/proc/{proc.pid}/task"))
     meter_values = len(csms.messages("MeterValues"))
     proc.send_signal(signal.SIGTERM)
     await proc.wait()
@@ -140,6 +141,7 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
     if ready_at:
         print(f"start to READY=1 (sd_notify):          {ready_at[0] - t0:.2f} s")
     print(f"resident memory while charging:        {rss:.1f} MiB (target <= 36 MiB)")
+    print(f"  threads:                             {threads}")
     print(f"  proportional set size (PSS):         {pss:.1f} MiB")
     print(f"CPU while charging at 60 s sampling:   {share:.3f} % of one core "
           f"= {(cpu1 - cpu0) / (w1 - w0) * 3600:.1f} s per hour (target <= 0.2 %)")  # fmt: skip
