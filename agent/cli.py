@@ -162,17 +162,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _control(cfg: Config, payload: dict[str, Any]) -> dict[str, Any]:
     answer = request(cfg.control_socket, payload)
-    if not answer.get("ok"):
+    if not answer.pop("ok", False):
         raise ControlError(str(answer.get("error", "the agent refused the request")))
     return answer
+
+
+def _printed_json(answer: dict[str, Any], args: argparse.Namespace) -> bool:
+    """With ``--json``, print the agent's answer as JSON and say so."""
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    return bool(args.json)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     answer = _control(cfg, {"cmd": "status"})
-    answer.pop("ok", None)
-    if args.json:
-        print(json.dumps(answer, indent=2))
+    if _printed_json(answer, args):
         return 0
     csms = answer["csms"]
     state = "connected" if csms["connected"] else "not connected"
@@ -215,9 +220,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
             print(f"{answer['requeued']} failed message(s) put back in the queue")
         return 0
     answer = _control(cfg, {"cmd": "queue"})
-    answer.pop("ok", None)
-    if args.json:
-        print(json.dumps(answer, indent=2))
+    if _printed_json(answer, args):
         return 0
     failed = answer["failed"]
     print(f"{answer['pending']} pending, {len(failed)} failed")
@@ -270,7 +273,6 @@ def cmd_sim(args: argparse.Namespace) -> int:
         except ValueError:
             raise UsageError("current_a must be a number") from None
     answer = _control(cfg, {"cmd": "sim", "request": forwarded})
-    answer.pop("ok", None)
     if args.action == "state" or args.json:
         print(json.dumps(answer, indent=2))
     else:
