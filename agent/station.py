@@ -93,8 +93,10 @@ class Connector:
     meter_misses: int = 0
     meter_failed: bool = False
     operative: bool = True
+    charger_operative: bool = True  # connector 0's availability: the charger as a whole
     pending_inoperative: bool | None = None  # Scheduled availability change
     tx: ActiveTx | None = None
+    starting: bool = False  # a transaction is being started (authorizing, reading the meter)
     waiting_tag: tuple[str, str | None] | None = None  # (idTag, parentIdTag)
     waiting_profile: dict[str, Any] | None = None  # from RemoteStartTransaction
     waiting_deadline: asyncio.TimerHandle | None = None
@@ -115,6 +117,22 @@ class Connector:
         return self.evse_status.vehicle if self.evse_status else VehicleState.UNKNOWN
 
     @property
+    def usable(self) -> bool:
+        """Operative itself and as part of the charger (connector 0 Operative too)."""
+        return self.operative and self.charger_operative
+
+    @property
+    def can_start(self) -> bool:
+        """Free for a new transaction: usable, no fault, a working meter, none running."""
+        return (
+            self.tx is None
+            and not self.starting
+            and self.usable
+            and self.inputs().fault is None
+            and not self.meter_failed
+        )
+
+    @property
     def plugged(self) -> bool:
         return self.vehicle in (
             VehicleState.CONNECTED,
@@ -128,7 +146,7 @@ class Connector:
             vehicle=self.vehicle,
             fault=status.fault if status else None,
             meter_failed=self.meter_failed,
-            operative=self.operative,
+            operative=self.usable,
             transaction=self.tx is not None,
             reserved=self.reserved,
             waiting_for_vehicle=self.waiting_tag is not None,
@@ -212,6 +230,7 @@ class Station:
         self.charging.load()
         for c in self.connectors.values():
             c.operative = self.store.get(f"availability.{c.id}", "Operative") == "Operative"
+            c.charger_operative = self.operative0
             c.hw.evse.set_listener(functools.partial(self._on_evse_status, c))
             try:
                 await c.hw.evse.start()
@@ -578,7 +597,7 @@ class Station:
         if status != "Accepted":
             log.info("tag rejected: %s", status)
             return f"tag rejected ({status})"
-        if c.tx is not None:
+        if c.tx is not None or c.starting:
             return f"connector {c.id} is busy"
         if not self.reservations.check_start(c, id_tag, parent)[0]:
             log.info("connector %d is reserved for another idTag", c.id)
@@ -594,7 +613,7 @@ class Station:
     ) -> Connector | None:
         if connector_id is not None:
             return self.connectors.get(connector_id)
-        free = [c for c in self.connectors.values() if c.tx is None and c.operative]
+        free = [c for c in self.connectors.values() if c.can_start]
         if id_tag is not None:
             # A connector reserved for this tag first; none reserved for another.
             mine = [c for c in free if (r := self.reservations.on_connector(c.id)) is not None
@@ -637,12 +656,17 @@ class Station:
         profile: dict[str, Any] | None = None,
     ) -> bool:
         """Start a transaction on ``c`` (vehicle plugged, tag authorized)."""
-        if c.tx is not None or not c.operative or c.inputs().fault is not None:
+        if not c.can_start:
             log.warning("connector %d: cannot start a transaction now", c.id)
             return False
-        reading = await self.read_meter(c) or c.reading
-        if reading is None:
-            log.error("connector %d: no meter reading: refusing to start a transaction", c.id)
+        c.starting = True  # no second start while the meter is read
+        try:
+            reading = await self.read_meter(c) or c.reading
+        finally:
+            c.starting = False
+        if reading is None or not c.can_start:
+            log.error("connector %d: no meter reading or not free any more: not starting",
+                      c.id)  # fmt: skip
             return False
         allowed, reservation_id = self.reservations.check_start(c, id_tag, parent)
         if not allowed:
@@ -921,7 +945,7 @@ class Station:
         if connector_id is not None and connector_id not in self.connectors:
             return "Rejected"
         c = self._pick_connector(connector_id, id_tag)
-        if c is None or c.tx is not None or not c.operative or c.inputs().fault is not None:
+        if c is None or not c.can_start:
             return "Rejected"
         if self.reservations.reserved_for_others(c, id_tag):
             log.info("RemoteStartTransaction rejected: connector %d is reserved", c.id)
@@ -929,6 +953,7 @@ class Station:
         if profile is not None and (problem := self.charging.remote_problem(c.id, profile)):
             log.warning("RemoteStartTransaction rejected: its charging profile: %s", problem)
             return "Rejected"
+        c.starting = True  # taken until _remote_start has decided
         self.spawn(self._remote_start(c, id_tag, profile), f"remote-start-{c.id}")
         return "Accepted"
 
@@ -936,11 +961,14 @@ class Station:
         self, c: Connector, id_tag: str, profile: dict[str, Any] | None
     ) -> None:
         parent = None
-        if self.keys.get_bool("AuthorizeRemoteTxRequests"):
-            status, parent = await self.authorize(id_tag)
-            if status != "Accepted":
-                log.info("remote start refused: idTag %s", status)
-                return
+        try:
+            if self.keys.get_bool("AuthorizeRemoteTxRequests"):
+                status, parent = await self.authorize(id_tag)
+                if status != "Accepted":
+                    log.info("remote start refused: idTag %s", status)
+                    return
+        finally:
+            c.starting = False  # start_transaction (no await before its check) takes over
         if c.plugged:
             await self.start_transaction(c, id_tag, parent, profile)
         else:
@@ -966,6 +994,9 @@ class Station:
         for c in targets:
             if c.tx is not None and not operative:
                 c.pending_inoperative = operative
+                # On disk at once: after a restart (the transaction then closed with
+                # PowerLoss or Reboot) the connector comes back Unavailable.
+                self.store.put(f"availability.{c.id}", "Inoperative")
                 scheduled = True
                 continue
             c.pending_inoperative = None  # a later change overrides a scheduled one
@@ -974,6 +1005,7 @@ class Station:
             if scheduled:
                 # Connector 0 follows once the last transaction has stopped.
                 self._pending_operative0 = operative
+                self.store.put("availability.0", "Inoperative")
             else:
                 self._pending_operative0 = None
                 self._set_operative0(operative)
@@ -982,6 +1014,8 @@ class Station:
 
     def _set_operative0(self, operative: bool) -> None:
         self.operative0 = operative
+        for c in self.connectors.values():
+            c.charger_operative = operative
         self.store.put("availability.0", "Operative" if operative else "Inoperative")
         self.send_status(0)
 
@@ -1110,7 +1144,7 @@ class Station:
                     continue
                 values = self._sampled(
                     c, reading, self.keys.get_list("MeterValuesSampledData"), "Trigger"
-                )
+                ) or self._sampled(c, reading, ["Energy.Active.Import.Register"], "Trigger")
                 payload: dict[str, Any] = {
                     "connectorId": c.id,
                     "meterValue": [meter_value(now, values)],

@@ -275,6 +275,12 @@ class Session:
             if message.future is not None and not message.future.done():
                 message.future.set_exception(exc)
             return
+        except (UnsendableMessage, TypeError, ValueError) as exc:
+            # A bug of ours, not the CSMS's: one error line, and the agent carries on.
+            log.error("%s cannot be sent: %s: %s", message.action, type(exc).__name__, exc)
+            if message.future is not None and not message.future.done():
+                message.future.set_exception(exc)
+            return
         except BaseException as exc:
             if message.future is not None and not message.future.done():
                 message.future.set_exception(ConnectionError("connection lost"))
