@@ -65,8 +65,12 @@ class Outbox:
     def go_offline(self) -> None:
         """Drop every volatile message (their futures fail with NotConnected)."""
         self.online = False
+        self.drop_volatile("connection to the CSMS lost")
+
+    def drop_volatile(self, why: str) -> None:
+        """Drop every volatile message now (their futures fail with NotConnected)."""
         while self.volatile:
-            self._fail(self.volatile.popleft(), NotConnected("connection to the CSMS lost"))
+            self._fail(self.volatile.popleft(), NotConnected(why))
 
     @staticmethod
     def _fail(message: Outgoing, exc: Exception) -> None:

@@ -36,6 +36,7 @@ from ocpp.v16.enums import Action
 from websockets.exceptions import ConnectionClosed
 
 from agent.core.config_keys import is_secret
+from agent.logs import add_secret
 from agent.ocpp.offline_handlers import OfflineHandlers
 from drivers.base import raise_if_cancelling
 
@@ -133,6 +134,11 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
         self._answered = False
         self._changed_key: str | None = None
 
+    @property
+    def answering(self) -> bool:
+        """A CALL from the CSMS is being handled and not answered yet."""
+        return self._handling is not None and not self._answered
+
     # ------------------------------------------------------------------ frames
     async def start(self) -> None:
         while True:
@@ -169,6 +175,11 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
                 await self._call_error(unique_id, "FormationViolation",
                                        f"payload nests more than {MAX_DEPTH} levels")  # fmt: skip
                 return
+            payload = frame[3]
+            if frame[2] == "ChangeConfiguration" and is_secret(str(payload.get("key"))):
+                value = payload.get("value")
+                if isinstance(value, str):
+                    add_secret(value)  # accepted or refused, it never reaches a log line
         elif unique_id not in self.pending_ids:
             log.warning("dropped a %s for unknown message id %s",
                         "CALLRESULT" if kind == 3 else "CALLERROR", unique_id)  # fmt: skip
@@ -322,7 +333,7 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
         elif key == "WebSocketPingInterval":
             self.session.request_reconnect("WebSocketPingInterval changed")
         elif key == "HeartbeatInterval":
-            self.session.wake()
+            self.session.heartbeat_interval_changed()
 
     @on(Action.clear_cache)
     def on_clear_cache(self, **_: Any) -> Any:

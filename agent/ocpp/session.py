@@ -31,6 +31,12 @@ log = logging.getLogger("evcp.session")
 TRANSACTION_ACTIONS = ("StartTransaction", "StopTransaction", "MeterValues")
 #: The longest wait before a transaction message that got no answer is sent again.
 UNANSWERED_MAX_WAIT_S = 600
+#: A connection that stayed up this long resets the reconnect back-off; one that the CSMS
+#: (or a load balancer) closes sooner does not, so the delays keep growing.
+STABLE_CONNECTION_S = 30.0
+#: The longest interval a CSMS can set in BootNotification.conf (HeartbeatInterval's
+#: maximum); larger values are clamped to it.
+MAX_INTERVAL_S = 86400
 
 
 class _Reconnect(Exception):
@@ -115,8 +121,13 @@ class Session:
                 continue
             log.info("connected to %s as %s", csms["url"], csms["charge_point_id"])
             self.station.last_connect_error = None
-            delays = backoff(initial_s=csms["reconnect_min_s"], maximum_s=csms["reconnect_max_s"])
+            loop = asyncio.get_running_loop()
+            opened = loop.time()
             await self._serve(ws)
+            if loop.time() - opened >= STABLE_CONNECTION_S:
+                delays = backoff(
+                    initial_s=csms["reconnect_min_s"], maximum_s=csms["reconnect_max_s"]
+                )
             delay = next(delays)
             log.info("reconnecting in %.1f s", delay)
             await asyncio.sleep(delay)
@@ -163,7 +174,10 @@ class Session:
         elif isinstance(exc, _Reconnect):
             log.info("reconnecting: %s", self._reconnect_reason)
         elif exc is not None:
-            raise exc
+            # A bug, or input nothing above foresaw: this connection ends, the agent (and
+            # the charging) carries on, and the back-off keeps a repeat from looping fast.
+            log.error("%s task failed: %s: %s; reconnecting", tasks[first].get_name(),
+                      type(exc).__name__, exc, exc_info=exc)  # fmt: skip
         else:
             log.warning("connection to the CSMS ended (%s stopped)", tasks[first].get_name())
 
@@ -172,11 +186,12 @@ class Session:
         WebSocketPingInterval) -- but first let a CALL in flight get its answer (for at most
         the response timeout): cutting off a StartTransaction would send it twice."""
         await self._reconnect.wait()
-        if not cp.idle.is_set():
-            log.info("reconnecting once the CSMS answers the message in flight")
+        if not cp.idle.is_set() or cp.answering:
+            log.info("reconnecting once the messages in flight are answered")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(float(self.cfg.csms["response_timeout_s"])):
-                    await cp.idle.wait()
+                    while not cp.idle.is_set() or cp.answering:
+                        await asyncio.sleep(0.05)
         raise _Reconnect
 
     # ------------------------------------------------------------------ sender
@@ -196,7 +211,7 @@ class Session:
                     await self._send_volatile(cp, outbox.volatile.popleft())
                     continue
                 if self.registration == "Rejected":
-                    outbox.volatile.clear()  # send nothing else while rejected
+                    outbox.drop_volatile("the CSMS rejected this charger")  # send nothing
                 await self._sleep_until(self._boot_due)
                 continue
             if outbox.volatile:
@@ -235,12 +250,19 @@ class Session:
         self._force_boot = False
         try:
             result = await cp.send("BootNotification", self.station.boot_payload())
+        except MalformedResult as exc:
+            result = exc.payload
+            if not _usable_boot_answer(result):
+                log.warning("BootNotification failed: %s; retrying in 60 s", exc)
+                self._boot_due = loop.time() + 60
+                return
+            log.warning("BootNotification answered, but %s; using its status and interval", exc)
         except (OCPPError, TimeoutError) as exc:
             log.warning("BootNotification failed: %s; retrying in 60 s", exc)
             self._boot_due = loop.time() + 60
             return
         status = result["status"]
-        interval = int(result["interval"])
+        interval = min(int(result["interval"]), MAX_INTERVAL_S)
         self._check_clock(result.get("currentTime"))
         self.registration = status
         if status == "Accepted":
@@ -255,8 +277,17 @@ class Session:
         log.warning("BootNotification %s by the CSMS; retrying in %d s", status, retry)
         self._boot_due = loop.time() + retry
 
-    def _check_clock(self, current_time: str | None) -> None:
-        if not current_time:
+    def heartbeat_interval_changed(self) -> None:
+        """A new HeartbeatInterval takes effect at once: the next heartbeat is due one new
+        interval after the last one at the latest."""
+        interval = self.keys.get_int("HeartbeatInterval")
+        if interval > 0:
+            now = asyncio.get_running_loop().time()
+            self._heartbeat_due = min(self._heartbeat_due, now + interval)
+        self.wake()
+
+    def _check_clock(self, current_time: Any) -> None:
+        if not current_time or not isinstance(current_time, str):
             return
         try:
             csms_now = parse_time(current_time)
@@ -339,11 +370,12 @@ class Session:
             return
         self._unanswered = 0
         if head.action == "StartTransaction" and head.tx_local_id is not None:
-            csms_id = result.get("transactionId")
-            if type(csms_id) is not int:
-                # Later messages of the transaction need the id: this answer is no use.
-                self._queued_failed(head, MalformedResult(
-                    head.action, result, f"no usable transactionId ({csms_id!r})"))  # fmt: skip
+            csms_id = _transaction_id(result.get("transactionId"))
+            if csms_id is None:
+                # Later messages of the transaction need the id: this answer is no use,
+                # as good as a failure to process it (so: retried, then kept as failed).
+                self._queued_failed(head, MalformedResult(head.action, result,
+                    f"no usable transactionId ({result.get('transactionId')!r:.40})"))  # fmt: skip
                 return
             store.start_delivered(head.seq, head.tx_local_id, csms_id)
             self.station.on_start_result(head.tx_local_id, result)
@@ -399,3 +431,27 @@ class Session:
             wait,
         )
         self._retry_at = asyncio.get_running_loop().time() + wait
+
+
+def _usable_boot_answer(result: dict[str, Any]) -> bool:
+    """A BootNotification.conf that broke the schema but still says what matters."""
+    interval = result.get("interval")
+    return (
+        result.get("status") in ("Accepted", "Pending", "Rejected")
+        and isinstance(interval, int)
+        and not isinstance(interval, bool)
+        and interval >= 0
+    )
+
+
+def _transaction_id(value: Any) -> int | None:
+    """The transactionId of a StartTransaction.conf, if it can be used: an integer that
+    fits the store (64-bit), also when a CSMS sent it as a string ("1001") or as 1001.0."""
+    if isinstance(value, str) and len(value) <= 20:
+        with contextlib.suppress(ValueError):
+            value = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if type(value) is not int or not -(2**63) <= value < 2**63:
+        return None
+    return value
