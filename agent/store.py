@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import sqlite3
 import time
 import zlib
@@ -208,7 +209,8 @@ class Store:
     note_interval_s = 300.0
 
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
-        self._disk = db
+        #: The state file; None while it could not even be created (a full disk at start).
+        self._disk: sqlite3.Connection | None = db
         self._db = db
         self.path = path
         #: Why the state lives in memory only (a write to disk failed); None when on disk.
@@ -232,17 +234,35 @@ class Store:
                     f"state file {path} is in use by another process (is another evcp agent"
                     " running with the same state_dir?)"
                 ) from None
-            raise
-        except sqlite3.DatabaseError as exc:
+            if not _disk_trouble(exc):
+                raise
+            return cls._in_memory(path, exc)
+        except _Corrupt as exc:
             aside = path.with_name(f"evcp.db.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             log.error("state file %s is unreadable (%s); moved aside to %s", path, exc, aside)
-            path.rename(aside)
-            for suffix in ("-wal", "-shm"):
+            for suffix in ("-wal", "-shm", ""):
                 side = path.with_name(path.name + suffix)
                 if side.exists():
                     side.rename(aside.with_name(aside.name + suffix))
-            db = cls._connect(path)
+            try:
+                db = cls._connect(path)
+            except sqlite3.OperationalError as again:
+                if not _disk_trouble(again):
+                    raise
+                return cls._in_memory(path, again)
         return cls(db, path)
+
+    @classmethod
+    def _in_memory(cls, path: Path, exc: sqlite3.Error) -> Store:
+        """No state file can be created (a full disk): run on an empty state in memory,
+        and keep trying to write it to ``path`` (see :meth:`_back_to_disk`)."""
+        memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        memory.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        _migrate(memory)
+        store = cls(memory, path)
+        store._disk = None
+        store._to_memory(exc)
+        return store
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -257,12 +277,28 @@ class Store:
             result = db.execute("PRAGMA quick_check").fetchone()
             if result is None or result[0] != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {result}")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
-        except sqlite3.DatabaseError:
+            _migrate(db)
+        except sqlite3.OperationalError:
             db.close()
             raise
+        except sqlite3.DatabaseError as exc:
+            # Corrupt. Copy the files aside before closing: closing checkpoints the WAL
+            # into the main file, and the copy must be what was found.
+            found = [path.with_name(path.name + suffix) for suffix in ("", "-wal")]
+            found = [side for side in found if side.exists()]
+            copies = [side.with_name(side.name + ".found") for side in found]
+            try:
+                for side, copy in zip(found, copies, strict=True):
+                    shutil.copyfile(side, copy)
+            except OSError as copy_error:  # no room for a copy: keep what closing leaves
+                log.error("cannot keep an exact copy of %s: %s", path, copy_error)
+                for copy in copies:
+                    copy.unlink(missing_ok=True)
+                copies = []
+            db.close()
+            for side, copy in zip(found, copies, strict=False):
+                copy.replace(side)
+            raise _Corrupt(str(exc)) from exc
         return db
 
     def close(self) -> None:
@@ -270,7 +306,8 @@ class Store:
             self._back_to_disk(final=True)
         if self._db is not self._disk:
             self._db.close()
-        self._disk.close()
+        if self._disk is not None:
+            self._disk.close()
 
     # ------------------------------------------------------------------ writing
     def _write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
@@ -306,9 +343,10 @@ class Store:
         return result
 
     def _to_memory(self, exc: sqlite3.Error) -> None:
-        memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        self._disk.backup(memory)
-        self._db = memory
+        if self._disk is not None:
+            memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            self._disk.backup(memory)
+            self._db = memory
         self.write_error = str(exc)
         self._disk_retry_at = time.monotonic() + self.disk_retry_s
         log.error(
@@ -322,6 +360,8 @@ class Store:
 
     def _back_to_disk(self, *, final: bool = False) -> None:
         try:
+            if self._disk is None:
+                self._disk = self._connect(self.path)
             self._db.backup(self._disk)
         except sqlite3.Error as exc:
             self._disk_retry_at = time.monotonic() + self.disk_retry_s
@@ -612,13 +652,26 @@ class Store:
         return int(self.get("queue.dropped") or 0)
 
     def queue_head(self) -> QueuedMessage | None:
-        row = self._db.execute(
-            "SELECT seq, action, payload, tx_local_id, attempts FROM queue"
-            " WHERE failed = 0 ORDER BY seq LIMIT 1"
-        ).fetchone()
-        if row is None:
-            return None
-        return QueuedMessage(row[0], row[1], unpack(row[2]), row[3], row[4])
+        while True:
+            row = self._db.execute(
+                "SELECT seq, action, payload, tx_local_id, attempts FROM queue"
+                " WHERE failed = 0 ORDER BY seq LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            try:
+                payload = unpack(row[2])
+                if not isinstance(payload, dict):
+                    raise ValueError("not a JSON object")
+            except (zlib.error, ValueError, TypeError, RecursionError) as exc:
+                # Bit rot the integrity check cannot see (it does not read inside values):
+                # kept, visible as failed; the queue behind it moves on.
+                log.error("queued %s #%d is unreadable in the state file (%s: %s); kept as"
+                          " failed", row[1], row[0], type(exc).__name__, exc)  # fmt: skip
+                why = f"unreadable: {type(exc).__module__}.{type(exc).__name__}"
+                self.queue_attempt(row[0], why, give_up=True)
+                continue
+            return QueuedMessage(row[0], row[1], payload, row[3], row[4])
 
     def queue_done(self, seq: int) -> None:
         """The message was answered with a CALLRESULT: remove it."""
@@ -805,6 +858,17 @@ class Store:
 #: SQLite result codes that mean the file cannot be written (not a mistake in a query).
 _DISK_TROUBLE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN",
                  "SQLITE_CORRUPT", "SQLITE_NOTADB")  # fmt: skip
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring the schema up to date, one committed step per version."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+
+
+class _Corrupt(sqlite3.DatabaseError):
+    """The state file is not a database, or fails its integrity check."""
 
 
 def _disk_trouble(exc: sqlite3.DatabaseError) -> bool:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
-from agent.store import Store
+from agent.store import PAGE_SIZE, Store
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_transaction_and_queue_survive_reopen(tmp_path: Path) -> None:
@@ -80,3 +88,107 @@ def test_full_queue_thins_intermediate_meter_values_only(tmp_path: Path) -> None
     assert meter_values == sorted(meter_values)  # order is kept
     assert len(delivered) <= 7
     assert store.queue_dropped() == 10 + 2 - len(delivered)
+
+
+def test_corrupt_file_and_its_wal_are_moved_aside_exactly_as_found(tmp_path: Path) -> None:
+    """A page of the main file is damaged while the WAL holds newer pages. Closing the
+    database would checkpoint the WAL into the damaged file (changing, possibly truncating
+    it): what is moved aside must be both files as they were found."""
+    store = Store.open(tmp_path)
+    local = store.begin_transaction(connector_id=1, id_tag="T", meter_start_wh=0,
+                                    start_ts="t0", reservation_id=None, start_payload={})  # fmt: skip
+    for n in range(300):
+        store.enqueue("MeterValues", {"n": n, "pad": os.urandom(100).hex()}, local)
+    assert store._disk is not None
+    store._disk.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for n in range(20):
+        store.enqueue("MeterValues", {"n": n}, local)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for name in ("evcp.db", "evcp.db-wal"):
+        shutil.copy(tmp_path / name, saved / name)
+    store.close()
+    data = (saved / "evcp.db").read_bytes()
+    for victim in range(len(data) // PAGE_SIZE - 1, 1, -1):  # a b-tree page quick_check reads
+        trial = bytearray(data)
+        start = victim * PAGE_SIZE + 8
+        trial[start : (victim + 1) * PAGE_SIZE] = os.urandom(PAGE_SIZE - 8)
+        for name in ("evcp.db", "evcp.db-wal"):
+            (tmp_path / name).unlink(missing_ok=True)
+        (tmp_path / "evcp.db").write_bytes(trial)
+        shutil.copy(saved / "evcp.db-wal", tmp_path / "evcp.db-wal")
+        found = {n: (tmp_path / n).read_bytes() for n in ("evcp.db", "evcp.db-wal")}
+        Store.open(tmp_path).close()
+        aside = sorted(tmp_path.glob("evcp.db.corrupt-*"))
+        if aside:
+            break
+    else:
+        raise AssertionError("no damaged page made the integrity check fail")
+    assert {p.name.rsplit("-", 1)[-1] if p.name.endswith("-wal") else "db" for p in aside} == {
+        "db",
+        "wal",
+    }
+    main = next(p for p in aside if not p.name.endswith("-wal"))
+    wal = next(p for p in aside if p.name.endswith("-wal"))
+    assert main.read_bytes() == found["evcp.db"]
+    assert wal.read_bytes() == found["evcp.db-wal"]
+
+
+def test_an_unreadable_queued_message_is_kept_as_failed_and_the_queue_moves_on(
+    tmp_path: Path,
+) -> None:
+    """Bit rot inside a stored payload (the integrity check does not read values)."""
+    store = Store.open(tmp_path)
+    local = store.begin_transaction(connector_id=1, id_tag="T", meter_start_wh=0,
+                                    start_ts="t0", reservation_id=None, start_payload={})  # fmt: skip
+    store.enqueue("MeterValues", {"n": 1}, local)
+    store.enqueue("MeterValues", {"n": 2}, local)
+    store._db.execute(
+        "UPDATE queue SET payload = ? WHERE seq = (SELECT MAX(seq) - 1 FROM queue)",
+        (b"x\x9c\x00garbage",),
+    )
+    head = store.queue_head()
+    assert head is not None and head.action == "StartTransaction"
+    store.queue_done(head.seq)
+    head = store.queue_head()
+    assert head is not None and head.payload == {"n": 2}
+    failed = store.queue_failed()
+    assert [(action, error) for _seq, action, _tx, _at, error in failed] == [
+        ("MeterValues", "unreadable: zlib.error")
+    ]
+
+
+def test_a_state_file_that_cannot_be_written_at_all_runs_in_memory_until_it_can(
+    tmp_path: Path,
+) -> None:
+    """No state file yet and the kernel refuses every write to a file (RLIMIT_FSIZE 0, as
+    a full disk would): the agent's store starts in memory instead of failing, and writes
+    everything to the file once writes succeed again."""
+    state = tmp_path / "state"
+    script = textwrap.dedent(
+        f"""
+        import json, resource, signal, sys
+        from pathlib import Path
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
+        from agent.store import Store
+        Store.disk_retry_s = 0.0
+        store = Store.open(Path({str(state)!r}))
+        before = store.storage_status()
+        store.put("during", "1")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        store.put("after", "2")
+        print(json.dumps([before, store.storage_status()]))
+        store.close()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = json.loads(done.stdout)
+    assert before["on_disk"] is False and before["error"]
+    assert after["on_disk"] is True and after["error"] is None
+    store = Store.open(state)
+    assert (store.get("during"), store.get("after")) == ("1", "2")
