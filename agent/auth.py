@@ -133,7 +133,10 @@ class Authorizer:
 
     # ------------------------------------------------------------------ local list
     def list_version(self) -> int:
-        """GetLocalListVersion: the version of the list (0: no list was ever sent)."""
+        """GetLocalListVersion: the version of the list; 0 when it is empty (OCPP 1.6
+        5.10: 0 says "empty", also after a Full update with no entries)."""
+        if self.store.local_list_size() == 0:
+            return 0
         return self.store.local_list_version()
 
     def send_local_list(self, version: int, update_type: str, entries: list[dict[str, Any]]) -> str:

@@ -1023,20 +1023,20 @@ class Station:
         c.operative = operative
         self.store.put(f"availability.{c.id}", "Operative" if operative else "Inoperative")
 
-    def unlock(self, connector_id: int) -> str:
+    async def unlock(self, connector_id: int) -> str:
+        """UnlockConnector: stop the connector's transaction (UnlockCommand), then release
+        the lock, and say whether that worked. NotSupported without a lock to drive."""
         c = self.connectors.get(connector_id)
-        if c is None:
+        if c is None or not c.hw.evse.capabilities.supports_unlock:
             return "NotSupported"
-        if self.cfg.hardware["cable"] == "tethered" and not c.hw.evse.capabilities.supports_unlock:
-            return "NotSupported"
-        self.spawn(self._unlock(c), f"unlock-{c.id}")
-        return "Unlocked"
-
-    async def _unlock(self, c: Connector) -> None:
         if c.tx is not None:
             await self.stop_transaction(c, "UnlockCommand")
-        with contextlib.suppress(DriverError):
-            await c.hw.evse.unlock()
+        try:
+            unlocked = await c.hw.evse.unlock()
+        except DriverError as exc:
+            log.error("connector %d: unlock failed: %s", c.id, exc)
+            return "UnlockFailed"
+        return "Unlocked" if unlocked else "UnlockFailed"
 
     def note_orderly_stop(self) -> None:
         """The agent is stopping on request (SIGTERM): see :meth:`_recover_transactions`."""

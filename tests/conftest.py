@@ -64,6 +64,7 @@ def write_config(
     time_scale: float = 3600.0,
     connectors: int = 1,
     response_timeout_s: float = 5,
+    hardware_extra: str = "",
 ) -> Path:
     """A config for the agent on simulated hardware against ``url``."""
     ocpp_keys = {"MeterValueSampleInterval": 1, **(ocpp or {})}
@@ -107,6 +108,7 @@ driver = "sim"
 connectors = {connectors}
 meter_poll_s = 0.5
 meter_miss_limit = 2
+{hardware_extra}
 
 [sim]
 time_scale = {time_scale}

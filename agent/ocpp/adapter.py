@@ -375,8 +375,9 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
         self.station.reset(type)
 
     @on(Action.unlock_connector)
-    def on_unlock(self, connector_id: int, **_: Any) -> Any:
-        return call_result.UnlockConnector(status=self.station.unlock(connector_id))
+    async def on_unlock(self, connector_id: int, **_: Any) -> Any:
+        # Awaits the driver (not a CALL): the answer says whether the lock really opened.
+        return call_result.UnlockConnector(status=await self.station.unlock(connector_id))
 
     # ------------------------------------------------------------------ Smart Charging
     @on(Action.set_charging_profile)

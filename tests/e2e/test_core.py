@@ -313,9 +313,21 @@ async def test_reset_during_transaction(
     assert csms.errors == []
 
 
-async def test_unlock_connector_not_supported(booted: RunningAgent, csms: Csms) -> None:
+@pytest.mark.parametrize("cable", ["tethered", "socket"])
+async def test_unlock_connector_not_supported(
+    make_agent: AgentFactory, csms: Csms, cable: str
+) -> None:
+    """The simulated OpenEVSE controller drives no lock: NotSupported (a socket outlet
+    too: "Unlocked" would be a lie), and a running transaction is left alone."""
+    agent = await make_agent(hardware_extra=f'cable = "{cable}"')
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
+    tx_id = await start_charging(agent, csms)
     result = await csms.call(CP_ID, call.UnlockConnector(connector_id=1))
     assert result["status"] == "NotSupported"
+    result = await csms.call(CP_ID, call.UnlockConnector(connector_id=9))
+    assert result["status"] == "NotSupported"
+    status = await agent.status()
+    assert status["connectors"][0]["transaction_id"] == tx_id
     assert csms.errors == []
 
 

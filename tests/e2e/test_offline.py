@@ -566,6 +566,18 @@ async def test_local_list_management_and_offline_use(
     assert csms.errors == []
 
 
+async def test_an_empty_local_list_reports_version_zero(booted: RunningAgent, csms: Csms) -> None:
+    """OCPP 1.6 5.10: GetLocalListVersion answers 0 for an empty list, whatever version the
+    Full update that emptied it carried (so the CSMS knows to send a full list)."""
+    entry = {"idTag": "LIST-1", "idTagInfo": {"status": "Accepted"}}
+    full = call.SendLocalList(list_version=4, update_type="Full", local_authorization_list=[entry])
+    assert (await csms.call(CP_ID, full))["status"] == "Accepted"
+    assert (await csms.call(CP_ID, call.GetLocalListVersion()))["listVersion"] == 4
+    empty = call.SendLocalList(list_version=5, update_type="Full", local_authorization_list=[])
+    assert (await csms.call(CP_ID, empty))["status"] == "Accepted"
+    assert (await csms.call(CP_ID, call.GetLocalListVersion()))["listVersion"] == 0
+
+
 async def test_local_pre_authorize_and_list_disabled(booted: RunningAgent, csms: Csms) -> None:
     result = await csms.call(CP_ID, call.SendLocalList(
         list_version=1, update_type="Full",
