@@ -589,11 +589,21 @@ class Station:
             if c.tx is not None and c.tx.id_tag.casefold() == id_tag.casefold():
                 await self.stop_transaction(c, "Local", id_tag=id_tag)
                 return f"stopped the transaction on connector {c.id}"
+        # So does a card of the same group: the same parentIdTag (OCPP 1.6 3.5.x).
+        decided: tuple[str, str | None] | None = None
+        if any(c.tx is not None and c.tx.parent_id_tag for c in self.connectors.values()):
+            decided = await self.authorize(id_tag)
+            group = (decided[1] or "").casefold()
+            for c in self.connectors.values():
+                tx = c.tx
+                if group and tx is not None and (tx.parent_id_tag or "").casefold() == group:
+                    await self.stop_transaction(c, "Local", id_tag=id_tag)
+                    return f"stopped the transaction on connector {c.id} (same group)"
         picked = self._pick_connector(connector_id, id_tag)
         if picked is None:
             return "no connector is free"
         c = picked
-        status, parent = await self.authorize(id_tag)
+        status, parent = decided or await self.authorize(id_tag)
         if status != "Accepted":
             log.info("tag rejected: %s", status)
             return f"tag rejected ({status})"

@@ -578,6 +578,31 @@ async def test_an_empty_local_list_reports_version_zero(booted: RunningAgent, cs
     assert (await csms.call(CP_ID, call.GetLocalListVersion()))["listVersion"] == 0
 
 
+async def test_a_card_of_the_same_group_stops_the_transaction(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    """Two cards with the same parentIdTag (a fleet): either stops what the other started
+    (OCPP 1.6 3.5, OCTT TC_069); a card of another group does not."""
+    cards = [
+        {"idTag": "CARD-A", "idTagInfo": {"status": "Accepted", "parentIdTag": "FLEET"}},
+        {"idTag": "CARD-B", "idTagInfo": {"status": "Accepted", "parentIdTag": "FLEET"}},
+        {"idTag": "CARD-C", "idTagInfo": {"status": "Accepted", "parentIdTag": "OTHER"}},
+    ]
+    full = call.SendLocalList(list_version=1, update_type="Full", local_authorization_list=cards)
+    assert (await csms.call(CP_ID, full))["status"] == "Accepted"
+    pre = call.ChangeConfiguration(key="LocalPreAuthorize", value="true")  # the list decides
+    assert (await csms.call(CP_ID, pre))["status"] == "Accepted"
+    await plug(booted)
+    assert "started" in await booted.swipe("CARD-A")
+    tx_id = await tx_id_of(booted)
+    mark = len(csms.received)
+    assert "stopped" not in await booted.swipe("CARD-C")
+    assert "stopped" in await booted.swipe("CARD-B")
+    stop = await csms.wait_message("StopTransaction", after=mark)
+    assert stop.payload["transactionId"] == tx_id
+    assert (stop.payload["idTag"], stop.payload["reason"]) == ("CARD-B", "Local")
+
+
 async def test_local_pre_authorize_and_list_disabled(booted: RunningAgent, csms: Csms) -> None:
     result = await csms.call(CP_ID, call.SendLocalList(
         list_version=1, update_type="Full",
