@@ -51,6 +51,13 @@ from drivers.base import (
 
 log = logging.getLogger("evcp.station")
 
+#: The most StopTxnSampledData/StopTxnAlignedData values one StopTransaction carries.
+MAX_STOP_SAMPLES = 480
+
+
+def _taken_at(sample: dict[str, Any]) -> str:
+    return str(sample["timestamp"])
+
 
 class Clock(Protocol):
     def now(self) -> datetime: ...
@@ -75,6 +82,11 @@ class ActiveTx:
     start: datetime
     begin_sample: list[dict[str, Any]]
     parent_id_tag: str | None = None
+    #: StopTxnSampledData (Sample.Periodic) and StopTxnAlignedData (Sample.Clock) values
+    #: taken during the transaction, for StopTransaction's transactionData. In memory only:
+    #: after a power loss the StopTransaction carries what is left (the MeterValues of the
+    #: transaction were queued durably on their own).
+    samples: list[dict[str, Any]] = field(default_factory=list)
     suspended_invalid: bool = False
     #: Register (Wh) at which energy stops after the CSMS invalidated the idTag and
     #: StopTransactionOnInvalidId is false: the register then + MaxEnergyOnInvalidId.
@@ -715,6 +727,28 @@ class Station:
         await self._actuate_with_others(c, others_first=True)
         return True
 
+    def _keep_for_stop(
+        self,
+        c: Connector,
+        reading: MeterReading,
+        context: str,
+        key: str,
+        at: datetime | None = None,
+    ) -> None:
+        """A value for StopTransaction's transactionData (StopTxnSampledData every
+        MeterValueSampleInterval, StopTxnAlignedData every ClockAlignedDataInterval). At
+        most MAX_STOP_SAMPLES are kept: beyond, every other one goes (coarser, bounded)."""
+        tx = c.tx
+        measurands = self.keys.get_list(key)
+        if tx is None or not measurands:
+            return
+        values = self._sampled(c, reading, measurands, context)
+        if not values:
+            return
+        tx.samples.append(meter_value(iso(at or self.now()), values))
+        if len(tx.samples) > MAX_STOP_SAMPLES:
+            tx.samples[:] = tx.samples[::2]
+
     def _stop_txn_sample(
         self, c: Connector, reading: MeterReading, context: str, now: datetime
     ) -> list[dict[str, Any]]:
@@ -755,7 +789,7 @@ class Station:
             rec,
             meter_stop_wh=meter_stop,
             reason=reason,
-            end_sample=tx.begin_sample + end,
+            end_sample=tx.begin_sample + sorted(tx.samples, key=_taken_at) + end,
             id_tag=id_tag,
             now=now,
         )
@@ -890,6 +924,7 @@ class Station:
             if reading is None:
                 continue  # no reading is invented
             self.queue_meter_values(c, reading, "Sample.Periodic", "MeterValuesSampledData")
+            self._keep_for_stop(c, reading, "Sample.Periodic", "StopTxnSampledData")
 
     def queue_meter_values(
         self,
@@ -939,6 +974,7 @@ class Station:
                     self.queue_meter_values(
                         c, reading, "Sample.Clock", "MeterValuesAlignedData", next_at
                     )
+                    self._keep_for_stop(c, reading, "Sample.Clock", "StopTxnAlignedData", next_at)
 
     def _on_key_changed(self, key: str, value: str) -> None:
         self.store.set_config(key, value)

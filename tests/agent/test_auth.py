@@ -144,10 +144,10 @@ def test_send_local_list_full_and_differential(store: Store) -> None:
     assert sorted(store.local_list_entries()) == ["B", "C"]
     assert auth.offline("B").status == "Blocked"
     assert auth.list_version() == 6
-    # Full with an empty list clears it; any version is taken.
+    # Full with an empty list clears it; an empty list is version 0 (OCPP 1.6 5.10).
     assert auth.send_local_list(2, "Full", []) == "Accepted"
     assert store.local_list_entries() == {}
-    assert auth.list_version() == 2
+    assert auth.list_version() == 0
 
 
 def test_send_local_list_failures_change_nothing(store: Store) -> None:

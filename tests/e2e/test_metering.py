@@ -182,21 +182,39 @@ async def test_clock_aligned_data(make_agent: AgentFactory, csms: Csms) -> None:
 
 
 async def test_stop_txn_sampled_data(make_agent: AgentFactory, csms: Csms) -> None:
+    """transactionData: Transaction.Begin, then StopTxnSampledData every
+    MeterValueSampleInterval (Sample.Periodic) and StopTxnAlignedData every
+    ClockAlignedDataInterval (Sample.Clock), then Transaction.End; in time order."""
     agent: RunningAgent = await make_agent(
-        ocpp={"StopTxnSampledData": "Energy.Active.Import.Register,Current.Offered"}
+        ocpp={
+            "StopTxnSampledData": "Energy.Active.Import.Register,Current.Offered",
+            "StopTxnAlignedData": "Energy.Active.Import.Register",
+            "ClockAlignedDataInterval": 1,
+        }
     )
     await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
     tx_id = await start_charging(agent, csms)
     start = csms.messages("StartTransaction")[-1]
     await agent.wait_status(lambda s: s["connectors"][0]["energy_wh"] > start["meterStart"] + 500)
+    await csms.wait_for(
+        lambda: len([m for m in csms.messages("MeterValues") if m.get("transactionId")]) >= 4,
+        timeout_s=15,
+    )
     mark = len(csms.received)
     await csms.call(CP_ID, call.RemoteStopTransaction(transaction_id=tx_id))
     stop = (await csms.wait_message("StopTransaction", after=mark)).payload
     data = stop["transactionData"]
-    assert len(data) == 2
-    begin, end = (by_measurand(mv["sampledValue"]) for mv in data)
-    assert {sv["context"] for sv in data[0]["sampledValue"]} == {"Transaction.Begin"}
-    assert {sv["context"] for sv in data[1]["sampledValue"]} == {"Transaction.End"}
+    contexts = [{sv["context"] for sv in mv["sampledValue"]} for mv in data]
+    assert contexts[0] == {"Transaction.Begin"} and contexts[-1] == {"Transaction.End"}
+    middle = [c.pop() for c in contexts[1:-1]]
+    assert "Sample.Periodic" in middle and "Sample.Clock" in middle, middle
+    for mv in data[1:-1]:
+        measurands = {sv["measurand"] for sv in mv["sampledValue"]}
+        if mv["sampledValue"][0]["context"] == "Sample.Clock":
+            assert measurands == {"Energy.Active.Import.Register"}
+        else:
+            assert measurands == {"Energy.Active.Import.Register", "Current.Offered"}
+    begin, end = by_measurand(data[0]["sampledValue"]), by_measurand(data[-1]["sampledValue"])
     assert (
         set(begin)
         == set(end)
@@ -209,7 +227,16 @@ async def test_stop_txn_sampled_data(make_agent: AgentFactory, csms: Csms) -> No
     assert int(end[("Energy.Active.Import.Register", None)]["value"]) == stop["meterStop"]
     assert float(end[("Current.Offered", None)]["value"]) == 32
     assert data[0]["timestamp"] == start["timestamp"]
-    assert data[1]["timestamp"] == stop["timestamp"]
+    assert data[-1]["timestamp"] == stop["timestamp"]
+    stamps = [mv["timestamp"] for mv in data]
+    assert stamps == sorted(stamps)
+    registers = [
+        int(float(sv["value"]))
+        for mv in data
+        for sv in mv["sampledValue"]
+        if sv["measurand"] == "Energy.Active.Import.Register"
+    ]
+    assert registers == sorted(registers)
     assert csms.errors == []
 
 
