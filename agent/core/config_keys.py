@@ -141,6 +141,10 @@ def _measurands(name: str, default: str) -> KeySpec:
 
 RO = Access.READ_ONLY
 MAX_CSL_ITEMS = 10
+#: ConnectorPhaseRotation items: "<connectorId>.<rotation>" (OCPP 1.6 9.1.7).
+PHASE_ROTATION_ITEMS = tuple(
+    f"{connector}.{rotation}" for connector in range(33) for rotation in PHASE_ROTATIONS
+)
 
 #: OCPP 1.6 section 9.1 (Core), plus the keys of the other profiles the agent implements.
 KEYS: tuple[KeySpec, ...] = (
@@ -157,6 +161,7 @@ KEYS: tuple[KeySpec, ...] = (
         "0.RST",
         reboot_required=True,
         max_items=MAX_CSL_ITEMS,
+        choices=PHASE_ROTATION_ITEMS,
     ),
     _i("ConnectorPhaseRotationMaxLength", MAX_CSL_ITEMS, access=RO),
     _i("GetConfigurationMaxKeys", 100, access=RO),
