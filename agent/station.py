@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine
@@ -51,8 +52,10 @@ from drivers.base import (
 
 log = logging.getLogger("evcp.station")
 
-#: The most StopTxnSampledData/StopTxnAlignedData values one StopTransaction carries.
-MAX_STOP_SAMPLES = 480
+#: The most bytes (as JSON) of StopTxnSampledData/StopTxnAlignedData values one
+#: StopTransaction carries: beyond, every other value goes (coarser, never bigger). Many
+#: CSMS stacks refuse WebSocket frames over 64 KiB.
+MAX_STOP_SAMPLE_BYTES = 16_000
 
 
 def _taken_at(sample: dict[str, Any]) -> str:
@@ -87,6 +90,7 @@ class ActiveTx:
     #: after a power loss the StopTransaction carries what is left (the MeterValues of the
     #: transaction were queued durably on their own).
     samples: list[dict[str, Any]] = field(default_factory=list)
+    samples_bytes: int = 0
     suspended_invalid: bool = False
     #: Register (Wh) at which energy stops after the CSMS invalidated the idTag and
     #: StopTransactionOnInvalidId is false: the register then + MaxEnergyOnInvalidId.
@@ -596,17 +600,19 @@ class Station:
 
     async def swipe(self, id_tag: str, connector_id: int | None = None) -> str:
         """An RFID card was presented. Returns what happened, for the CLI."""
-        # A tag that owns a running transaction stops it.
-        for c in self.connectors.values():
+        # A tag that owns a running transaction stops it (on the reader's connector, if the
+        # reader belongs to one).
+        here = [c for c in self.connectors.values() if connector_id is None or c.id == connector_id]
+        for c in here:
             if c.tx is not None and c.tx.id_tag.casefold() == id_tag.casefold():
                 await self.stop_transaction(c, "Local", id_tag=id_tag)
                 return f"stopped the transaction on connector {c.id}"
         # So does a card of the same group: the same parentIdTag (OCPP 1.6 3.5.x).
         decided: tuple[str, str | None] | None = None
-        if any(c.tx is not None and c.tx.parent_id_tag for c in self.connectors.values()):
+        if any(c.tx is not None and c.tx.parent_id_tag for c in here):
             decided = await self.authorize(id_tag)
-            group = (decided[1] or "").casefold()
-            for c in self.connectors.values():
+            group = (decided[1] or "").casefold() if decided[0] == "Accepted" else ""
+            for c in here:
                 tx = c.tx
                 if group and tx is not None and (tx.parent_id_tag or "").casefold() == group:
                     await self.stop_transaction(c, "Local", id_tag=id_tag)
@@ -736,18 +742,22 @@ class Station:
         at: datetime | None = None,
     ) -> None:
         """A value for StopTransaction's transactionData (StopTxnSampledData every
-        MeterValueSampleInterval, StopTxnAlignedData every ClockAlignedDataInterval). At
-        most MAX_STOP_SAMPLES are kept: beyond, every other one goes (coarser, bounded)."""
+        MeterValueSampleInterval, StopTxnAlignedData every ClockAlignedDataInterval),
+        within MAX_STOP_SAMPLE_BYTES."""
         tx = c.tx
         measurands = self.keys.get_list(key)
-        if tx is None or not measurands:
-            return
+        taken = at or self.now()
+        if tx is None or not measurands or taken < tx.start:
+            return  # (an aligned instant before the transaction began is not part of it)
         values = self._sampled(c, reading, measurands, context)
         if not values:
             return
-        tx.samples.append(meter_value(iso(at or self.now()), values))
-        if len(tx.samples) > MAX_STOP_SAMPLES:
-            tx.samples[:] = tx.samples[::2]
+        sample = meter_value(iso(taken), values)
+        tx.samples.append(sample)
+        tx.samples_bytes += len(json.dumps(sample))
+        while tx.samples_bytes > MAX_STOP_SAMPLE_BYTES and len(tx.samples) > 1:
+            tx.samples[:] = tx.samples[1::2]  # every other one
+            tx.samples_bytes = sum(len(json.dumps(s)) for s in tx.samples)
 
     def _stop_txn_sample(
         self, c: Connector, reading: MeterReading, context: str, now: datetime

@@ -226,6 +226,7 @@ class Store:
         """Open (or create) ``state_dir/evcp.db``; a corrupt file is moved aside."""
         state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / "evcp.db"
+        fresh = not path.exists() or path.stat().st_size == 0
         try:
             db = cls._connect(path)
         except sqlite3.OperationalError as exc:
@@ -234,8 +235,8 @@ class Store:
                     f"state file {path} is in use by another process (is another evcp agent"
                     " running with the same state_dir?)"
                 ) from None
-            if not _disk_trouble(exc):
-                raise
+            if not fresh or not _disk_trouble(exc):
+                raise  # an existing state file is never replaced by an empty one
             return cls._in_memory(path, exc)
         except _Corrupt as exc:
             aside = path.with_name(f"evcp.db.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")

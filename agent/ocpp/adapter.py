@@ -95,6 +95,13 @@ LIB_LOG = logging.getLogger("evcp.ocpp.lib")
 LIB_LOG.setLevel(logging.WARNING)
 LIB_LOG.addFilter(_OneLine())
 
+#: Lengths of a ChangeConfiguration(AuthorizationKey) value that are kept out of every log
+#: line even when the change is refused: a near-miss of a real key (one a key cannot
+#: have, 41+ characters, is no secret; a short one would blank ordinary words in the log).
+SECRET_LENGTHS = (12, 40)
+#: How long UnlockConnector may wait for the transaction's stop and the lock driver.
+UNLOCK_TIMEOUT_S = 5
+
 #: The deepest nesting of lists and objects accepted in a frame. The deepest OCPP 1.6
 #: message (a SetChargingProfile) nests 6 levels; deeper frames are refused before the
 #: library's recursive code (schema validation, case conversion, JSON encoding) sees them.
@@ -178,7 +185,7 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
             payload = frame[3]
             if frame[2] == "ChangeConfiguration" and is_secret(str(payload.get("key"))):
                 value = payload.get("value")
-                if isinstance(value, str):
+                if isinstance(value, str) and SECRET_LENGTHS[0] <= len(value) <= SECRET_LENGTHS[1]:
                     add_secret(value)  # accepted or refused, it never reaches a log line
         elif unique_id not in self.pending_ids:
             log.warning("dropped a %s for unknown message id %s",
@@ -376,8 +383,14 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
 
     @on(Action.unlock_connector)
     async def on_unlock(self, connector_id: int, **_: Any) -> Any:
-        # Awaits the driver (not a CALL): the answer says whether the lock really opened.
-        return call_result.UnlockConnector(status=await self.station.unlock(connector_id))
+        # Awaits the driver (not a CALL), briefly: the answer says whether the lock opened.
+        # Never cancelled half-way (a stop under way must finish): after the wait, the
+        # answer is UnlockFailed and the unlock carries on by itself.
+        task = self.station.spawn(self.station.unlock(connector_id), f"unlock-{connector_id}")
+        finished, _pending = await asyncio.wait({task}, timeout=UNLOCK_TIMEOUT_S)
+        if not finished:
+            log.error("connector %d: no unlock within %d s", connector_id, UNLOCK_TIMEOUT_S)
+        return call_result.UnlockConnector(status=task.result() if finished else "UnlockFailed")
 
     # ------------------------------------------------------------------ Smart Charging
     @on(Action.set_charging_profile)

@@ -357,9 +357,15 @@ class Session:
         except TimeoutError as exc:
             self._queued_unanswered(head, exc)
             return
-        except (ConnectionClosed, asyncio.CancelledError):
+        except ConnectionClosed as exc:
             # The connection dropped between the CALL and its result: the message stays
-            # first in the queue and is sent again, unchanged, after the reconnect.
+            # first in the queue and is sent again, unchanged, after the reconnect -- unless
+            # the CSMS closed it because the message is too big (1009): that is a refusal,
+            # or the queue would stall on it forever.
+            if exc.rcvd is not None and exc.rcvd.code == 1009:
+                self._queued_failed(head, exc)
+            raise
+        except asyncio.CancelledError:
             raise
         except (UnsendableMessage, TypeError, ValueError) as exc:
             # A message that cannot even be sent (it breaks the schema): retrying cannot

@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from agent.store import PAGE_SIZE, Store
+from agent.store import MIGRATIONS, PAGE_SIZE, Store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -192,3 +192,39 @@ def test_a_state_file_that_cannot_be_written_at_all_runs_in_memory_until_it_can(
     assert after["on_disk"] is True and after["error"] is None
     store = Store.open(state)
     assert (store.get("during"), store.get("after")) == ("1", "2")
+
+
+def test_an_old_state_file_that_cannot_be_upgraded_now_is_never_replaced(tmp_path: Path) -> None:
+    """A version 1 state file, and the kernel refuses writes (a full disk) just as the
+    upgraded agent opens it: the upgrade cannot run. The store must refuse to open rather
+    than start empty in memory and later write that empty state over the file."""
+    state = tmp_path / "state"
+    state.mkdir()
+    old = sqlite3.connect(state / "evcp.db", isolation_level=None)
+    old.execute(f"PRAGMA page_size={PAGE_SIZE}")
+    old.execute("PRAGMA journal_mode=WAL")
+    old.executescript(f"BEGIN; {MIGRATIONS[0]}; PRAGMA user_version=1; COMMIT;")
+    old.execute("INSERT INTO kv (key, value) VALUES ('csms.password', 'kept-0123456789')")
+    old.close()
+    script = textwrap.dedent(
+        f"""
+        import resource, signal, sqlite3
+        from pathlib import Path
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        from agent.store import Store
+        try:
+            Store.open(Path({str(state)!r})).close()
+        except sqlite3.Error as exc:
+            print("refused:", exc)
+        else:
+            print("opened")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("refused"), done.stdout
+    store = Store.open(state)  # writes allowed again: upgraded, nothing lost
+    assert store.get("csms.password") == "kept-0123456789"

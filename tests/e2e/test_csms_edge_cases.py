@@ -142,6 +142,22 @@ async def test_a_refused_authorization_key_frame_never_reaches_the_log(
     assert any("leak-1" in r.getMessage() for r in caplog.records)  # it was logged, redacted
 
 
+async def test_a_refused_short_authorization_key_does_not_blank_ordinary_words(
+    booted: RunningAgent, csms: Csms, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A value no key can have (under 12 characters here) is refused and is no secret:
+    the word does not vanish from every later log line."""
+    answer = await csms.call(
+        CP_ID, call.ChangeConfiguration(key="AuthorizationKey", value="Charging")
+    )
+    assert answer["status"] == "Rejected"
+    caplog.set_level(logging.INFO)
+    await booted.sim("plug")
+    assert "started" in await booted.swipe("TAG-1")
+    await csms.wait_message("StatusNotification", lambda p: p["status"] == "Charging")
+    assert "connector 1: Charging" in caplog.text
+
+
 async def test_boot_accepted_with_a_field_too_many_registers(
     make_agent: AgentFactory, csms: Csms, monkeypatch: pytest.MonkeyPatch
 ) -> None:

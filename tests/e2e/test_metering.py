@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from typing import Any
 
 from ocpp.v16 import call
@@ -297,3 +298,31 @@ async def test_power_follows_ev_max_current(booted: RunningAgent, csms: Csms) ->
     )
     assert status["connectors"][0]["status"] == "Charging"
     assert csms.errors == []
+
+
+async def test_stop_transaction_data_stays_within_its_byte_budget(
+    make_agent: AgentFactory, csms: Csms
+) -> None:
+    """Every measurand (per phase) every second for 20 s: transactionData is thinned,
+    never bigger than the budget (a CSMS may refuse big frames), still in time order,
+    still from Transaction.Begin to Transaction.End."""
+    from agent.station import MAX_STOP_SAMPLE_BYTES
+
+    everything = "Energy.Active.Import.Register,Power.Active.Import,Current.Import,Voltage"
+    agent: RunningAgent = await make_agent(ocpp={"StopTxnSampledData": everything})
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
+    tx_id = await start_charging(agent, csms)
+    await csms.wait_for(
+        lambda: len([m for m in csms.messages("MeterValues") if m.get("transactionId")]) >= 20,
+        timeout_s=40,
+    )
+    mark = len(csms.received)
+    await csms.call(CP_ID, call.RemoteStopTransaction(transaction_id=tx_id))
+    data = (await csms.wait_message("StopTransaction", after=mark)).payload["transactionData"]
+    middle = data[1:-1]
+    assert middle and len(json.dumps(middle)) <= MAX_STOP_SAMPLE_BYTES
+    assert len(middle) < 20  # thinned
+    stamps = [mv["timestamp"] for mv in data]
+    assert stamps == sorted(stamps)
+    assert data[0]["sampledValue"][0]["context"] == "Transaction.Begin"
+    assert data[-1]["sampledValue"][0]["context"] == "Transaction.End"

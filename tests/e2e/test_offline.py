@@ -587,6 +587,7 @@ async def test_a_card_of_the_same_group_stops_the_transaction(
         {"idTag": "CARD-A", "idTagInfo": {"status": "Accepted", "parentIdTag": "FLEET"}},
         {"idTag": "CARD-B", "idTagInfo": {"status": "Accepted", "parentIdTag": "FLEET"}},
         {"idTag": "CARD-C", "idTagInfo": {"status": "Accepted", "parentIdTag": "OTHER"}},
+        {"idTag": "CARD-X", "idTagInfo": {"status": "Blocked", "parentIdTag": "FLEET"}},
     ]
     full = call.SendLocalList(list_version=1, update_type="Full", local_authorization_list=cards)
     assert (await csms.call(CP_ID, full))["status"] == "Accepted"
@@ -597,6 +598,7 @@ async def test_a_card_of_the_same_group_stops_the_transaction(
     tx_id = await tx_id_of(booted)
     mark = len(csms.received)
     assert "stopped" not in await booted.swipe("CARD-C")
+    assert "stopped" not in await booted.swipe("CARD-X")  # blocked, though of the fleet
     assert "stopped" in await booted.swipe("CARD-B")
     stop = await csms.wait_message("StopTransaction", after=mark)
     assert stop.payload["transactionId"] == tx_id
