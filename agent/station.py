@@ -52,6 +52,10 @@ from drivers.base import (
 
 log = logging.getLogger("evcp.station")
 
+#: Seconds between attempts to start an EVSE controller that did not start, or to repeat
+#: a command to it that failed.
+CONTROLLER_RETRY_S = 5.0
+
 #: The most bytes (as JSON) of StopTxnSampledData/StopTxnAlignedData values one
 #: StopTransaction carries: beyond, every other value goes (coarser, never bigger). Many
 #: CSMS stacks refuse WebSocket frames over 64 KiB.
@@ -113,6 +117,8 @@ class Connector:
     pending_inoperative: bool | None = None  # Scheduled availability change
     tx: ActiveTx | None = None
     starting: bool = False  # a transaction is being started (authorizing, reading the meter)
+    controller_up: bool = False  # the EVSE controller's driver started
+    actuate_failed: bool = False  # the last command to the controller failed: retry it
     waiting_tag: tuple[str, str | None] | None = None  # (idTag, parentIdTag)
     waiting_profile: dict[str, Any] | None = None  # from RemoteStartTransaction
     waiting_deadline: asyncio.TimerHandle | None = None
@@ -250,9 +256,11 @@ class Station:
             c.hw.evse.set_listener(functools.partial(self._on_evse_status, c))
             try:
                 await c.hw.evse.start()
+                c.controller_up = True
                 c.evse_status = await c.hw.evse.read_status()
             except DriverError as exc:
-                log.error("connector %d: EVSE controller unavailable: %s", c.id, exc)
+                log.error("connector %d: EVSE controller unavailable (retrying every %.0f s):"
+                          " %s", c.id, CONTROLLER_RETRY_S, exc)  # fmt: skip
             try:
                 await c.hw.meter.connect()
                 c.reading = await c.hw.meter.read()
@@ -310,6 +318,17 @@ class Station:
         for task in list(self._tasks):
             task.cancel()
         for c in self.connectors.values():
+            # No energy without the agent: a transaction ends with it (closed as Reboot or
+            # PowerLoss at the next start), so nothing after this point would be billed.
+            if c.controller_up and c.applied_mode not in (ControlMode.PAUSED, ControlMode.DISABLED):
+                try:
+                    async with asyncio.timeout(2.0):
+                        await c.hw.evse.pause()
+                    log.info("connector %d: controller paused (the agent stops)", c.id)
+                except (DriverError, TimeoutError) as exc:
+                    log.error("connector %d: could not pause the controller at exit: %s",
+                              c.id, exc)  # fmt: skip
+        for c in self.connectors.values():
             with contextlib.suppress(DriverError):
                 await c.hw.evse.close()
             with contextlib.suppress(DriverError):
@@ -320,7 +339,28 @@ class Station:
         async with asyncio.TaskGroup() as group:
             for c in self.connectors.values():
                 group.create_task(self._poll_meter(c), name=f"meter-{c.id}")
+                group.create_task(self._supervise_controller(c), name=f"controller-{c.id}")
             group.create_task(self._aligned_loop(), name="aligned")
+
+    async def _supervise_controller(self, c: Connector) -> None:
+        """Never leave a controller in a state the agent did not choose: start a driver
+        that failed to start, and repeat a command that failed (a pause that did not
+        reach the controller would leave a car charging outside any transaction)."""
+        while True:
+            await asyncio.sleep(CONTROLLER_RETRY_S)
+            if not c.controller_up:
+                try:
+                    await c.hw.evse.start()
+                    c.controller_up = True
+                    c.evse_status = await c.hw.evse.read_status()
+                    log.warning("connector %d: EVSE controller answers now", c.id)
+                except DriverError as exc:
+                    log.debug("connector %d: EVSE controller still unavailable: %s", c.id, exc)
+                    continue
+                c.applied_mode, c.applied_current_a = None, None  # command it afresh
+                await self.actuate(c)
+            elif c.actuate_failed:
+                await self.actuate(c)
 
     # ================================================================== hardware events
     def _on_evse_status(self, c: Connector, status: EvseStatus) -> None:
@@ -388,10 +428,13 @@ class Station:
             c.meter_failed = True
             self._meter_lost(c)
             return None
-        if c.meter_failed:
+        recovered = c.meter_failed
+        if recovered:
             log.info("connector %d: meter answers again", c.id)
         c.meter_misses = 0
         c.meter_failed = False
+        if recovered and c.tx is not None:
+            self.spawn(self.actuate(c), "meter-back")
         c.reading = reading
         if c.tx is not None:
             self.store.note_meter(c.tx.local_id, energy_register_wh(reading), iso(self.now()))
@@ -497,6 +540,7 @@ class Station:
             elif (
                 c.tx is None
                 or c.tx.suspended_invalid
+                or c.meter_failed  # no energy that nothing meters
                 or c.limit_a < max(IEC61851_MIN_CURRENT_A, c.hw.evse.capabilities.min_current_a)
             ):
                 mode, current = ControlMode.PAUSED, None
@@ -522,8 +566,12 @@ class Station:
                     log.info("connector %d: controller %s", c.id, mode.value)
                     # Report from the controller's state after the command, not before it.
                     c.evse_status = await evse.read_status()
+                c.actuate_failed = False
             except DriverError as exc:
-                log.error("connector %d: could not command the controller: %s", c.id, exc)
+                log.error("connector %d: could not command the controller (retrying in %.0f"
+                          " s): %s", c.id, CONTROLLER_RETRY_S, exc)  # fmt: skip
+                c.actuate_failed = True
+                c.applied_mode, c.applied_current_a = None, None  # unknown: command it again
             c.paused_by_evse = c.tx is not None and (
                 mode is ControlMode.PAUSED or c.applied_mode is ControlMode.PAUSED
             )
@@ -790,6 +838,12 @@ class Station:
         reading = await self.read_meter(c) or c.reading
         now = self.now()
         meter_stop = energy_register_wh(reading) if reading else tx.meter_start_wh
+        if meter_stop < tx.meter_start_wh:
+            # A register below meterStart is another meter, or a misread: never a negative
+            # energy for the CSMS to bill.
+            log.warning("connector %d: meter register %d Wh is below meterStart %d Wh: using"
+                        " meterStart", c.id, meter_stop, tx.meter_start_wh)  # fmt: skip
+            meter_stop = tx.meter_start_wh
         end = self._stop_txn_sample(c, reading, "Transaction.End", now) if reading else []
         rec = TxRecord(
             tx.local_id, c.id, tx.id_tag, None, tx.meter_start_wh, iso(tx.start), None, None
@@ -895,9 +949,13 @@ class Station:
         self.spawn(self.actuate(c), "suspend-invalid")
 
     def _meter_lost(self, c: Connector) -> None:
-        """The meter is Faulted. Energy allowed only up to a metered amount
-        (MaxEnergyOnInvalidId) cannot be counted any more: stop it now."""
+        """The meter is Faulted: no energy until it answers again (nothing would bill it;
+        the transaction stays, SuspendedEVSE). Energy allowed only up to a metered amount
+        (MaxEnergyOnInvalidId) is over for good."""
         self._refresh_status(c)
+        if c.tx is not None:
+            log.warning("connector %d: meter lost while charging: energy paused", c.id)
+            self.spawn(self.actuate(c), "meter-lost")
         tx = c.tx
         if tx is not None and tx.invalid_energy_limit_wh is not None and not tx.suspended_invalid:
             log.warning(

@@ -124,12 +124,20 @@ def query(server: str, *, port: int = NTP_PORT, timeout_s: float = 2.0) -> Clock
         raise ProtocolError(f"NTP server {server}: unsynchronised (stratum {stratum})")
     if int(stats.mode) != _MODE_SERVER:
         raise ProtocolError(f"NTP server {server}: unexpected mode {stats.mode} in reply")
-    if not stats.tx_timestamp:
-        raise ProtocolError(f"NTP server {server}: reply without a transmit timestamp")
+    if not stats.tx_timestamp or not stats.recv_timestamp:
+        raise ProtocolError(f"NTP server {server}: reply without a receive/transmit timestamp")
+    # The origin timestamp echoes our request's transmit time: a reply that does not (0,
+    # or from another exchange) answers nothing we asked, and would step the clock by
+    # decades (RFC 5905 8: the "bogus" test).
+    round_trip_s = float(stats.dest_timestamp) - float(stats.orig_timestamp)
+    if not stats.orig_timestamp or not -1.0 <= round_trip_s <= timeout_s + 1.0:
+        raise ProtocolError(f"NTP server {server}: reply does not match our request")
     offset_s = float(stats.offset)
     delay_s = float(stats.delay)
     if not (math.isfinite(offset_s) and math.isfinite(delay_s)):
         raise ProtocolError(f"NTP server {server}: non-finite offset or delay")
+    if not -1.0 <= delay_s <= timeout_s + 1.0:
+        raise ProtocolError(f"NTP server {server}: impossible round-trip delay {delay_s:.3g} s")
     return ClockSample(server=server, offset_s=offset_s, delay_s=delay_s, stratum=stratum)
 
 

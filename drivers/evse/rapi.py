@@ -698,6 +698,7 @@ class RapiController:
                     continue
                 except (OSError, ConnectionError) as exc:
                     self._port_lost = True
+                    self._mark_comm_lost()
                     raise TransientDriverError(f"rapi {self.port}: write failed: {exc}") from exc
                 finally:
                     self._pending = None
@@ -767,6 +768,7 @@ class RapiController:
             try:
                 await self._open_port()
             except FatalDriverError as exc:
+                self._mark_comm_lost()
                 raise TransientDriverError(str(exc)) from exc
         assert self._writer is not None
         return self._writer
@@ -790,6 +792,7 @@ class RapiController:
             log.error("rapi %s: serial port reached end of file", self.port)
         self._port_lost = True
         self._fail_pending(TransientDriverError(f"rapi {self.port}: serial port lost"))
+        self._mark_comm_lost()  # until a reopened port answers again
 
     def _fail_pending(self, exc: Exception) -> None:
         pending = self._pending

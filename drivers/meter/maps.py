@@ -99,6 +99,8 @@ ENTRY_KEYS: Final = {
 }
 #: The exponent register (``value * 10**exp``) is a signed 16-bit integer.
 EXPONENT_TYPE: Final = "int16"
+#: The largest power of ten a scale-factor register may give (SunSpec uses -10..10).
+MAX_EXPONENT: Final = 10
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
@@ -429,8 +431,8 @@ def decode_entry(entry: RegisterEntry, blocks: Blocks) -> float | None:
         if exp_words is None:
             return None
         exponent = _raw(exp_words, EXPONENT_TYPE, "big")
-        if exponent is None:
-            return None
+        if exponent is None or not -MAX_EXPONENT <= int(exponent) <= MAX_EXPONENT:
+            return None  # not available (SunSpec -32768), or no real meter's scale
         value *= 10.0 ** int(exponent)
     return value if math.isfinite(value) else None
 

@@ -106,3 +106,84 @@ async def test_meter_register_survives_an_agent_restart(
     status = await agent.status()
     assert status["connectors"][0]["energy_wh"] >= energy_before - 1
     assert csms.errors == []
+
+
+# ---------------------------------------------------------------------- never unmetered
+async def test_a_pause_lost_to_a_line_glitch_is_sent_again(
+    make_agent: AgentFactory, csms: Csms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RemoteStop while the controller's line is down for one command (the pause fails):
+    the agent repeats the command until the contactor is open; no car charges outside a
+    transaction."""
+    from agent import station as station_module
+    from drivers.base import DeviceTimeout
+    from drivers.evse.rapi import RapiController
+
+    monkeypatch.setattr(station_module, "CONTROLLER_RETRY_S", 0.5)
+    agent = await make_agent()
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
+    tx_id = await start_charging(agent, csms)
+    original = RapiController.pause
+    failures = [DeviceTimeout("rapi: no reply to $FS after 3 attempts")]
+
+    async def glitchy_pause(self: RapiController) -> None:
+        if failures:
+            raise failures.pop()
+        await original(self)
+
+    monkeypatch.setattr(RapiController, "pause", glitchy_pause)
+    mark = len(csms.received)
+    await csms.call(CP_ID, call.RemoteStopTransaction(transaction_id=tx_id))
+    await csms.wait_message("StopTransaction", after=mark)
+    await wait_sim(agent, lambda s: not s["contactor_closed"])
+    assert failures == []
+
+
+async def test_a_lost_meter_pauses_the_energy_until_it_answers(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    """Nothing is delivered that nothing meters: the contactor opens while the meter is
+    Faulted, the transaction stays, and charging resumes when the meter is back."""
+    tx_id = await start_charging(booted, csms)
+    await booted.sim("meter-exception", code=4)
+    await csms.wait_message("StatusNotification", status_is(1, "Faulted"))
+    await wait_sim(booted, lambda s: not s["contactor_closed"])
+    assert (await booted.status())["connectors"][0]["transaction_id"] == tx_id
+    mark = len(csms.received)
+    await booted.sim("meter-exception-clear")
+    await csms.wait_message("StatusNotification", status_is(1, "Charging"), after=mark)
+    await wait_sim(booted, lambda s: s["contactor_closed"])
+
+
+async def test_stopping_the_agent_opens_the_contactor(
+    booted: RunningAgent, csms: Csms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An orderly stop (SIGTERM) ends the session (closed as Reboot at the next start):
+    the controller is paused first, so no energy flows that nobody bills."""
+    from agent.hardware import SimProcess
+
+    seen: dict[str, Any] = {}
+    original = SimProcess.stop
+
+    async def look_then_stop(self: SimProcess) -> None:
+        seen.update((await self.command({"cmd": "state"}))["connectors"][0])
+        await original(self)
+
+    monkeypatch.setattr(SimProcess, "stop", look_then_stop)
+    await start_charging(booted, csms)
+    await booted.stop()
+    assert seen and not seen["contactor_closed"], seen
+
+
+async def wait_sim(agent: RunningAgent, predicate: Any, timeout_s: float = 10.0) -> None:
+    """Poll the simulator's connector 1 until ``predicate(state)`` holds."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        state = (await agent.sim("state"))["connectors"][0]
+        if predicate(state):
+            return
+        assert loop.time() < deadline, state
+        await asyncio.sleep(0.1)
