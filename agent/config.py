@@ -41,6 +41,10 @@ class Key:
     doc: str = ""
 
 
+#: The longest path a Unix socket can have (sun_path is 108 bytes with its terminator).
+MAX_SOCKET_PATH = 107
+
+
 def _one_of(*choices: str) -> Validator:
     def check(value: Any) -> str | None:
         return None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
@@ -56,7 +60,13 @@ def _range(lo: float, hi: float) -> Validator:
 
 
 def _wss_url(value: Any) -> str | None:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises for a port out of range or not a number
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if port == 0:
+        return "has an invalid port"
     if parts.scheme == "ws":
         return (
             "must start with wss://: OCPP over plain ws:// is refused "
@@ -66,6 +76,8 @@ def _wss_url(value: Any) -> str | None:
         return "must be a wss:// URL with a host, e.g. wss://csms.example.com/ocpp"
     if parts.username or parts.password:
         return "must not carry credentials; set [csms] password instead"
+    if parts.query or parts.fragment:
+        return "must not have a query or fragment (the charge point id is appended to the path)"
     return None
 
 
@@ -74,7 +86,10 @@ def _http_proxy(value: Any) -> str | None:
     connection attempt."""
     if not value:
         return None
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be empty (direct) or an http:// or https:// proxy URL, e.g. http://proxy:3128"
     try:
@@ -309,6 +324,24 @@ def validate(data: Mapping[str, Any], path: Path) -> Config:
         raise fail(
             "[hardware] connectors",
             'driver = "devices" drives one connector per [meter]/[evse] pair: set 1',
+        )
+    meter_port = sections["meter"]["port"]
+    devices = sections["hardware"]["driver"] == "devices"
+    if (
+        devices
+        and sections["meter"]["transport"] == "tcp"
+        and (not isinstance(meter_port, int) or not 1 <= meter_port <= 65535)
+    ):
+        raise fail("[meter] port", 'must be a TCP port number 1-65535 with transport = "tcp"')
+    if (
+        devices
+        and sections["meter"]["transport"] == "rtu"
+        and not (isinstance(meter_port, str) and meter_port)
+    ):
+        raise fail("[meter] port", 'must be a serial device (e.g. "/dev/ttyUSB0") with "rtu"')
+    if len(os.fsencode(sections["agent"]["control_socket"])) > MAX_SOCKET_PATH:
+        raise fail(
+            "[agent] control_socket", f"path longer than {MAX_SOCKET_PATH} bytes (a Unix limit)"
         )
     return Config(path=path, ocpp=dict(ocpp_keys), **sections)
 

@@ -81,6 +81,9 @@ def request(path: Path, payload: dict[str, Any], *, timeout_s: float = 30.0) -> 
         raise ControlError(
             f"no permission to use {path}: run as root or as a member of the agent's group"
         ) from None
+    except OSError as exc:
+        sock.close()
+        raise ControlError(f"cannot reach the agent at {path}: {exc.strerror or exc}") from None
     try:
         sock.sendall(json.dumps(payload).encode() + b"\n")
         data = b""
@@ -91,9 +94,16 @@ def request(path: Path, payload: dict[str, Any], *, timeout_s: float = 30.0) -> 
             data += chunk
     except TimeoutError:
         raise ControlError(f"the agent did not answer within {timeout_s:.0f} s") from None
+    except OSError as exc:
+        raise ControlError(f"the control connection failed: {exc.strerror or exc}") from None
     finally:
         sock.close()
     if not data:
         raise ControlError("the agent closed the control connection without an answer")
-    answer: dict[str, Any] = json.loads(data)
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        raise ControlError("the agent's answer is not JSON (is this an evcp socket?)") from None
+    if not isinstance(answer, dict):
+        raise ControlError("the agent's answer is not a JSON object")
     return answer

@@ -52,6 +52,9 @@ from drivers.base import (
 
 log = logging.getLogger("evcp.station")
 
+#: The longest GetCompositeSchedule answered (longer requests get this much).
+MAX_COMPOSITE_S = 7 * 86400
+
 #: Seconds between attempts to start an EVSE controller that did not start, or to repeat
 #: a command to it that failed.
 CONTROLLER_RETRY_S = 5.0
@@ -1197,12 +1200,15 @@ class Station:
     def composite_schedule(
         self, connector_id: int, duration_s: int, unit: str | None
     ) -> tuple[str, dict[str, Any]] | None:
-        """GetCompositeSchedule: ``(scheduleStart, chargingSchedule)`` or None (Rejected)."""
+        """GetCompositeSchedule: ``(scheduleStart, chargingSchedule)`` or None (Rejected).
+
+        At most MAX_COMPOSITE_S ahead: the schedule is computed on the event loop, and a
+        year of daily profiles would hold it (pilot, pings, watchdog) for seconds."""
         c = self.connectors.get(connector_id)
         return self.charging.composite(
             connector_id,
             self.now(),
-            duration_s,
+            min(duration_s, MAX_COMPOSITE_S),
             unit,
             self._tx_for_profiles(c) if c is not None else None,
             hardware_max_a=self._hardware_max_a(c) if c is not None else None,

@@ -194,11 +194,18 @@ KEYS: tuple[KeySpec, ...] = (
     _b("UnlockConnectorOnEVSideDisconnect", True),
     _i("WebSocketPingInterval", 60, minimum=0, maximum=3600),
     # --- Smart Charging (section 9.4)
-    _i("ChargeProfileMaxStackLevel", 10, access=RO),
-    KeySpec("ChargingScheduleAllowedChargingRateUnit", Kind.CSL, "Current,Power", access=RO),
-    _i("ChargingScheduleMaxPeriods", 48, access=RO),
+    _i("ChargeProfileMaxStackLevel", 10, minimum=0, maximum=100, access=RO),
+    KeySpec(
+        "ChargingScheduleAllowedChargingRateUnit",
+        Kind.CSL,
+        "Current,Power",
+        access=RO,
+        choices=("Current", "Power"),
+        max_items=2,
+    ),
+    _i("ChargingScheduleMaxPeriods", 48, minimum=1, maximum=1000, access=RO),
     _b("ConnectorSwitch3to1PhaseSupported", False, access=RO),
-    _i("MaxChargingProfilesInstalled", 20, access=RO),
+    _i("MaxChargingProfilesInstalled", 20, minimum=1, maximum=1000, access=RO),
     # --- Local Auth List Management (section 9.2)
     _b("LocalAuthListEnabled", True),
     _i("LocalAuthListMaxLength", 10000, access=RO),

@@ -252,8 +252,12 @@ def period_at(profile: Profile, now: datetime, tx_start: datetime | None) -> Per
 
 
 def phases_of(period: Period, phases: int) -> int:
-    """The phases a period charges on: its numberPhases, never more than the installation's."""
-    return min(period.number_phases or phases, phases)
+    """The phases a period charges on: the installation's. The pilot cannot switch phases
+    (ConnectorSwitch3to1PhaseSupported is false), so a vehicle draws the offered current on
+    every phase it has, whatever numberPhases says: converting a W limit with fewer phases
+    would let it draw up to three times the limit."""
+    del period
+    return phases
 
 
 def to_amps(period: Period, unit: str, *, voltage_v: float, phases: int) -> float:

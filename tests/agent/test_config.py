@@ -181,3 +181,53 @@ def test_broken_meter_map_file_is_refused_with_its_key(tmp_path: Path) -> None:
     text = VALID + f'\n[sim]\nmeter_model = "{tmp_path / "mymeter.toml"}"\n'
     path = write(tmp_path, text)
     assert_refused(check_config(path), path, "[sim] meter_model", "mymeter.toml")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["wss://[::1", "wss://csms.example.com:99999/ocpp", "wss://csms.example.com/ocpp?x=1"],
+)
+def test_a_url_that_can_never_work_is_refused(tmp_path: Path, url: str) -> None:
+    text = VALID.replace('url = "wss://csms.example.com/ocpp"', f'url = "{url}"')
+    path = write(tmp_path, text)
+    assert_refused(check_config(path), path, "[csms] url")
+
+
+def test_an_unparseable_proxy_url_is_refused(tmp_path: Path) -> None:
+    text = VALID.replace('password = "', 'proxy = "http://[::1"\npassword = "')
+    path = write(tmp_path, text)
+    assert_refused(check_config(path), path, "[csms] proxy")
+
+
+@pytest.mark.parametrize(
+    ("transport", "port"),
+    [("tcp", "70000"), ("tcp", "-1"), ("tcp", '"abc"'), ("rtu", "502"), ("rtu", '""')],
+)
+def test_a_meter_port_that_cannot_work_is_refused(
+    tmp_path: Path, transport: str, port: str
+) -> None:
+    text = VALID.replace('driver = "sim"', 'driver = "devices"')
+    text += f'\n[meter]\ntransport = "{transport}"\nport = {port}\n'
+    path = write(tmp_path, text)
+    assert_refused(check_config(path), path, "[meter] port")
+
+
+def test_a_control_socket_path_too_long_for_unix_is_refused(tmp_path: Path) -> None:
+    long_path = "/tmp/" + "x" * 120 + "/control.sock"
+    text = VALID.replace('control_socket = "control.sock"', f'control_socket = "{long_path}"')
+    path = write(tmp_path, text)
+    assert_refused(check_config(path), path, "[agent] control_socket")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'ChargingScheduleAllowedChargingRateUnit = "Foo"',
+        "ChargeProfileMaxStackLevel = -1",
+        "MaxChargingProfilesInstalled = 0",
+        'ConnectorPhaseRotation = "RST"',
+    ],
+)
+def test_an_ocpp_key_value_that_would_break_a_profile_is_refused(tmp_path: Path, line: str) -> None:
+    path = write(tmp_path, VALID + f"\n[ocpp]\n{line}\n")
+    assert_refused(check_config(path), path, "[ocpp] " + line.split(" = ")[0])

@@ -422,8 +422,10 @@ def test_absolute_profile_in_local_time_across_spring_forward() -> None:
 def test_watts_are_converted_with_voltage_and_phases() -> None:
     p = sc.parse_profile(0, body(1, sc.TX_DEFAULT, 0, [(0, 11040)], unit="W"))
     assert limit([p], T0) == pytest.approx(16.0)
+    # numberPhases 1 cannot be honoured (no phase switching): the vehicle draws on all three
+    # phases, so 2300 W is 2300 / (230 * 3) A, not 10 A (which would be 6900 W).
     one_phase = sc.parse_profile(0, body(2, sc.TX_DEFAULT, 1, [(0, 2300)], unit="W", phases=1))
-    assert limit([one_phase], T0) == pytest.approx(10.0)
+    assert limit([one_phase], T0) == pytest.approx(2300 / 690)
 
 
 def test_watts_on_a_single_phase_installation() -> None:

@@ -123,6 +123,20 @@ async def test_no_command_prints_help() -> None:
     assert "Traceback" not in result.err
 
 
+async def test_status_with_a_socket_path_under_a_file_is_one_clean_line(
+    tmp_path: Path, ca_file: Path
+) -> None:
+    """The control socket's directory is a regular file: not a traceback, one line."""
+    config = offline_config(tmp_path, ca_file)
+    (tmp_path / "not-a-dir").write_text("")
+    text = config.read_text()
+    config.write_text(
+        text.replace(str(tmp_path / "control.sock"), str(tmp_path / "not-a-dir" / "c.sock"))
+    )
+    result = await evcp("status", "--config", str(config))
+    result.assert_clean_error(1, "cannot reach the agent")
+
+
 async def test_status_when_the_agent_is_not_running(tmp_path: Path, ca_file: Path) -> None:
     config = offline_config(tmp_path, ca_file)
     for extra in ([], ["--json"]):

@@ -521,3 +521,11 @@ async def test_charge_point_maximum_is_shared_between_connectors(
     await csms.call(CP_ID, call.ClearChargingProfile(charging_profile_purpose="TxProfile"))
     await wait_sim(agent, offering(20), connector=2)
     assert csms.errors == []
+
+
+async def test_a_composite_schedule_is_at_most_a_week(booted: RunningAgent, csms: Csms) -> None:
+    """GetCompositeSchedule is computed on the agent's event loop: a year (or 2**31 s) of
+    daily profiles would hold it for minutes, so the answer covers at most 7 days."""
+    result = await composite(csms, duration=2**31 - 1)
+    assert result["status"] == "Accepted"
+    assert result["chargingSchedule"]["duration"] <= 7 * 86400
