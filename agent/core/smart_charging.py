@@ -204,8 +204,11 @@ def _check(p: Profile) -> None:
         raise ProfileError("minChargingRate must not be negative")
     if p.kind == "Recurring" and p.recurrency not in RECURRENCY:
         raise ProfileError("a Recurring profile needs recurrencyKind Daily or Weekly")
-    if p.kind in ("Absolute", "Recurring") and p.start_schedule is None:
-        raise ProfileError(f"a {p.kind} profile needs a startSchedule")
+    if p.kind == "Recurring" and p.start_schedule is None:
+        raise ProfileError("a Recurring profile needs a startSchedule")
+    # An Absolute profile without one counts from the start of charging (OCPP 1.6 7.13:
+    # "if absent the schedule will be relative to start of charging"): not for a
+    # ChargePointMaxProfile, which belongs to no transaction.
     if p.valid_from is not None and p.valid_to is not None and p.valid_to <= p.valid_from:
         raise ProfileError("validTo must be after validFrom")
     if p.transaction_id is not None and p.purpose != TX:
@@ -213,8 +216,11 @@ def _check(p: Profile) -> None:
     if p.purpose == CP_MAX:
         if p.connector_id != 0:
             raise ProfileError("a ChargePointMaxProfile must be set on connector 0")
-        if p.kind == "Relative":
-            raise ProfileError("a ChargePointMaxProfile cannot be Relative (no transaction)")
+        if p.kind == "Relative" or (p.start_schedule is None and p.kind == "Absolute"):
+            raise ProfileError(
+                "a ChargePointMaxProfile cannot count from a transaction (Relative, or"
+                " Absolute without startSchedule)"
+            )
     if p.purpose == TX and p.connector_id == 0:
         raise ProfileError("a TxProfile needs a connector (not 0)")
 
@@ -227,9 +233,9 @@ def schedule_start(profile: Profile, now: datetime, tx_start: datetime | None) -
 
     ``tx_start`` is where a Relative schedule counts from (None: it does not apply).
     """
-    if profile.kind == "Relative":
-        return tx_start
     start = profile.start_schedule
+    if profile.kind == "Relative" or start is None:  # (Absolute without startSchedule)
+        return tx_start
     cycle = profile.cycle
     if start is None or cycle is None or now < start:
         return start

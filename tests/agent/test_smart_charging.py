@@ -534,7 +534,14 @@ def test_cp_max_is_shared_between_sessions() -> None:
         (body(1, "Bogus", 0, [(0, 6)]), 1, "Purpose"),
         (body(1, sc.TX, 0, [(0, 6)], kind="Sometimes"), 1, "Kind"),
         (body(1, sc.TX, 0, [(0, 6)], kind="Recurring"), 1, "recurrencyKind"),
-        (body(1, sc.TX_DEFAULT, 0, [(0, 6)], start=None), 1, "startSchedule"),
+        (
+            body(
+                1, sc.TX_DEFAULT, 0, [(0, 6)], kind="Recurring", recurrencyKind="Daily", start=None
+            ),
+            1,
+            "startSchedule",
+        ),
+        (body(1, sc.CP_MAX, 0, [(0, 6)], start=None), 0, "transaction"),
         (body(1, sc.TX, 0, [(0, -1)]), 1, "negative"),
         (body(1, sc.TX, -1, [(0, 6)]), 1, "stackLevel"),
         (body(1, sc.TX, 0, [(0, 6)], phases=4), 1, "numberPhases"),
@@ -1034,3 +1041,13 @@ def test_shares_never_exceed_the_cap(cap: float, wants: list[float]) -> None:
             assert shares[cid] == 0 or shares[cid] >= 6 - 1e-9
     if cap >= 6 * len([w for w in wants if w >= 6]):
         assert all(shares[cid] >= 6 - 1e-9 for cid, want in pairs if want >= 6)
+
+
+def test_an_absolute_profile_without_start_schedule_counts_from_the_start_of_charging() -> None:
+    """OCPP 1.6: startSchedule is optional; "if absent the schedule will be relative to
+    start of charging" -- some CSMSs send TxProfiles this way."""
+    p = sc.parse_profile(1, body(1, sc.TX_DEFAULT, 0, [(0, 10), (HOUR, 20)], start=None))
+    assert limit([p], T0) == 32  # no transaction: the profile does not apply yet
+    tx = sc.Tx(transaction_id=7, start=T0)
+    assert limit([p], T0 + timedelta(minutes=5), tx) == 10
+    assert limit([p], T0 + timedelta(minutes=65), tx) == 20
