@@ -45,6 +45,17 @@ class Key:
 MAX_SOCKET_PATH = 107
 
 
+def _tcp_port(value: Any) -> bool:
+    """1-65535, as a number or a string of one ("502")."""
+    if isinstance(value, bool):
+        return False
+    try:
+        port = int(value)
+    except ValueError:
+        return False
+    return 1 <= port <= 65535
+
+
 def _one_of(*choices: str) -> Validator:
     def check(value: Any) -> str | None:
         return None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
@@ -327,11 +338,7 @@ def validate(data: Mapping[str, Any], path: Path) -> Config:
         )
     meter_port = sections["meter"]["port"]
     devices = sections["hardware"]["driver"] == "devices"
-    if (
-        devices
-        and sections["meter"]["transport"] == "tcp"
-        and (not isinstance(meter_port, int) or not 1 <= meter_port <= 65535)
-    ):
+    if devices and sections["meter"]["transport"] == "tcp" and not _tcp_port(meter_port):
         raise fail("[meter] port", 'must be a TCP port number 1-65535 with transport = "tcp"')
     if (
         devices

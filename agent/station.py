@@ -40,6 +40,7 @@ from agent.store import Store, TxRecord
 from drivers.base import (
     IEC61851_MIN_CURRENT_A,
     ControlMode,
+    CurrentNotApplied,
     DriverError,
     EvseController,
     EvseStatus,
@@ -51,6 +52,9 @@ from drivers.base import (
 )
 
 log = logging.getLogger("evcp.station")
+
+#: Vehicle states with a vehicle on the cable.
+PLUGGED = (VehicleState.CONNECTED, VehicleState.REQUESTING, VehicleState.CHARGING)
 
 #: The longest GetCompositeSchedule answered (longer requests get this much).
 MAX_COMPOSITE_S = 7 * 86400
@@ -122,6 +126,7 @@ class Connector:
     starting: bool = False  # a transaction is being started (authorizing, reading the meter)
     controller_up: bool = False  # the EVSE controller's driver started
     actuate_failed: bool = False  # the last command to the controller failed: retry it
+    last_vehicle: VehicleState | None = None  # the last vehicle state that was not a fault
     waiting_tag: tuple[str, str | None] | None = None  # (idTag, parentIdTag)
     waiting_profile: dict[str, Any] | None = None  # from RemoteStartTransaction
     waiting_deadline: asyncio.TimerHandle | None = None
@@ -369,11 +374,12 @@ class Station:
     def _on_evse_status(self, c: Connector, status: EvseStatus) -> None:
         before = c.evse_status
         c.evse_status = status
-        was_plugged = before is not None and before.vehicle in (
-            VehicleState.CONNECTED,
-            VehicleState.REQUESTING,
-            VehicleState.CHARGING,
-        )
+        # Plugged or not as last *known*: a fault (a lost serial line) says nothing about
+        # the vehicle, so FAULT -> ABSENT after an outage is still an unplug.
+        prior = c.last_vehicle or (before.vehicle if before is not None else None)
+        was_plugged = prior in PLUGGED
+        if status.vehicle not in (VehicleState.FAULT, VehicleState.UNKNOWN):
+            c.last_vehicle = status.vehicle
         if before is None or before.vehicle != status.vehicle or before.fault != status.fault:
             log.info(
                 "connector %d: vehicle %s%s",
@@ -557,8 +563,14 @@ class Station:
             evse = c.hw.evse
             try:
                 if current is not None and current != c.applied_current_a:
-                    c.applied_current_a = await evse.set_offered_current(current)
-                    log.info("connector %d: offering %.1f A", c.id, c.applied_current_a)
+                    try:
+                        c.applied_current_a = await evse.set_offered_current(current)
+                        log.info("connector %d: offering %.1f A", c.id, c.applied_current_a)
+                    except CurrentNotApplied as exc:
+                        # The controller's own decision (its range, its temperature): taken
+                        # as it is, not repeated; the next change of state tries again.
+                        c.applied_current_a = exc.applied_a
+                        log.warning("connector %d: %s", c.id, exc)
                 if mode is not c.applied_mode:
                     await {
                         ControlMode.ENABLED: evse.enable,

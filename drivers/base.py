@@ -66,6 +66,16 @@ class ProtocolError(TransientDriverError):
     """The device answered with a malformed, unexpected or negative reply."""
 
 
+class CurrentNotApplied(ProtocolError):
+    """The controller kept another offered current than the one asked for (clamped to its
+    range, or not raised while it throttles for temperature). ``applied_a`` is what it
+    offers now: the controller's own decision, not a failure to retry."""
+
+    def __init__(self, message: str, applied_a: float) -> None:
+        super().__init__(message)
+        self.applied_a = applied_a
+
+
 class FatalDriverError(DriverError):
     """The device cannot be used at all (port missing, wrong configuration, bad map).
 

@@ -79,6 +79,7 @@ from typing import Any, Final, Literal
 
 from drivers.base import (
     ControlMode,
+    CurrentNotApplied,
     DeviceTimeout,
     DriverError,
     EvseCapabilities,
@@ -642,15 +643,12 @@ class RapiController:
             if applied is not None:
                 # The controller keeps the value it applied; that is the intent now.
                 self._intent_current = applied
-            raise ProtocolError(
-                f"rapi {self.port}: controller refused {amps} A"
-                + (
-                    f" and applies {applied} A (clamped to its range, or not raised while "
-                    "over temperature)"
-                    if applied is not None
-                    else ""
+                raise CurrentNotApplied(
+                    f"rapi {self.port}: controller refused {amps} A and applies {applied} A"
+                    " (clamped to its range, or not raised while over temperature)",
+                    float(applied),
                 )
-            )
+            raise ProtocolError(f"rapi {self.port}: controller refused {amps} A")
         if applied is None:
             raise ProtocolError(f"rapi {self.port}: $SC reply without the applied current")
         return float(applied)

@@ -212,6 +212,13 @@ def test_a_meter_port_that_cannot_work_is_refused(
     assert_refused(check_config(path), path, "[meter] port")
 
 
+def test_a_meter_tcp_port_written_as_a_string_is_accepted(tmp_path: Path) -> None:
+    text = VALID.replace('driver = "sim"', 'driver = "devices"')
+    text += '\n[meter]\ntransport = "tcp"\nport = "502"\n'
+    result = check_config(write(tmp_path, text))
+    assert result.returncode == 0, result.stderr
+
+
 def test_a_control_socket_path_too_long_for_unix_is_refused(tmp_path: Path) -> None:
     long_path = "/tmp/" + "x" * 120 + "/control.sock"
     text = VALID.replace('control_socket = "control.sock"', f'control_socket = "{long_path}"')

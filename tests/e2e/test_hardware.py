@@ -187,3 +187,77 @@ async def wait_sim(agent: RunningAgent, predicate: Any, timeout_s: float = 10.0)
             return
         assert loop.time() < deadline, state
         await asyncio.sleep(0.1)
+
+
+async def test_an_unplug_during_a_serial_outage_still_ends_the_transaction(
+    make_agent: AgentFactory, csms: Csms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The controller's serial line drops (a USB adapter reset) while a car charges, and
+    the car leaves meanwhile. Once the line is back, FAULT (communication) -> absent is an
+    unplug: the transaction ends with EVDisconnected."""
+    import asyncio
+
+    from drivers.evse.rapi import RapiController
+
+    drivers: list[RapiController] = []
+    original_start = RapiController.start
+
+    async def keep(self: RapiController) -> None:
+        drivers.append(self)
+        await original_start(self)
+
+    monkeypatch.setattr(RapiController, "start", keep)
+    agent = await make_agent()
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
+    tx_id = await start_charging(agent, csms)
+    mark = len(csms.received)
+    writer = drivers[0]._writer
+    assert writer is not None
+    writer.transport.close()  # end of file on the port
+    await csms.wait_message("StatusNotification", status_is(1, "Faulted"), after=mark)
+    await agent.sim("unplug")
+    await asyncio.sleep(0.3)
+    await drivers[0].read_status()  # what the driver's next poll does: reopen, read
+    stop = await csms.wait_message("StopTransaction", after=mark)
+    assert (stop.payload["transactionId"], stop.payload["reason"]) == (tx_id, "EVDisconnected")
+
+
+async def test_a_current_the_controller_will_not_raise_is_not_repeated(
+    make_agent: AgentFactory, csms: Csms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over temperature the controller keeps 10 A when asked for more: that is its
+    decision. The agent takes it (and reports it) instead of repeating the command."""
+    import asyncio
+
+    from agent import station as station_module
+    from drivers.base import CurrentNotApplied
+    from drivers.evse.rapi import RapiController
+
+    monkeypatch.setattr(station_module, "CONTROLLER_RETRY_S", 0.3)
+    agent = await make_agent()
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
+    await start_charging(agent, csms)
+    asked: list[float] = []
+
+    async def throttled(self: RapiController, current_a: float) -> float:
+        asked.append(current_a)
+        raise CurrentNotApplied("controller keeps 10 A", 10.0)
+
+    monkeypatch.setattr(RapiController, "set_offered_current", throttled)
+    body = {
+        "chargingProfileId": 9,
+        "stackLevel": 0,
+        "chargingProfilePurpose": "TxDefaultProfile",
+        "chargingProfileKind": "Relative",
+        "chargingSchedule": {
+            "chargingRateUnit": "A",
+            "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 16}],
+        },
+    }
+    result = await csms.call(
+        CP_ID, call.SetChargingProfile(connector_id=1, cs_charging_profiles=body)
+    )
+    assert result["status"] == "Accepted"
+    await asyncio.sleep(2)
+    assert asked == [16]
+    assert (await agent.status())["connectors"][0]["offered_current_a"] == 10.0
