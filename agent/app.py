@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -25,7 +26,7 @@ from agent.logs import add_secret
 from agent.ocpp.session import Session
 from agent.station import Station
 from agent.store import Store
-from drivers.base import FaultCode
+from drivers.base import FaultCode, raise_if_cancelling
 from drivers.clock.ntp import ClockGuard
 
 log = logging.getLogger("evcp")
@@ -75,6 +76,37 @@ class Restart(Exception):
 
 async def run(cfg: Config) -> str | None:
     """Run the agent until SIGTERM/SIGINT (returns None) or a Reset (returns its kind)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)  # from the start: NTP may take a while
+    try:
+        return await _run(cfg, stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+async def _unless_stopped(work: Awaitable[Any], stop: asyncio.Event) -> bool:
+    """Await ``work``; False (and ``work`` cancelled) when a stop signal comes first."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise_if_cancelling()
+    log.info("stopping on signal (while starting)")
+    return False
+
+
+async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
     store = Store.open(cfg.state_dir)
     store.max_queue = int(cfg.agent["queue_max_messages"])
     password = store.get("csms.password") or cfg.csms["password"]
@@ -101,7 +133,10 @@ async def run(cfg: Config) -> str | None:
     )
     servers = list(cfg.time["ntp_servers"])
     if servers:
-        await clock.wait_synchronized(servers, attempts=int(cfg.time["sync_attempts"]))
+        synced = clock.wait_synchronized(servers, attempts=int(cfg.time["sync_attempts"]))
+        if not await _unless_stopped(synced, stop):
+            store.close()
+            return None
     else:
         log.info("NTP disabled ([time] ntp_servers is empty): trusting the system clock")
 
@@ -121,10 +156,7 @@ async def run(cfg: Config) -> str | None:
         request_restart=request_restart,
     )
     session = Session(cfg=cfg, station=station, password=password)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    restart_kind: str | None = None
 
     async def control_handler(request: dict[str, Any]) -> dict[str, Any]:
         return await handle_control(request, station, sim)
@@ -134,7 +166,6 @@ async def run(cfg: Config) -> str | None:
         server = await serve_control(cfg.control_socket, control_handler)
         sd_notify(f"READY=1\nSTATUS=evcp {__version__}: {len(hardware)} connector(s)")
         log.info("evcp %s running with %d connector(s)", __version__, len(hardware))
-        restart_kind: str | None = None
         me = asyncio.current_task()
         cancelling_before = me.cancelling() if me is not None else 0
         try:
@@ -147,7 +178,7 @@ async def run(cfg: Config) -> str | None:
                         clock.run_periodic(servers, float(cfg.time["sync_interval_s"])),
                         name="ntp",
                     )
-                group.create_task(_until(stop, restart), name="until")
+                group.create_task(_until(stop, restart, station), name="until")
         except* _Stop:
             _undo_taskgroup_cancel(me, cancelling_before)
             station.note_orderly_stop()
@@ -162,9 +193,10 @@ async def run(cfg: Config) -> str | None:
                 cfg.control_socket.unlink()
         return restart_kind
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-        sd_notify("STOPPING=1")
+        # A Reset restarts the agent in this process: that is a reload to systemd, not a
+        # stop (STOPPING=1 would start the unit's stop timeout, and READY=1 then no longer
+        # counts: SIGKILL after TimeoutStopSec).
+        sd_notify("RELOADING=1" if restart_kind is not None else "STOPPING=1")
         await station.close()
         if sim is not None:
             await sim.stop()
@@ -185,7 +217,7 @@ def _undo_taskgroup_cancel(task: asyncio.Task[Any] | None, before: int) -> None:
         raise asyncio.CancelledError
 
 
-async def _until(stop: asyncio.Event, restart: asyncio.Future[str]) -> None:
+async def _until(stop: asyncio.Event, restart: asyncio.Future[str], station: Station) -> None:
     stop_task: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
     waiting: set[asyncio.Future[Any]] = {stop_task, restart}
     await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -193,6 +225,8 @@ async def _until(stop: asyncio.Event, restart: asyncio.Future[str]) -> None:
     if restart.done():
         raise Restart(restart.result())
     log.info("stopping on signal")
+    # Energy off first, before the connection's closing handshake (up to 5 s) and the rest.
+    await station.pause_controllers()
     raise _Stop
 
 

@@ -155,8 +155,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         command = cfg.agent["reboot_command"]
         if kind == "Hard" and command:
             log.warning("hard reset: running %s", command)
-            subprocess.run(command, shell=True, check=False)
-            return 0
+            done = subprocess.run(command, shell=True, check=False)
+            if done.returncode == 0:
+                return 0
+            log.error("hard reset: %s failed (exit status %d): restarting the agent instead"
+                      " (see reboot_command in etc/evcp.toml)", command,
+                      done.returncode)  # fmt: skip
         log.warning("%s reset: restarting the agent", kind)
 
 

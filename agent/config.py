@@ -346,6 +346,12 @@ def validate(data: Mapping[str, Any], path: Path) -> Config:
         and not (isinstance(meter_port, str) and meter_port)
     ):
         raise fail("[meter] port", 'must be a serial device (e.g. "/dev/ttyUSB0") with "rtu"')
+    if not devices and len(os.fsencode(sections["agent"]["state_dir"])) + 9 > MAX_SOCKET_PATH:
+        raise fail(  # the simulators' socket is state_dir/sim.sock
+            "[agent] state_dir",
+            f"path longer than {MAX_SOCKET_PATH - 9} bytes: the simulators' socket in it"
+            " would exceed the Unix limit",
+        )
     if len(os.fsencode(sections["agent"]["control_socket"])) > MAX_SOCKET_PATH:
         raise fail(
             "[agent] control_socket", f"path longer than {MAX_SOCKET_PATH} bytes (a Unix limit)"

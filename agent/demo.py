@@ -168,8 +168,21 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import,Curr
         tl.say("sim", f"{cmd}")
 
     async def expect(action: str, match: Any, what: str, timeout_s: float = 20.0) -> Any:
+        waiting = asyncio.ensure_future(
+            csms.wait_message(action, match, after=mark[0], timeout_s=timeout_s)
+        )
+        died = asyncio.ensure_future(agent.wait())
         try:
-            return await csms.wait_message(action, match, after=mark[0], timeout_s=timeout_s)
+            await asyncio.wait({waiting, died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            died.cancel()
+        if not waiting.done():  # the agent exited first: say so now, not after the timeout
+            waiting.cancel()
+            raise DemoFailed(
+                f"the agent exited (status {agent.returncode}) while waiting for {what}"
+            )
+        try:
+            return waiting.result()
         except TimeoutError:
             raise DemoFailed(f"timed out waiting for {what}") from None
 

@@ -321,21 +321,26 @@ class Station:
             )
             self._stop_record(rec, meter_stop_wh=meter_stop, reason=reason, end_sample=[])
 
+    async def pause_controllers(self) -> None:
+        """No energy without the agent: a transaction ends with it (closed as Reboot or
+        PowerLoss at the next start), so nothing after this point would be billed."""
+        for c in self.connectors.values():
+            if not c.controller_up or c.applied_mode in (ControlMode.PAUSED, ControlMode.DISABLED):
+                continue
+            try:
+                async with asyncio.timeout(2.0):
+                    await c.hw.evse.pause()
+                c.applied_mode = ControlMode.PAUSED
+                log.info("connector %d: controller paused (the agent stops)", c.id)
+            except (DriverError, TimeoutError) as exc:
+                log.error("connector %d: could not pause the controller at exit: %s",
+                          c.id, exc)  # fmt: skip
+
     async def close(self) -> None:
         self.reservations.close()
         for task in list(self._tasks):
             task.cancel()
-        for c in self.connectors.values():
-            # No energy without the agent: a transaction ends with it (closed as Reboot or
-            # PowerLoss at the next start), so nothing after this point would be billed.
-            if c.controller_up and c.applied_mode not in (ControlMode.PAUSED, ControlMode.DISABLED):
-                try:
-                    async with asyncio.timeout(2.0):
-                        await c.hw.evse.pause()
-                    log.info("connector %d: controller paused (the agent stops)", c.id)
-                except (DriverError, TimeoutError) as exc:
-                    log.error("connector %d: could not pause the controller at exit: %s",
-                              c.id, exc)  # fmt: skip
+        await self.pause_controllers()
         for c in self.connectors.values():
             with contextlib.suppress(DriverError):
                 await c.hw.evse.close()

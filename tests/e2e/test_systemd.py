@@ -162,3 +162,48 @@ async def test_sigterm_mid_session_closes_the_transaction_with_reboot_at_the_nex
     assert stop_tx.payload["reason"] == "Reboot"
     assert stop_tx.payload["meterStop"] >= max(start.payload["meterStart"], int(energy_wh))
     assert csms.errors == []
+
+
+async def test_a_reset_is_a_reload_to_systemd_not_a_stop(
+    tmp_path: Path, csms: Csms, ca_file: Path, notify: NotifySocket
+) -> None:
+    """A Soft Reset restarts the agent inside the process: RELOADING=1 then READY=1.
+    STOPPING=1 there would start the unit's stop timeout, and systemd would SIGKILL the
+    agent TimeoutStopSec later (a READY=1 in the stopping state does not count)."""
+    from ocpp.v16 import call
+
+    from tests.conftest import CP_ID
+
+    proc = await start_agent(tmp_path, csms, ca_file, {"NOTIFY_SOCKET": str(notify.path)})
+    try:
+        await notify.wait("READY=1")
+        await csms.wait_connected(CP_ID)
+        assert (await csms.call(CP_ID, call.Reset(type="Soft")))["status"] == "Accepted"
+        await notify.wait("READY=1", times=2)
+    finally:
+        err = await stop(proc)
+    assert proc.returncode == 0, err.decode()
+    lines = [line for m in notify.messages for line in m.splitlines() if "=1" in line]
+    assert lines[:3] == ["READY=1", "RELOADING=1", "READY=1"], lines
+    assert lines.count("STOPPING=1") == 1 and lines[-1] == "STOPPING=1", lines
+
+
+async def test_sigterm_while_waiting_for_ntp_stops_at_once(
+    tmp_path: Path, csms: Csms, ca_file: Path
+) -> None:
+    """The clock is synchronised before the first TLS connection, which can take a while
+    with no NTP server answering: a SIGTERM meanwhile stops the agent at once, cleanly."""
+    import time as _time
+
+    config = write_config(tmp_path, url=f"wss://localhost:{csms.port}/ocpp", ca_file=ca_file)
+    text = config.read_text().replace("ntp_servers = []", 'ntp_servers = ["127.0.0.1:9"]')
+    config.write_text(text)
+    proc = await start_agent(tmp_path, csms, ca_file, {})
+    await asyncio.sleep(2.0)  # in the NTP wait: nothing answers on port 9
+    assert proc.returncode is None
+    started = _time.monotonic()
+    err = await stop(proc)
+    assert proc.returncode == 0, err.decode()
+    assert _time.monotonic() - started < 5
+    assert b"Traceback" not in err
+    assert b"stopping on signal (while starting)" in err, err.decode()
