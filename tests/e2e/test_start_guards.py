@@ -9,8 +9,10 @@ TriggerMessage for MeterValues when MeterValuesSampledData yields nothing.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from ocpp.v16 import call
 
 from agent.ocpp.csms import Csms
@@ -29,61 +31,56 @@ def statuses(csms: Csms, connector: int, after: int = 0) -> list[str]:
             if r.action == "StatusNotification" and r.payload["connectorId"] == connector]  # fmt: skip
 
 
-async def patient_meter_agent(tmp_path: Path, csms: Csms, ca_file: Path) -> RunningAgent:
+@pytest.fixture
+async def patient(tmp_path: Path, csms: Csms, ca_file: Path) -> AsyncIterator[RunningAgent]:
     """An agent that waits out 100 missed meter polls before it calls the meter failed."""
     directory = tmp_path / "patient"
     directory.mkdir()
     config = write_config(directory, url=f"wss://localhost:{csms.port}/ocpp", ca_file=ca_file)
     config.write_text(config.read_text().replace("meter_miss_limit = 2", "meter_miss_limit = 100"))
-    return await RunningAgent(config).start()
+    agent = await RunningAgent(config).start()
+    yield agent
+    await agent.stop()
+
+
+async def plugged_with_a_silent_meter(agent: RunningAgent, csms: Csms) -> int:
+    """Online, a car plugged in, the meter silent (a start now waits on a meter read).
+    Returns the CSMS's message count at that point."""
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
+    await agent.sim("plug")
+    await csms.wait_message("StatusNotification", status_is(1, "Preparing"))
+    await agent.sim("meter-silent")
+    return len(csms.received)
 
 
 async def test_two_remote_starts_while_the_meter_is_slow_make_one_transaction(
-    tmp_path: Path, csms: Csms, ca_file: Path
+    patient: RunningAgent, csms: Csms
 ) -> None:
-    agent = await patient_meter_agent(tmp_path, csms, ca_file)
-    try:
-        await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
-        await agent.sim("plug")
-        await csms.wait_message("StatusNotification", status_is(1, "Preparing"))
-        await agent.sim("meter-silent")  # the start waits on a meter read
-        mark = len(csms.received)
-        first = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="A", connector_id=1))
-        second = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="B", connector_id=1))
-        await agent.sim("meter-ok")
-        await csms.wait_message("StartTransaction", after=mark, timeout_s=15)
-        await asyncio.sleep(2)
-        starts = [r.payload for r in csms.received[mark:] if r.action == "StartTransaction"]
-        assert (first["status"], second["status"]) == ("Accepted", "Rejected")
-        assert [s["idTag"] for s in starts] == ["A"]
-    finally:
-        await agent.stop()
+    mark = await plugged_with_a_silent_meter(patient, csms)
+    first = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="A", connector_id=1))
+    second = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="B", connector_id=1))
+    await patient.sim("meter-ok")
+    await csms.wait_message("StartTransaction", after=mark, timeout_s=15)
+    await asyncio.sleep(2)
+    starts = [r.payload for r in csms.received[mark:] if r.action == "StartTransaction"]
+    assert (first["status"], second["status"]) == ("Accepted", "Rejected")
+    assert [s["idTag"] for s in starts] == ["A"]
 
 
 async def test_a_swipe_while_a_remote_start_reads_the_meter_starts_nothing_more(
-    tmp_path: Path, csms: Csms, ca_file: Path
+    patient: RunningAgent, csms: Csms
 ) -> None:
-    agent = await patient_meter_agent(tmp_path, csms, ca_file)
-    try:
-        await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
-        await agent.sim("plug")
-        await csms.wait_message("StatusNotification", status_is(1, "Preparing"))
-        await agent.sim("meter-silent")
-        mark = len(csms.received)
-        answer = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="A", connector_id=1))
-        assert answer["status"] == "Accepted"
-        swiped = asyncio.create_task(agent.swipe("B"))
-        await asyncio.sleep(0.5)
-        await agent.sim("meter-ok")
-        result = await swiped
-        await csms.wait_message("StartTransaction", after=mark, timeout_s=15)
-        await asyncio.sleep(2)
-        starts = [
-            r.payload["idTag"] for r in csms.received[mark:] if r.action == "StartTransaction"
-        ]
-        assert starts == ["A"] and "started" not in result, (starts, result)
-    finally:
-        await agent.stop()
+    mark = await plugged_with_a_silent_meter(patient, csms)
+    answer = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="A", connector_id=1))
+    assert answer["status"] == "Accepted"
+    swiped = asyncio.create_task(patient.swipe("B"))
+    await asyncio.sleep(0.5)
+    await patient.sim("meter-ok")
+    result = await swiped
+    await csms.wait_message("StartTransaction", after=mark, timeout_s=15)
+    await asyncio.sleep(2)
+    starts = [r.payload["idTag"] for r in csms.received[mark:] if r.action == "StartTransaction"]
+    assert starts == ["A"] and "started" not in result, (starts, result)
 
 
 async def test_no_remote_start_on_a_connector_whose_meter_failed(
