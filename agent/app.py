@@ -93,6 +93,9 @@ async def _unless_stopped(work: Awaitable[Any], stop: asyncio.Event) -> bool:
     stopped = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()  # cancelled ourselves: the work (it may step the clock) ends too
+        raise
     finally:
         stopped.cancel()
     if task.done():

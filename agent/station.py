@@ -224,6 +224,8 @@ class Station:
         self.request_boot: Callable[[], None] = lambda: None
         #: Set by the session: send the queue's head now, whatever retry delay it waits on.
         self.send_queue_now: Callable[[], None] = lambda: None
+        #: The agent is stopping: controllers are paused and stay paused.
+        self.stopping = False
         self.max_current_a = float(cfg.hardware["max_current_a"])
         self.voltage_v = float(cfg.hardware["nominal_voltage_v"])
         self.phases = int(cfg.hardware["phases"])
@@ -323,14 +325,19 @@ class Station:
 
     async def pause_controllers(self) -> None:
         """No energy without the agent: a transaction ends with it (closed as Reboot or
-        PowerLoss at the next start), so nothing after this point would be billed."""
+        PowerLoss at the next start), so nothing after this point would be billed. From
+        here on every actuation pauses (a profile boundary or a late start must not
+        enable a controller again while the agent winds down)."""
+        self.stopping = True
         for c in self.connectors.values():
-            if not c.controller_up or c.applied_mode in (ControlMode.PAUSED, ControlMode.DISABLED):
+            if not c.controller_up:
                 continue
             try:
-                async with asyncio.timeout(2.0):
+                async with asyncio.timeout(2.0), c.actuate_lock:  # after one in flight
+                    if c.applied_mode in (ControlMode.PAUSED, ControlMode.DISABLED):
+                        continue
                     await c.hw.evse.pause()
-                c.applied_mode = ControlMode.PAUSED
+                    c.applied_mode = ControlMode.PAUSED
                 log.info("connector %d: controller paused (the agent stops)", c.id)
             except (DriverError, TimeoutError) as exc:
                 log.error("connector %d: could not pause the controller at exit: %s",
@@ -379,10 +386,12 @@ class Station:
     def _on_evse_status(self, c: Connector, status: EvseStatus) -> None:
         before = c.evse_status
         c.evse_status = status
-        # Plugged or not as last *known*: a fault (a lost serial line) says nothing about
-        # the vehicle, so FAULT -> ABSENT after an outage is still an unplug.
-        prior = c.last_vehicle or (before.vehicle if before is not None else None)
-        was_plugged = prior in PLUGGED
+        # An unplug is judged from the vehicle state last *known*: a fault (a lost serial
+        # line) says nothing about the vehicle, so FAULT -> ABSENT after an outage is still
+        # an unplug. A plug-in from the state just before: FAULT -> CONNECTED starts an
+        # authorization given meanwhile.
+        known = c.last_vehicle or (before.vehicle if before is not None else None)
+        was_plugged = before is not None and before.vehicle in PLUGGED
         if status.vehicle not in (VehicleState.FAULT, VehicleState.UNKNOWN):
             c.last_vehicle = status.vehicle
         if before is None or before.vehicle != status.vehicle or before.fault != status.fault:
@@ -394,7 +403,7 @@ class Station:
             )
         if c.plugged and not was_plugged:
             self._on_plugged(c)
-        elif was_plugged and status.vehicle is VehicleState.ABSENT:
+        elif known in PLUGGED and status.vehicle is VehicleState.ABSENT:
             self._on_unplugged(c)
         self._refresh_status(c)
 
@@ -549,7 +558,9 @@ class Station:
         """Bring the controller in line with availability, transaction and limit."""
         async with c.actuate_lock:
             c.limit_a = self.compute_limit(c)
-            if not c.operative or not self.operative0:
+            if self.stopping:
+                mode, current = ControlMode.PAUSED, None  # the agent winds down
+            elif not c.operative or not self.operative0:
                 mode, current = ControlMode.DISABLED, None
             elif (
                 c.tx is None

@@ -153,3 +153,21 @@ async def test_triggered_meter_values_when_the_sampled_data_yields_nothing(
     assert [v["measurand"] for v in values] == ["Energy.Active.Import.Register"]
     assert values[0]["context"] == "Trigger"
     assert agent.task is not None and not agent.task.done()
+
+
+async def test_an_authorization_given_during_a_fault_starts_when_it_clears(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    """A car plugged in, the controller faults (a ground-fault trip), a card is presented
+    meanwhile ("authorized: plug in"): when the fault clears, the charge starts, without
+    unplugging and plugging in again."""
+    await booted.sim("plug")
+    await csms.wait_message("StatusNotification", status_is(1, "Preparing"))
+    await booted.sim("fault", code="GroundFailure")
+    await csms.wait_message("StatusNotification", status_is(1, "Faulted"))
+    result = await booted.swipe("TAG-1", 1)
+    assert "started" not in result, result
+    mark = len(csms.received)
+    await booted.sim("clear-fault")
+    start = await csms.wait_message("StartTransaction", after=mark)
+    assert start.payload["idTag"] == "TAG-1"

@@ -177,7 +177,7 @@ async def test_a_reset_is_a_reload_to_systemd_not_a_stop(
     proc = await start_agent(tmp_path, csms, ca_file, {"NOTIFY_SOCKET": str(notify.path)})
     try:
         await notify.wait("READY=1")
-        await csms.wait_connected(CP_ID)
+        await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
         assert (await csms.call(CP_ID, call.Reset(type="Soft")))["status"] == "Accepted"
         await notify.wait("READY=1", times=2)
     finally:
