@@ -261,3 +261,30 @@ async def test_a_current_the_controller_will_not_raise_is_not_repeated(
     await asyncio.sleep(2)
     assert asked == [16]
     assert (await agent.status())["connectors"][0]["offered_current_a"] == 10.0
+
+
+async def test_a_controller_that_does_not_answer_at_start_is_started_later(
+    make_agent: AgentFactory, csms: Csms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The controller is still booting when the agent starts (its first start fails): the
+    agent starts it again a little later, and then charges under its supervision."""
+    from agent import station as station_module
+    from drivers.base import DeviceTimeout
+    from drivers.evse.rapi import RapiController
+
+    monkeypatch.setattr(station_module, "CONTROLLER_RETRY_S", 0.3)
+    original_start = RapiController.start
+    failures = [DeviceTimeout("rapi: no reply to $GV after 3 attempts")]
+
+    async def booting(self: RapiController) -> None:
+        if failures:
+            raise failures.pop()
+        await original_start(self)
+
+    monkeypatch.setattr(RapiController, "start", booting)
+    agent = await make_agent()
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
+    await agent.wait_status(lambda s: s["connectors"][0]["controller_firmware"] is not None)
+    assert failures == []
+    await start_charging(agent, csms)
+    await wait_sim(agent, lambda s: s["contactor_closed"])
