@@ -54,6 +54,8 @@ class Session:
         self._heartbeat_due = 0.0
         self._retry_at = 0.0
         self._unanswered = 0  # queued messages in a row that got no answer
+        #: The queued message whose answer is awaited (left set if the connection drops).
+        self._in_flight: QueuedMessage | None = None
         self._reconnect = asyncio.Event()
         self._reconnect_reason = ""
         self._force_boot = False
@@ -142,6 +144,7 @@ class Session:
             response_timeout=float(self.cfg.csms["response_timeout_s"]),
         )
         self._reconnect.clear()
+        self._in_flight = None
         station.connected = True
         station.outbox.online = True
         self._retry_at = 0.0
@@ -171,6 +174,11 @@ class Session:
         exc = outcomes[first]
         if isinstance(exc, ConnectionClosed):
             log.warning("connection to the CSMS closed: %s", exc)
+            if exc.rcvd is not None and exc.rcvd.code == 1009 and self._in_flight is not None:
+                # "Message too big" while a queued message waited for its answer: the CSMS
+                # refuses that message. Counted as a failed try, or the queue would send it
+                # after every reconnect forever.
+                self._queued_failed(self._in_flight, exc)
         elif isinstance(exc, _Reconnect):
             log.info("reconnecting: %s", self._reconnect_reason)
         elif exc is not None:
@@ -345,7 +353,7 @@ class Session:
                 return
             payload["transactionId"] = csms_id
         try:
-            result = await cp.send(head.action, payload, validate=head.action != "MeterValues")
+            result = await self._send_tracked(cp, head, payload)
         except MalformedResult as exc:
             # A CALLRESULT came back, so the CSMS has the message: sending it again would
             # only make a duplicate. Go on with what can be read from the answer.
@@ -357,15 +365,10 @@ class Session:
         except TimeoutError as exc:
             self._queued_unanswered(head, exc)
             return
-        except ConnectionClosed as exc:
+        except (ConnectionClosed, asyncio.CancelledError):
             # The connection dropped between the CALL and its result: the message stays
-            # first in the queue and is sent again, unchanged, after the reconnect -- unless
-            # the CSMS closed it because the message is too big (1009): that is a refusal,
-            # or the queue would stall on it forever.
-            if exc.rcvd is not None and exc.rcvd.code == 1009:
-                self._queued_failed(head, exc)
-            raise
-        except asyncio.CancelledError:
+            # first in the queue and is sent again, unchanged, after the reconnect (see
+            # _serve for a CSMS that closes the connection over it: 1009).
             raise
         except (UnsendableMessage, TypeError, ValueError) as exc:
             # A message that cannot even be sent (it breaks the schema): retrying cannot
@@ -389,6 +392,22 @@ class Session:
             store.queue_done(head.seq)
             if head.action == "StopTransaction" and "idTag" in payload:
                 self.station.auth.remember(str(payload["idTag"]), result.get("idTagInfo"))
+
+    async def _send_tracked(
+        self, cp: OcppAdapter, head: QueuedMessage, payload: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``cp.send`` for a queued message, remembered as in flight until it has an
+        outcome; a connection that drops meanwhile leaves it set for _serve to judge."""
+        self._in_flight = head
+        try:
+            result = await cp.send(head.action, payload, validate=head.action != "MeterValues")
+        except (ConnectionClosed, asyncio.CancelledError):
+            raise
+        except BaseException:
+            self._in_flight = None
+            raise
+        self._in_flight = None
+        return result
 
     def _queued_unanswered(self, head: QueuedMessage, exc: TimeoutError) -> None:
         """No answer within the response timeout. Not a refusal: OCPP 1.6 lets a charger

@@ -185,3 +185,36 @@ async def test_a_reconnect_the_agent_wants_waits_for_the_answer_in_flight(
     assert len(csms.messages("StartTransaction")) == 1
     status = await agent.wait_status(lambda s: s["connectors"][0]["transaction_id"] is not None)
     assert status["connectors"][0]["transaction_id"] == 1001
+
+
+async def test_a_message_the_csms_closes_the_connection_over_1009_is_refused_not_stuck(
+    make_agent: AgentFactory, csms: Csms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CSMS that closes the connection with 1009 (message too big) whenever it receives
+    the StopTransaction: that is a refusal of that message. After TransactionMessageAttempts
+    it is kept as failed and the queue behind it moves on, instead of the same message
+    being sent after every reconnect forever."""
+    original = csms_module._CsmsChargePoint.route_message
+
+    async def route(self: Any, raw: str) -> None:
+        if '"StopTransaction"' in raw:
+            self.csms._record(self.id, "StopTransaction", json.loads(raw)[3])
+            await self._connection.close(1009, "message too big")
+            return
+        await original(self, raw)
+
+    monkeypatch.setattr(csms_module._CsmsChargePoint, "route_message", route)
+    agent = await make_agent(
+        ocpp={"TransactionMessageAttempts": 2, "TransactionMessageRetryInterval": 0}
+    )
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
+    await agent.sim("plug")
+    assert "started" in await agent.swipe("TAG-1")
+    await agent.wait_status(lambda s: s["connectors"][0]["transaction_id"] is not None)
+    assert "stopped" in await agent.swipe("TAG-1")
+    await agent.wait_status(
+        lambda s: s["queue"]["failed"] == 1 and s["queue"]["pending"] == 0, timeout_s=30
+    )
+    assert len(csms.messages("StopTransaction")) == 2  # TransactionMessageAttempts
+    listed = await evcp("queue", "--config", str(agent.config), "--json")
+    assert [m["action"] for m in listed.json()["failed"]] == ["StopTransaction"]
