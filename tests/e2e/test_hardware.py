@@ -123,15 +123,7 @@ async def test_a_pause_lost_to_a_line_glitch_is_sent_again(
     agent = await make_agent()
     await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
     tx_id = await start_charging(agent, csms)
-    original = RapiController.pause
-    failures = [DeviceTimeout("rapi: no reply to $FS after 3 attempts")]
-
-    async def glitchy_pause(self: RapiController) -> None:
-        if failures:
-            raise failures.pop()
-        await original(self)
-
-    monkeypatch.setattr(RapiController, "pause", glitchy_pause)
+    failures = fail_once(monkeypatch, RapiController, "pause", DeviceTimeout("no reply to $FS"))
     mark = len(csms.received)
     await csms.call(CP_ID, call.RemoteStopTransaction(transaction_id=tx_id))
     await csms.wait_message("StopTransaction", after=mark)
@@ -173,6 +165,21 @@ async def test_stopping_the_agent_opens_the_contactor(
     await start_charging(booted, csms)
     await booted.stop()
     assert seen and not seen["contactor_closed"], seen
+
+
+def fail_once(monkeypatch: pytest.MonkeyPatch, cls: Any, name: str, error: Exception) -> list[Any]:
+    """Make the driver method ``cls.name`` raise ``error`` once (a line glitch, a controller
+    still booting), then work again. Returns the pending failures: empty once it fired."""
+    original = getattr(cls, name)
+    failures = [error]
+
+    async def once(self: Any, *args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await original(self, *args)
+
+    monkeypatch.setattr(cls, name, once)
+    return failures
 
 
 async def wait_sim(agent: RunningAgent, predicate: Any, timeout_s: float = 10.0) -> None:
@@ -273,15 +280,7 @@ async def test_a_controller_that_does_not_answer_at_start_is_started_later(
     from drivers.evse.rapi import RapiController
 
     monkeypatch.setattr(station_module, "CONTROLLER_RETRY_S", 0.3)
-    original_start = RapiController.start
-    failures = [DeviceTimeout("rapi: no reply to $GV after 3 attempts")]
-
-    async def booting(self: RapiController) -> None:
-        if failures:
-            raise failures.pop()
-        await original_start(self)
-
-    monkeypatch.setattr(RapiController, "start", booting)
+    failures = fail_once(monkeypatch, RapiController, "start", DeviceTimeout("no reply to $GV"))
     agent = await make_agent()
     await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
     await agent.wait_status(lambda s: s["connectors"][0]["controller_firmware"] is not None)
