@@ -57,8 +57,10 @@ $(RUNTIME_VENV)/.installed: requirements-runtime.txt pyproject.toml
 		$(RUNTIME_VENV)/bin/pip install -q $$(grep -v '^systemd-python' requirements-runtime.txt | grep -v '^#')
 	@touch $@
 
+# As the Debian package does (debian/rules): packaging/slim-venv after installing.
 bench: $(STAMP) $(RUNTIME_VENV)/.installed
 	$(RUNTIME_VENV)/bin/pip install -q --no-deps --force-reinstall .
+	packaging/slim-venv $(RUNTIME_VENV)
 	@echo "== bench/bench_agent.py (agent in $(RUNTIME_VENV))"
 	@$(BIN)/python bench/bench_agent.py --python $(RUNTIME_VENV)/bin/python
 	@for b in bench/bench_*.py; do [ $$b = bench/bench_agent.py ] && continue; \
@@ -79,5 +81,6 @@ deb:
 	rm -rf build/deb && mkdir -p build/deb/src
 	git archive HEAD | tar -x -C build/deb/src
 	cp -r packaging/debian build/deb/src/debian
+	cp packaging/evcp.service build/deb/src/debian/evcp.service
 	cd build/deb/src && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
 	ls -l build/deb/*.deb

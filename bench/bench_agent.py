@@ -10,7 +10,8 @@ Energy.Active.Import.Register and Power.Active.Import) and measures the agent pr
 - resident memory while charging (target <= 36 MiB);
 - CPU time per hour of charging, as a share of one core (target <= 0.2 %).
 
-The agent runs as systemd runs it: NOTIFY_SOCKET points at a datagram socket of the bench
+The agent runs as systemd runs it: with the ``Environment=`` settings of the shipped unit
+(packaging/evcp.service), and NOTIFY_SOCKET pointing at a datagram socket of the bench
 (so the sd_notify path, with systemd-python when it is installed, is part of the figure and
 READY=1 is timed too). ``--python`` runs the agent with another interpreter, e.g. the
 installed package's ``/opt/venvs/evcp/bin/python`` (Debian's python3.11, runtime
@@ -25,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import ssl
@@ -41,6 +43,18 @@ from drivers.sim import process as sim_process
 
 CP = "BENCH-1"
 PASSWORD = "bench-password-0123456789"
+UNIT = Path(__file__).resolve().parents[1] / "packaging" / "evcp.service"
+
+
+def unit_environment() -> dict[str, str]:
+    """The ``Environment=`` settings of the shipped systemd unit."""
+    env: dict[str, str] = {}
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("Environment="):
+            for item in shlex.split(line.partition("=")[2]):
+                name, _, value = item.partition("=")
+                env[name] = value
+    return env
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -111,7 +125,7 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
                 ready_at.append(time.monotonic())
 
     asyncio.get_running_loop().add_reader(notify.fileno(), on_notify)
-    env = {**os.environ, "NOTIFY_SOCKET": str(work / "notify.sock")}
+    env = {**os.environ, **unit_environment(), "NOTIFY_SOCKET": str(work / "notify.sock")}
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         python, "-m", "agent", "run", "--config", str(config), env=env, cwd=work
@@ -137,6 +151,7 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
     await csms.stop()
     share = (cpu1 - cpu0) / (w1 - w0) * 100
     print(f"interpreter: {python}")
+    print(f"environment from {UNIT.name}: {unit_environment()}")
     print(f"start to BootNotification on the wire: {boot_s:.2f} s (target <= 1.0 s)")
     if ready_at:
         print(f"start to READY=1 (sd_notify):          {ready_at[0] - t0:.2f} s")

@@ -125,3 +125,29 @@ def test_archive_formats_still_work_after_defer_unused(tmp_path: Path) -> None:
         """
     )
     assert out.split() == ["False", "False", "100", "100"]
+
+
+def test_the_running_agent_never_loads_zipfile_or_tempfile_yet_both_work_on_use() -> None:
+    """What ``evcp run`` imports and uses at start (the meter maps and jsonschema's
+    meta-schemas through importlib.resources, the OCPP schemas) needs neither module;
+    code that does use them later gets the real thing."""
+    out = run(
+        """
+        import sys
+        from agent import deferred
+        deferred.defer_unused()
+        import agent.app, agent.hardware
+        from drivers.meter.maps import available_models, load_map
+        from ocpp.messages import Call, validate_payload
+        print(load_map("sdm630").model != "", "sdm630" in available_models())
+        validate_payload(Call("1", "Heartbeat", {}), "1.6")
+        print(deferred.is_loaded("zipfile"), deferred.is_loaded("tempfile"))
+        import tempfile, zipfile
+        with tempfile.TemporaryDirectory() as scratch:
+            with zipfile.ZipFile(scratch + "/a.zip", "w") as archive:
+                archive.writestr("a.txt", "evcp")
+            print(zipfile.ZipFile(scratch + "/a.zip").read("a.txt").decode())
+        print(deferred.is_loaded("zipfile"), deferred.is_loaded("tempfile"))
+        """
+    )
+    assert out.split() == ["True", "True", "False", "False", "evcp", "True", "True"]

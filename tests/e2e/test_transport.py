@@ -26,7 +26,7 @@ import trustme
 from ocpp.v16 import call
 
 from agent.ocpp.csms import Csms
-from agent.ocpp.transport import tls_context
+from agent.ocpp.transport import TLS_READ_SIZE, tls_context
 from tests.conftest import (
     CP_ID,
     PASSWORD,
@@ -610,3 +610,20 @@ async def test_agent_stops_even_if_the_connection_drops_at_that_moment(
     await relay.stop()  # the link drops...
     await asyncio.wait_for(agent.stop(), 30)  # ...while the agent is being stopped
     assert agent.task is None
+
+
+async def test_a_call_many_tls_reads_long_arrives_whole_and_is_answered(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    """The agent reads TLS in TLS_READ_SIZE pieces (asyncio's default is 256 KiB): a CALL
+    twenty times that size still arrives whole and is answered on the same connection."""
+    assert asyncio.sslproto.SSLProtocol.max_size == TLS_READ_SIZE
+    data = "0123456789" * (TLS_READ_SIZE * 2)
+    result = await csms.call(
+        CP_ID, call.DataTransfer(vendor_id="com.example", message_id="big", data=data)
+    )
+    assert result["status"] == "UnknownVendorId"
+    result = await csms.call(CP_ID, call.ClearCache())
+    assert result["status"] == "Accepted"
+    assert csms.errors == []
+    assert (await booted.status())["csms"]["connected"] is True
