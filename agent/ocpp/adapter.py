@@ -25,6 +25,7 @@ from ocpp.exceptions import (
     FormationViolationError,
     FormatViolationError,
     GenericError,
+    OccurenceConstraintViolationError,
     OCPPError,
     UnknownCallErrorCodeError,
     ValidationError,
@@ -355,7 +356,11 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
     def on_get_configuration(self, key: list[str] | None = None, **_: Any) -> Any:
         max_keys = self.station.keys.get_int("GetConfigurationMaxKeys")
         if key is not None and len(key) > max_keys:
-            key = key[:max_keys]
+            # Refused as a whole, not cut short: the CSMS learns it asked for too many
+            # (and how many it may ask for) instead of missing keys without a word.
+            raise OccurenceConstraintViolationError(
+                description=f"{len(key)} keys requested; GetConfigurationMaxKeys is {max_keys}"
+            )
         known, unknown = self.station.keys.get_configuration(key or None)
         return call_result.GetConfiguration(
             configuration_key=[{"key": k, "readonly": ro, "value": v} for k, ro, v in known],

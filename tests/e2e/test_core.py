@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from ocpp.exceptions import OccurenceConstraintViolationError
 from ocpp.v16 import call
 
 from agent.ocpp.csms import Csms, Received
@@ -222,6 +223,22 @@ async def test_get_configuration_all_and_some(booted: RunningAgent, csms: Csms) 
     assert [e["key"] for e in some["configurationKey"]] == ["HeartbeatInterval"]
     assert sorted(some["unknownKey"]) == ["AuthorizationKey", "Nope"]
     assert csms.errors == []
+
+
+async def test_get_configuration_beyond_max_keys_is_refused_whole(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    """More keys than GetConfigurationMaxKeys: a CALLERROR that says so, not an answer
+    that silently leaves keys out; the connection carries on."""
+    limit = int(config_value(await get_config(csms, "GetConfigurationMaxKeys"),
+                             "GetConfigurationMaxKeys") or 0)  # fmt: skip
+    keys = ["HeartbeatInterval"] * limit
+    assert len((await get_config(csms, *keys))["configurationKey"]) >= 1  # at the limit: fine
+    with pytest.raises(OccurenceConstraintViolationError) as refused:
+        await get_config(csms, *keys, "MeterValueSampleInterval")
+    assert f"GetConfigurationMaxKeys is {limit}" in str(refused.value.description)
+    assert config_value(await get_config(csms, "MeterValueSampleInterval"),
+                        "MeterValueSampleInterval") is not None  # fmt: skip
 
 
 async def test_clear_cache_and_data_transfer(booted: RunningAgent, csms: Csms) -> None:
