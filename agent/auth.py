@@ -116,8 +116,9 @@ class Authorizer:
             return  # nothing usable (an answer that broke the schema)
         if not self.keys.get_bool("AuthorizationCacheEnabled"):
             return
-        if self.store.local_list_get(id_tag) is not None:
-            return
+        listed = self.store.local_list_get(id_tag) is not None
+        if listed and self.keys.get_bool("LocalAuthListEnabled"):
+            return  # the list decides for this idTag (a disabled list decides nothing)
         expiry, parent = info.get("expiryDate"), info.get("parentIdTag")
         self.store.cache_put(
             id_tag,
@@ -146,7 +147,8 @@ class Authorizer:
         Differential one adds or replaces the entries with an idTagInfo and removes those
         without, and must carry a version above the current one (VersionMismatch
         otherwise). Failed: more entries than SendLocalListMaxLength, a list longer than
-        LocalAuthListMaxLength, an idTag given twice or an invalid entry; nothing changes.
+        LocalAuthListMaxLength, an idTag given twice, an invalid entry or, in a Full
+        update, an entry without idTagInfo; nothing changes.
         """
         limit = self.keys.get_int("SendLocalListMaxLength")
         if len(entries) > limit:
@@ -172,6 +174,10 @@ class Authorizer:
             seen.add(id_tag.casefold())
             info = item.get("idTagInfo")
             if info is None:
+                if full:  # required in a Full update (OCPP 1.6 7.2): not "left out"
+                    log.warning("SendLocalList refused: Full update without idTagInfo for"
+                                " idTag %s", id_tag)  # fmt: skip
+                    return "Failed"
                 parsed.append((id_tag, None))
                 continue
             status, expiry = info.get("status"), info.get("expiryDate")
@@ -185,9 +191,6 @@ class Authorizer:
                     log.warning("SendLocalList refused: expiryDate %r", expiry)
                     return "Failed"
             parsed.append((id_tag, AuthEntry(status, expiry, info.get("parentIdTag"))))
-        if full:
-            # A Full update replaces: entries without idTagInfo simply are not on it.
-            parsed = [(tag, entry) for tag, entry in parsed if entry is not None]
         maximum = self.keys.get_int("LocalAuthListMaxLength")
         if not self.store.local_list_update(
             version=version, full=full, entries=parsed, max_size=maximum

@@ -141,7 +141,9 @@ class Reservations:
         taken = {r.connector_id for r in others if r.connector_id != 0}
         zero = sum(1 for r in others if r.connector_id == 0)
         states = {c.id: self._state(c) for c in station.connectors.values()}
-        free = [cid for cid, state in states.items() if state in USABLE and cid not in taken]
+        # Free for a new reservation: Available ones only. A connector with a car plugged
+        # in (or a start under way) is Occupied, also when asked for through connector 0.
+        free = [cid for cid, state in states.items() if state == FREE and cid not in taken]
         if connector_id == 0:
             if len(free) > zero:
                 return "Accepted"
@@ -169,7 +171,7 @@ class Reservations:
             return UNAVAILABLE
         if c.tx is not None or c.finishing:
             return BUSY
-        if c.plugged or c.waiting_tag is not None:
+        if c.plugged or c.waiting_tag is not None or c.starting:
             return PLUGGED  # no transaction yet: Occupied for a new reservation, usable
         return FREE
 
@@ -208,6 +210,16 @@ class Reservations:
             if r.connector_id == connector_id:
                 return r
         return None
+
+    def group_may_hold(self, c: Connector) -> bool:
+        """True when a reservation that holds ``c`` is for a group (has a parentIdTag):
+        an idTag whose parent is not known yet may be one of its holders."""
+        specific = self.on_connector(c.id)
+        if specific is not None:
+            return specific.parent_id_tag is not None
+        return c.reserved and any(
+            r.connector_id == 0 and r.parent_id_tag is not None for r in self._by_id.values()
+        )
 
     def reserved_for_others(self, c: Connector, id_tag: str) -> bool:
         """True when ``c`` cannot start for ``id_tag`` (for choosing a connector)."""

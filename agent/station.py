@@ -652,12 +652,15 @@ class Station:
 
     # ================================================================== authorization
     async def authorize(self, id_tag: str) -> tuple[str, str | None]:
-        """Return (status, parentIdTag) for ``id_tag``: the local list or cache when
-        LocalPreAuthorize allows, else Authorize.req, else the offline rules (agent.auth)."""
-        known = self.auth.pre_authorized(id_tag)
+        """Return (status, parentIdTag) for ``id_tag``: online, the local list or cache
+        when LocalPreAuthorize allows, else Authorize.req; offline (or when the request
+        fails), the offline rules -- LocalAuthorizeOffline decides then, not
+        LocalPreAuthorize (agent.auth)."""
+        online = self.registered and self.outbox.online
+        known = self.auth.pre_authorized(id_tag) if online else None
         if known is not None:
             return known.status, known.parent_id_tag
-        if self.registered and self.outbox.online:
+        if online:
             try:
                 async with asyncio.timeout(float(self.cfg.csms["response_timeout_s"])):
                     result = await self.outbox.request("Authorize", {"idTag": id_tag})
@@ -799,6 +802,10 @@ class Station:
             start_payload=payload,
         )
         self.reservations.consume(reservation_id, local_id)
+        # The group, for a stop by another card of it: from the authorization, else what
+        # the list or cache knows (a remote start without Authorize, an offline start);
+        # StartTransaction.conf may tell it later (on_start_result).
+        parent = parent or self.auth.parent_of(id_tag)
         c.tx = ActiveTx(local_id, id_tag, meter_start, now, begin, parent_id_tag=parent)
         c.finishing = False
         self._clear_waiting(c)
@@ -952,6 +959,9 @@ class Station:
             if c.tx is None or c.tx.local_id != local_id:
                 continue
             if status == "Accepted" or status not in ID_TAG_STATUSES:
+                group = info.get("parentIdTag") if isinstance(info, dict) else None
+                if isinstance(group, str) and group:
+                    c.tx.parent_id_tag = group  # the CSMS's word on the idTag's group
                 self.spawn(self.actuate(c), "tx-id-known")  # TxProfiles may name the id
                 continue
             log.warning("CSMS refused the idTag of transaction %d (%s)", csms_id, status)
@@ -1092,26 +1102,40 @@ class Station:
         c = self._pick_connector(connector_id, id_tag)
         if c is None or not c.can_start:
             return "Rejected"
+        learn_parent = False
         if self.reservations.reserved_for_others(c, id_tag):
-            log.info("RemoteStartTransaction rejected: connector %d is reserved", c.id)
-            return "Rejected"
+            # A reservation for a group (parentIdTag) whose idTag's parent is not known
+            # here: the CSMS is asked (Authorize.req, OCPP 1.6 5.13) before deciding.
+            learn_parent = (
+                self.registered
+                and self.outbox.online
+                and self.reservations.group_may_hold(c)
+                and self.auth.parent_of(id_tag) is None
+            )
+            if not learn_parent:
+                log.info("RemoteStartTransaction rejected: connector %d is reserved", c.id)
+                return "Rejected"
         if profile is not None and (problem := self.charging.remote_problem(c.id, profile)):
             log.warning("RemoteStartTransaction rejected: its charging profile: %s", problem)
             return "Rejected"
         c.starting = True  # taken until _remote_start has decided
-        self.spawn(self._remote_start(c, id_tag, profile), f"remote-start-{c.id}")
+        self.spawn(self._remote_start(c, id_tag, profile, learn_parent), f"remote-start-{c.id}")
         return "Accepted"
 
     async def _remote_start(
-        self, c: Connector, id_tag: str, profile: dict[str, Any] | None
+        self, c: Connector, id_tag: str, profile: dict[str, Any] | None, learn_parent: bool
     ) -> None:
         parent = None
         try:
-            if self.keys.get_bool("AuthorizeRemoteTxRequests"):
+            if self.keys.get_bool("AuthorizeRemoteTxRequests") or learn_parent:
                 status, parent = await self.authorize(id_tag)
                 if status != "Accepted":
                     log.info("remote start refused: idTag %s", status)
                     return
+            if not self.reservations.check_start(c, id_tag, parent)[0]:
+                log.info("remote start refused: connector %d is reserved for another"
+                         " idTag", c.id)  # fmt: skip
+                return
         finally:
             c.starting = False  # start_transaction (no await before its check) takes over
         if c.plugged:

@@ -78,13 +78,13 @@ class _CsmsChargePoint(ChargePoint):
 
     @on(Action.authorize)
     def on_authorize(self, id_tag: str, **_: Any) -> Any:
-        return call_result.Authorize(id_tag_info={"status": self.csms.tag_status(id_tag)})
+        return call_result.Authorize(id_tag_info=self.csms.tag_info(id_tag))
 
     @on(Action.start_transaction)
     def on_start(self, id_tag: str, **_: Any) -> Any:
         return call_result.StartTransaction(
             transaction_id=next(self.csms.tx_ids),
-            id_tag_info={"status": self.csms.tag_status(id_tag)},
+            id_tag_info=self.csms.tag_info(id_tag),
         )
 
     @on(Action.stop_transaction)
@@ -119,6 +119,7 @@ class Csms:
     passwords: dict[str, str]
     boot_response: tuple[str, int] = ("Accepted", 300)
     accepted_tags: set[str] | None = None  # None: every tag is accepted
+    parents: dict[str, str] = field(default_factory=dict)  # idTag -> parentIdTag
     response_timeout: float = 10.0
     received: list[Received] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -136,6 +137,14 @@ class Csms:
         if self.accepted_tags is None or id_tag in self.accepted_tags:
             return "Accepted"
         return "Invalid"
+
+    def tag_info(self, id_tag: str) -> dict[str, Any]:
+        """The idTagInfo answered for ``id_tag``: its status and, from ``parents``, its
+        group (parentIdTag)."""
+        info: dict[str, Any] = {"status": self.tag_status(id_tag)}
+        if id_tag in self.parents:
+            info["parentIdTag"] = self.parents[id_tag]
+        return info
 
     def _record(self, cp_id: str, action: str, payload: dict[str, Any]) -> None:
         item = Received(cp_id, action, payload)

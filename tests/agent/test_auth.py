@@ -129,9 +129,12 @@ def test_local_list_takes_precedence_and_is_not_cached(store: Store) -> None:
 def test_send_local_list_full_and_differential(store: Store) -> None:
     auth = make(store)
     assert auth.list_version() == 0
+    # idTagInfo is required in a Full update: an entry without it fails the whole update.
     result = auth.send_local_list(
         5, "Full", [entry("A"), entry("B", parentIdTag="P"), entry("GONE", None)]
     )
+    assert result == "Failed" and auth.list_version() == 0
+    result = auth.send_local_list(5, "Full", [entry("A"), entry("B", parentIdTag="P")])
     assert result == "Accepted"
     assert auth.list_version() == 5
     assert sorted(store.local_list_entries()) == ["A", "B"]

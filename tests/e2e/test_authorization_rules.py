@@ -1,0 +1,157 @@
+"""Who may charge, end to end: the offline authorization keys, idTag groups (parentIdTag)
+and the reservation rules where they meet (OCPP 1.6 sections 3.5, 5.13, 5.15)."""
+
+from __future__ import annotations
+
+from ocpp.v16 import call
+
+from agent.ocpp.csms import Csms
+from tests.conftest import CP_ID, AgentFactory, RunningAgent
+from tests.e2e.test_offline import Outage, outage, plug, reserve, unplug, wait_booted
+
+__all__ = ["outage"]  # a fixture, used by name
+
+
+async def send_list(csms: Csms, version: int, entries: list[dict[str, object]]) -> str:
+    result = await csms.call(CP_ID, call.SendLocalList(
+        list_version=version, update_type="Full", local_authorization_list=entries))  # fmt: skip
+    return str(result["status"])
+
+
+async def test_pre_authorize_does_not_override_local_authorize_offline(
+    make_agent: AgentFactory, csms: Csms, outage: Outage
+) -> None:
+    """LocalPreAuthorize saves the round trip while online; offline, LocalAuthorizeOffline
+    alone decides. An operator who turned it off (so that revoked cards cannot charge in an
+    outage) must not see listed cards charge anyway."""
+    agent = await make_agent(ocpp={"LocalPreAuthorize": True, "LocalAuthorizeOffline": False})
+    await wait_booted(csms)
+    listed = [{"idTag": "LISTED", "idTagInfo": {"status": "Accepted"}}]
+    assert await send_list(csms, 1, listed) == "Accepted"
+    await plug(agent)
+    await outage.begin(agent)
+    assert "rejected" in await agent.swipe("LISTED")
+    assert (await agent.status())["connectors"][0]["transaction_id"] is None
+
+
+async def test_local_pre_authorize_still_starts_a_listed_card_at_once_online(
+    make_agent: AgentFactory, csms: Csms
+) -> None:
+    agent = await make_agent(ocpp={"LocalPreAuthorize": True, "LocalAuthorizeOffline": False})
+    await wait_booted(csms)
+    listed = [{"idTag": "LISTED", "idTagInfo": {"status": "Accepted"}}]
+    assert await send_list(csms, 1, listed) == "Accepted"
+    await plug(agent)
+    mark = len(csms.received)
+    assert "started" in await agent.swipe("LISTED")
+    await csms.wait_message("StartTransaction", after=mark)
+    assert "Authorize" not in [r.action for r in csms.received[mark:]]
+
+
+async def test_a_connector_with_a_car_plugged_in_is_occupied_also_through_connector_zero(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    """The same connector gets the same answer whether the CSMS names it or asks for any
+    connector (0): a reservation must not take it from the driver standing there."""
+    await plug(booted)
+    assert await reserve(csms, 1, "R", 1) == "Occupied"
+    assert await reserve(csms, 0, "R", 2) == "Occupied"
+    assert "started" in await booted.swipe("DRIVER")
+
+
+async def test_a_remote_start_for_a_group_reservation_asks_the_csms_for_the_parent(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    """A member of the group a connector is reserved for, unknown to the charger, starts
+    by app: the charger learns the member's parentIdTag with an Authorize.req (5.13), even
+    with AuthorizeRemoteTxRequests off, and the transaction uses the reservation."""
+    csms.parents = {"MEMBER": "FLEET"}
+    assert await reserve(csms, 1, "FLEET-CARD", 3, parent="FLEET") == "Accepted"
+    mark = len(csms.received)
+    result = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="MEMBER", connector_id=1))
+    assert result["status"] == "Accepted"
+    await csms.wait_message("Authorize", lambda p: p["idTag"] == "MEMBER", after=mark)
+    await plug(booted)
+    start = await csms.wait_message("StartTransaction", after=mark)
+    assert start.payload["idTag"] == "MEMBER" and start.payload["reservationId"] == 3
+
+
+async def test_a_remote_start_for_someone_outside_the_group_does_not_take_the_reservation(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    csms.parents = {"OUTSIDER": "OTHER-FLEET"}
+    assert await reserve(csms, 1, "FLEET-CARD", 3, parent="FLEET") == "Accepted"
+    mark = len(csms.received)
+    result = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="OUTSIDER", connector_id=1))
+    assert result["status"] == "Accepted"  # answered before the parent is known
+    await csms.wait_message("Authorize", lambda p: p["idTag"] == "OUTSIDER", after=mark)
+    await plug(booted)
+    assert "started" in await booted.swipe("FLEET-CARD")  # still held for its holder
+    start = await csms.wait_message("StartTransaction", after=mark)
+    assert start.payload["idTag"] == "FLEET-CARD" and start.payload["reservationId"] == 3
+
+
+async def test_a_card_of_the_same_group_stops_a_remote_started_transaction(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    """The group of a transaction started without an Authorize.req comes from the
+    StartTransaction answer: another card of the group stops it (3.5, TC_069)."""
+    csms.parents = {"CARD-A": "FLEET", "CARD-B": "FLEET"}
+    await plug(booted)
+    result = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="CARD-A", connector_id=1))
+    assert result["status"] == "Accepted"
+    await booted.wait_status(lambda s: s["connectors"][0]["transaction_id"] is not None)
+    assert "same group" in await booted.swipe("CARD-B")
+    stop = await csms.wait_message("StopTransaction")
+    assert stop.payload["reason"] == "Local"
+
+
+async def test_a_card_of_the_same_group_stops_a_transaction_started_offline_by_an_unknown_card(
+    make_agent: AgentFactory, csms: Csms, outage: Outage
+) -> None:
+    """Started offline by a card nobody knew (AllowOfflineTxForUnknownId): its group is
+    learnt from the StartTransaction answer once delivered, and another card of the group
+    then stops it."""
+    agent = await make_agent(ocpp={"AllowOfflineTxForUnknownId": True})
+    await wait_booted(csms)
+    csms.parents = {"NEW-CARD": "FLEET", "CARD-B": "FLEET"}
+    await plug(agent)
+    await outage.begin(agent)
+    assert "started" in await agent.swipe("NEW-CARD")
+    mark = await outage.end()
+    await csms.wait_message("StartTransaction", after=mark)
+    await agent.wait_status(lambda s: s["csms"]["connected"] and s["queue"]["pending"] == 0)
+    assert "same group" in await agent.swipe("CARD-B")
+
+
+async def test_a_full_local_list_with_an_entry_without_id_tag_info_fails_and_changes_nothing(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    assert await send_list(csms, 4, [{"idTag": "A", "idTagInfo": {"status": "Accepted"}}]) == (
+        "Accepted"
+    )
+    items = [{"idTag": "B", "idTagInfo": {"status": "Accepted"}}, {"idTag": "C"}]
+    assert await send_list(csms, 5, items) == "Failed"
+    assert (await csms.call(CP_ID, call.GetLocalListVersion()))["listVersion"] == 4
+
+
+async def test_cards_on_a_disabled_local_list_are_cached_like_any_other(
+    make_agent: AgentFactory, csms: Csms, outage: Outage
+) -> None:
+    """With the list turned off, the cache is what the charger knows offline: a card that
+    happens to be on the old list is cached too, and charges in an outage."""
+    agent = await make_agent()
+    await wait_booted(csms)
+    old = [{"idTag": "OLD", "idTagInfo": {"status": "Accepted"}}]
+    assert await send_list(csms, 1, old) == "Accepted"
+    changed = await csms.call(
+        CP_ID, call.ChangeConfiguration(key="LocalAuthListEnabled", value="false")
+    )
+    assert changed["status"] == "Accepted"
+    await plug(agent)
+    assert "started" in await agent.swipe("OLD")  # online: Authorize.req, answer cached
+    assert "stopped" in await agent.swipe("OLD")
+    await unplug(agent)
+    await outage.begin(agent)
+    await plug(agent)
+    assert "started" in await agent.swipe("OLD")
