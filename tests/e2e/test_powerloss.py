@@ -248,8 +248,9 @@ class Tx:
     stops: list[Seen] = field(default_factory=list)
 
 
-def check_campaign(recorder: Recorder, cp_id: str, log_text: str) -> Counter[str]:
-    """Every rule of the module docstring for one charge point; returns counts."""
+def check_campaign(recorder: Recorder, cp_id: str, log_text: str, kills: int) -> Counter[str]:
+    """Every rule of the module docstring for one charge point (SIGKILLed ``kills`` times);
+    returns counts."""
     seen = recorder.seen[cp_id]
     ids_of_start = {ts: ids for (cp, ts), ids in recorder.ids_of_start.items() if cp == cp_id}
     # 1. Duplicates: only a resend right after a reconnect, identical to the message that
@@ -325,6 +326,14 @@ def check_campaign(recorder: Recorder, cp_id: str, log_text: str) -> Counter[str
             )
         else:
             assert tx.stops[0].taken_at == taken, f"StopTransaction of {local} was lost"
+    # ...and the log line was there to check: every transaction message the CSMS received
+    # was committed first, and the line is written right after the commit (no await in
+    # between), so a kill can cut off at most the one line of the commit it interrupted.
+    received = len(unique)
+    assert committed >= received - kills, (
+        f"{received} transaction messages received but only {committed} logged as queued:"
+        " is the QUEUED pattern still the log line of agent/store.py?"
+    )
     assert set(reasons) <= {"Local", "EVDisconnected", "PowerLoss"}, reasons
     return Counter(
         {
@@ -434,12 +443,14 @@ async def test_sigkill_campaign_loses_nothing_and_duplicates_nothing(
     finally:
         await csms.stop()
     counts: Counter[str] = Counter()
-    for cp, agent in zip(cps, agents, strict=True):
-        counts += check_campaign(recorder, cp, agent.log_path.read_text(errors="replace"))
+    for cp, agent, lives in zip(cps, agents, plans, strict=True):
+        log_text = agent.log_path.read_text(errors="replace")
+        counts += check_campaign(recorder, cp, log_text, kills=len(lives))
     print(f"\n{KILLS} kills (seed {SEED}) in {time.monotonic() - began:.0f} s: {dict(counts)}")
     assert counts["transactions"] >= KILLS // 2
     assert counts["stop_PowerLoss"] >= KILLS // 10
     assert counts["meter_values"] >= KILLS // 2
+    assert counts["committed"] > 0  # rule 4 above ran
     assert csms.errors == []
 
 

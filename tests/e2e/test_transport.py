@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import signal
 import socket
 import ssl
 import threading
@@ -93,13 +94,30 @@ def connect_failures(caplog: pytest.LogCaptureFixture, kind: str) -> list[loggin
     ]
 
 
-def elb_server_context(ca: trustme.CA, key_type: trustme.KeyType) -> ssl.SSLContext:
-    """A server limited to ELBSecurityPolicy-TLS-1-2-Ext-2018-06: TLS 1.2 only."""
+#: The suites of that policy with SHA-1 CBC, which the agent leaves out on purpose.
+ELB_SHA1_CBC_CIPHERS = tuple(c for c in ELB_2018_06_CIPHERS if c.endswith("-SHA"))
+
+
+def elb_server_context(
+    ca: trustme.CA,
+    key_type: trustme.KeyType,
+    *,
+    ciphers: tuple[str, ...] = ELB_2018_06_CIPHERS,
+    server_preference: bool = True,
+) -> ssl.SSLContext:
+    """A server limited to ELBSecurityPolicy-TLS-1-2-Ext-2018-06: TLS 1.2 only.
+
+    With ``server_preference`` (as an ELB does) the server picks the suite; without it the
+    client's order decides.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(":".join(ELB_2018_06_CIPHERS))
-    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE  # as an ELB does
+    ctx.set_ciphers(":".join(ciphers))
+    if server_preference:
+        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    else:  # Python sets it by default on server contexts
+        ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     ca.issue_cert("localhost", "127.0.0.1", key_type=key_type).configure_cert(ctx)
     return ctx
 
@@ -168,24 +186,19 @@ class BlockingTlsServer:
 
 
 # ---------------------------------------------------------------------- TLS
-@pytest.mark.parametrize("key_type", [trustme.KeyType.ECDSA, trustme.KeyType.RSA])
-async def test_handshake_with_elb_policy_server_prefers_ecdhe_gcm(
-    ca: trustme.CA, ca_file: Path, key_type: trustme.KeyType
-) -> None:
-    """Our client context against a TLS-1.2-only server with the ELB 2018-06 suites."""
+async def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[str, str]:
+    """One TLS handshake with a server using ``server_ctx``: (suite, version) negotiated."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):
             await reader.read()
         writer.close()
 
-    server = await asyncio.start_server(
-        handler, "127.0.0.1", 0, ssl=elb_server_context(ca, key_type)
-    )
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ctx)
     port = server.sockets[0].getsockname()[1]
     try:
         _, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=tls_context(str(ca_file)), server_hostname="localhost"
+            "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost"
         )
         ssl_object = writer.get_extra_info("ssl_object")
         name, version, _bits = ssl_object.cipher()
@@ -195,12 +208,42 @@ async def test_handshake_with_elb_policy_server_prefers_ecdhe_gcm(
     finally:
         server.close()
         await server.wait_closed()
+    return name, version
+
+
+@pytest.mark.parametrize("key_type", [trustme.KeyType.ECDSA, trustme.KeyType.RSA])
+async def test_handshake_with_elb_policy_server_prefers_ecdhe_gcm(
+    ca: trustme.CA, ca_file: Path, key_type: trustme.KeyType
+) -> None:
+    """Our client context against a TLS-1.2-only server with the ELB 2018-06 suites and no
+    preference of its own: the agent's order decides, and it puts ECDHE with AES-GCM first
+    (among them AES-128, the cheaper one)."""
+    server_ctx = elb_server_context(ca, key_type, server_preference=False)
+    name, version = await handshake(server_ctx, tls_context(str(ca_file)))
     assert version == "TLSv1.2"
     assert name in ELB_2018_06_CIPHERS
-    assert name.startswith("ECDHE-")
-    assert "-GCM-" in name
-    expected_auth = "ECDSA" if key_type is trustme.KeyType.ECDSA else "RSA"
-    assert name.startswith(f"ECDHE-{expected_auth}-")
+    auth = "ECDSA" if key_type is trustme.KeyType.ECDSA else "RSA"
+    assert name == f"ECDHE-{auth}-AES128-GCM-SHA256"
+
+
+@pytest.mark.parametrize("key_type", [trustme.KeyType.ECDSA, trustme.KeyType.RSA])
+async def test_server_offering_only_sha1_cbc_suites_is_refused(
+    ca: trustme.CA, ca_file: Path, key_type: trustme.KeyType
+) -> None:
+    """The ELB policy's SHA-1 CBC suites are left out of the agent's list on purpose: a
+    server that offers nothing else gets no handshake."""
+    server_ctx = elb_server_context(ca, key_type, ciphers=ELB_SHA1_CBC_CIPHERS)
+    # The server itself works: a client that accepts those suites gets one.
+    willing = ssl.create_default_context(cafile=str(ca_file))
+    willing.set_ciphers(":".join(ELB_SHA1_CBC_CIPHERS))
+    name, _version = await handshake(server_ctx, willing)
+    assert name in ELB_SHA1_CBC_CIPHERS
+    # A server that sends the alert: the refusal is a clean TLS error.
+    with BlockingTlsServer(server_ctx) as server, pytest.raises(ssl.SSLError):
+        await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=tls_context(str(ca_file)), server_hostname="localhost"
+        )
+    assert (server.completed_handshakes, server.failed_handshakes) == (0, 1)
 
 
 async def test_agent_connects_and_boots_against_elb_policy_server(
@@ -348,10 +391,7 @@ async def test_authorization_key_change_reconnects_persists_and_never_leaks(
     caplog.set_level(logging.DEBUG)
     too_short = "Sh0rtKey-15char"
     too_long = "L0ngKey-" + "qWeRtYuIoPaSdFgHjKlZxCvBnM9876543"
-    new_key = "Kq7vX2pLm9RtZ4wYb8NcHd3F"
-    assert len(too_short) == 15
-    assert len(too_long) == 41
-    assert len(new_key) == 24
+    new_key = "Kq7vX2pLm9RtZ4wYb8NcHd3F"  # 15, 41 and 24 characters: 16 to 40 are allowed
 
     agent = await make_agent()
     await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
@@ -605,11 +645,18 @@ async def test_dropped_connection_resends_every_connector_status(
 async def test_agent_stops_even_if_the_connection_drops_at_that_moment(
     make_agent: AgentFactory, csms: Csms, relay: Relay
 ) -> None:
+    """SIGTERM (systemctl stop) while the link to the CSMS drops: the agent still ends
+    normally (app.run returns None: exit status 0), and removes its control socket."""
     agent = await make_agent(url=url_of(relay.port))
     await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
-    await relay.stop()  # the link drops...
-    await asyncio.wait_for(agent.stop(), 30)  # ...while the agent is being stopped
-    assert agent.task is None
+    task = agent.task
+    assert task is not None and not task.done() and agent.socket.exists()
+    # Both at once: the agent handles the signal (in the event loop) while the link drops.
+    signal.raise_signal(signal.SIGTERM)
+    await asyncio.gather(relay.stop(), asyncio.wait_for(asyncio.shield(task), 30))
+    assert task.done() and not task.cancelled()
+    assert task.result() is None  # returned normally, not cancelled, no exception
+    assert not agent.socket.exists()
 
 
 async def test_a_call_many_tls_reads_long_arrives_whole_and_is_answered(
