@@ -44,6 +44,7 @@ from drivers.base import (
     DriverError,
     EvseController,
     EvseStatus,
+    FaultCode,
     Meter,
     MeterReading,
     TransientDriverError,
@@ -172,9 +173,13 @@ class Connector:
 
     def inputs(self) -> ConnectorInputs:
         status = self.evse_status
+        if status is not None:
+            fault = status.fault
+        else:  # no word from the controller yet: Faulted (InternalError) until it starts
+            fault = None if self.controller_up else FaultCode.COMMUNICATION
         return ConnectorInputs(
             vehicle=self.vehicle,
-            fault=status.fault if status else None,
+            fault=fault,
             meter_failed=self.meter_failed,
             operative=self.usable,
             transaction=self.tx is not None,
@@ -374,6 +379,7 @@ class Station:
                     c.controller_up = True
                     c.evse_status = await c.hw.evse.read_status()
                     log.warning("connector %d: EVSE controller answers now", c.id)
+                    self._refresh_status(c)
                 except DriverError as exc:
                     log.debug("connector %d: EVSE controller still unavailable: %s", c.id, exc)
                     continue
@@ -418,6 +424,21 @@ class Station:
         c.finishing = False
         if c.tx is not None and self.keys.get_bool("StopTransactionOnEVSideDisconnect"):
             self.spawn(self.stop_transaction(c, "EVDisconnected"), f"stop-{c.id}")
+        if c.hw.evse.capabilities.supports_unlock and self.keys.get_bool(
+            "UnlockConnectorOnEVSideDisconnect"
+        ):
+            self.spawn(self._release_cable(c), f"release-{c.id}")
+
+    async def _release_cable(self, c: Connector) -> None:
+        """The cable came out of the EV: open the charger's lock so it can be taken
+        (UnlockConnectorOnEVSideDisconnect, OCPP 1.6 9.1.33)."""
+        try:
+            if not await c.hw.evse.unlock():
+                log.warning("connector %d: the cable lock did not open after the EV was"
+                            " unplugged", c.id)  # fmt: skip
+        except DriverError as exc:
+            log.error("connector %d: could not open the cable lock after the EV was"
+                      " unplugged: %s", c.id, exc)  # fmt: skip
 
     async def _poll_meter(self, c: Connector) -> None:
         while True:

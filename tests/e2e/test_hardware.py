@@ -269,6 +269,43 @@ async def test_a_current_the_controller_will_not_raise_is_not_repeated(
     assert (await agent.status())["connectors"][0]["offered_current_a"] == 10.0
 
 
+async def test_a_connector_whose_controller_never_started_is_faulted_not_available(
+    make_agent: AgentFactory, csms: Csms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until its EVSE controller has answered, a connector cannot charge: the CSMS sees it
+    Faulted (InternalError), not Available, and a remote start is refused; once the
+    controller answers, it is Available."""
+    import asyncio
+
+    from agent import station as station_module
+    from drivers.base import DeviceTimeout
+    from drivers.evse.rapi import RapiController
+
+    monkeypatch.setattr(station_module, "CONTROLLER_RETRY_S", 0.3)
+    original = RapiController.start
+    booting = [True]
+
+    async def start(self: Any) -> Any:
+        if booting[0]:
+            raise DeviceTimeout("no reply to $GV")
+        return await original(self)
+
+    monkeypatch.setattr(RapiController, "start", start)
+    agent = await make_agent()
+    faulted = await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
+    assert (faulted.payload["status"], faulted.payload["errorCode"]) == ("Faulted", "InternalError")
+    result = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="TAG", connector_id=1))
+    assert result["status"] == "Rejected"
+    mark = len(csms.received)
+    booting[0] = False
+    available = await csms.wait_message(
+        "StatusNotification", lambda p: p["connectorId"] == 1, after=mark
+    )
+    assert (available.payload["status"], available.payload["errorCode"]) == ("Available", "NoError")
+    await asyncio.sleep(0)
+    assert (await agent.status())["connectors"][0]["controller_firmware"] is not None
+
+
 async def test_a_controller_that_does_not_answer_at_start_is_started_later(
     make_agent: AgentFactory, csms: Csms, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -282,7 +319,79 @@ async def test_a_controller_that_does_not_answer_at_start_is_started_later(
     failures = fail_once(monkeypatch, RapiController, "start", DeviceTimeout("no reply to $GV"))
     agent = await make_agent()
     await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
-    await agent.wait_status(lambda s: s["connectors"][0]["controller_firmware"] is not None)
+    await agent.wait_status(lambda s: s["connectors"][0]["status"] == "Available")
     assert failures == []
     await start_charging(agent, csms)
     await wait_sim(agent, lambda s: s["contactor_closed"])
+
+
+def with_cable_lock(monkeypatch: pytest.MonkeyPatch, opens: bool = True) -> list[float]:
+    """Give the RAPI controller a cable lock (as a board with a lock driver has); returns
+    the times (loop clock) it was told to open."""
+    import asyncio
+    import dataclasses
+
+    from drivers.evse.rapi import RapiController
+
+    original = RapiController.start
+    opened: list[float] = []
+
+    async def start(self: Any) -> Any:
+        result = await original(self)
+        self.capabilities = dataclasses.replace(self.capabilities, supports_unlock=True)
+        return result
+
+    async def unlock(self: Any) -> bool:
+        opened.append(asyncio.get_running_loop().time())
+        return opens
+
+    monkeypatch.setattr(RapiController, "start", start)
+    monkeypatch.setattr(RapiController, "unlock", unlock)
+    return opened
+
+
+async def test_unlock_connector_stops_the_transaction_then_opens_the_lock(
+    make_agent: AgentFactory, csms: Csms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened = with_cable_lock(monkeypatch)
+    agent = await make_agent()
+    tx_id = await start_charging(agent, csms)
+    result = await csms.call(CP_ID, call.UnlockConnector(connector_id=1))
+    assert result["status"] == "Unlocked"
+    stop = await csms.wait_message("StopTransaction")
+    assert (stop.payload["transactionId"], stop.payload["reason"]) == (tx_id, "UnlockCommand")
+    assert len(opened) == 1
+
+
+async def test_a_lock_that_stays_shut_is_reported_unlock_failed(
+    make_agent: AgentFactory, csms: Csms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened = with_cable_lock(monkeypatch, opens=False)
+    agent = await make_agent()
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
+    result = await csms.call(CP_ID, call.UnlockConnector(connector_id=1))
+    assert result["status"] == "UnlockFailed"
+    assert len(opened) == 1
+    assert agent.task is not None and not agent.task.done()
+
+
+@pytest.mark.parametrize("unlock_on_disconnect", [True, False])
+async def test_unplugging_the_ev_opens_the_cable_lock_when_configured(
+    make_agent: AgentFactory,
+    csms: Csms,
+    monkeypatch: pytest.MonkeyPatch,
+    unlock_on_disconnect: bool,
+) -> None:
+    """UnlockConnectorOnEVSideDisconnect: the cable came out of the car, so the charger
+    lets go of it too -- or keeps it locked when the key is false."""
+    import asyncio
+
+    opened = with_cable_lock(monkeypatch)
+    agent = await make_agent(ocpp={"UnlockConnectorOnEVSideDisconnect": unlock_on_disconnect})
+    await start_charging(agent, csms)
+    assert opened == []
+    await agent.sim("unplug")
+    stop = await csms.wait_message("StopTransaction")
+    assert stop.payload["reason"] == "EVDisconnected"
+    await asyncio.sleep(0.5)
+    assert len(opened) == (1 if unlock_on_disconnect else 0)
