@@ -322,10 +322,16 @@ def validate(data: Mapping[str, Any], path: Path) -> Config:
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
+    from drivers.meter.maps import is_model_name
+
     base = path.parent
     for section, key in (("agent", "state_dir"), ("agent", "control_socket"), ("csms", "ca_file")):
         raw = sections[section][key]
         if raw and not os.path.isabs(raw):
+            sections[section][key] = str((base / raw).resolve())
+    for section, key in (("meter", "model"), ("sim", "meter_model")):
+        raw = sections[section][key]  # a map file is relative to the config file, too
+        if raw and not is_model_name(raw) and not os.path.isabs(raw):
             sections[section][key] = str((base / raw).resolve())
     if sections["csms"]["reconnect_min_s"] > sections["csms"]["reconnect_max_s"]:
         raise fail("[csms] reconnect_min_s", "must not exceed reconnect_max_s")

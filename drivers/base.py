@@ -77,9 +77,12 @@ class CurrentNotApplied(ProtocolError):
 
 
 class FatalDriverError(DriverError):
-    """The device cannot be used at all (port missing, wrong configuration, bad map).
+    """The device cannot be used as it is (port missing, wrong configuration, bad map).
 
-    The agent reports the connector Faulted and does not retry until restarted.
+    The agent reports the connector Faulted at once (a :class:`TransientDriverError` from
+    the meter counts towards ``meter_miss_limit`` first) and keeps trying -- the
+    controller's ``start`` every few seconds, the meter at every poll -- so a device that
+    comes back, or appears later, is used without a restart.
     """
 
 

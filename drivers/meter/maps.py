@@ -172,12 +172,17 @@ def available_models() -> list[str]:
     )
 
 
+def is_model_name(name_or_path: str) -> bool:
+    """True for the name of a shipped map (``"sdm630"``), False for a file path."""
+    return bool(_NAME_RE.match(name_or_path)) and not name_or_path.endswith(".toml")
+
+
 def load_map(name_or_path: str) -> RegisterMap:
     """Load a register map by model name (``"sdm630"``) or by path to a TOML file.
 
     Raises :class:`FatalDriverError` naming the file and the offending key.
     """
-    if _NAME_RE.match(name_or_path) and not name_or_path.endswith(".toml"):
+    if is_model_name(name_or_path):
         resource = resources.files("drivers.meter").joinpath("models", f"{name_or_path}.toml")
         if not resource.is_file():
             raise FatalDriverError(

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import load
+
 ROOT = Path(__file__).resolve().parents[2]
 
 VALID = """
@@ -238,3 +240,20 @@ def test_a_control_socket_path_too_long_for_unix_is_refused(tmp_path: Path) -> N
 def test_an_ocpp_key_value_that_would_break_a_profile_is_refused(tmp_path: Path, line: str) -> None:
     path = write(tmp_path, VALID + f"\n[ocpp]\n{line}\n")
     assert_refused(check_config(path), path, "[ocpp] " + line.split(" = ")[0])
+
+
+def test_a_meter_map_file_is_found_next_to_the_config_whatever_the_working_directory(
+    tmp_path: Path,
+) -> None:
+    """A relative map path means the config file's folder (as state_dir does), not the
+    directory the agent happens to start in (``/`` under systemd)."""
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    shipped = ROOT / "drivers" / "meter" / "models" / "sdm630.toml"
+    (maps / "board-meter.toml").write_text(shipped.read_text())
+    path = write(tmp_path, VALID + '\n[sim]\nmeter_model = "maps/board-meter.toml"\n')
+    result = check_config(path)  # run from the repository, not from tmp_path
+    assert result.returncode == 0, result.stderr
+    assert load(path).sim["meter_model"] == str(maps / "board-meter.toml")
+    (maps / "board-meter.toml").unlink()
+    assert_refused(check_config(path), path, "[sim] meter_model", "board-meter.toml")
