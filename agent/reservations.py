@@ -231,7 +231,14 @@ class Reservations:
         connectors = list(self.station.connectors.values())
         specific = {r.connector_id for r in self._by_id.values() if r.connector_id != 0}
         zero = sum(1 for r in self._by_id.values() if r.connector_id == 0)
-        free = [c.id for c in connectors if c.id not in specific and self._state(c) in USABLE]
+        # What a reservation of connector 0 may hold: Available connectors (as _admit
+        # counts them), and one it already holds while its holder plugs in there.
+        free = [
+            c.id
+            for c in connectors
+            if c.id not in specific
+            and (self._state(c) == FREE or (c.reserved and self._state(c) in USABLE))
+        ]
         held = set(free) if zero > 0 and len(free) <= zero else set()
         changed = []
         for c in connectors:

@@ -1132,6 +1132,7 @@ class Station:
                 and self.outbox.online
                 and self.reservations.group_may_hold(c)
                 and self.auth.parent_of(id_tag) is None
+                and self.auth.pre_authorized(id_tag) is None  # else nobody would be asked
             )
             if not learn_parent:
                 log.info("RemoteStartTransaction rejected: connector %d is reserved", c.id)

@@ -27,7 +27,7 @@ SUBPROTOCOL = "ocpp1.6"
 #: How much asyncio's TLS transport reads at a time. Its default, 256 KiB, is a buffer every
 #: TLS connection allocates and fills with zeros (resident memory, 0.7 % of the agent's
 #: budget) and the size of every read asked of OpenSSL. OCPP messages are a few kB; 32 KiB
-#: holds two full TLS records, and a larger message simply takes more reads.
+#: holds a full TLS record (16 KiB) with room to spare, and a larger message takes more reads.
 TLS_READ_SIZE = 32 * 1024
 
 

@@ -155,3 +155,36 @@ async def test_cards_on_a_disabled_local_list_are_cached_like_any_other(
     await outage.begin(agent)
     await plug(agent)
     assert "started" in await agent.swipe("OLD")
+
+
+async def test_a_connector_zero_reservation_holds_the_available_connector_not_the_waiting_driver(
+    make_agent: AgentFactory, csms: Csms
+) -> None:
+    """Two connectors, a driver's car waiting on 1: ReserveNow(0) is accepted for
+    connector 2, which is then held (Reserved) -- a stranger cannot take it, and the
+    driver on 1 still charges."""
+    agent = await make_agent(connectors=2)
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 2)
+    await plug(agent, 1)
+    await agent.wait_status(lambda s: s["connectors"][0]["status"] == "Preparing")
+    assert await reserve(csms, 0, "HOLDER", 9) == "Accepted"
+    await agent.wait_status(lambda s: s["connectors"][1]["status"] == "Reserved")
+    await plug(agent, 2)
+    assert "reserved" in await agent.swipe("STRANGER", connector=2)
+    assert "started" in await agent.swipe("DRIVER-1", connector=1)
+    assert "started" in await agent.swipe("HOLDER", connector=2)
+
+
+async def test_a_remote_start_onto_a_group_reservation_by_a_card_known_without_a_group_is_rejected(
+    make_agent: AgentFactory, csms: Csms
+) -> None:
+    """The charger knows the card (list, LocalPreAuthorize) and that it has no group:
+    nothing is left to ask, so the answer is Rejected, not an Accepted that never starts."""
+    agent = await make_agent(ocpp={"LocalPreAuthorize": True})
+    await wait_booted(csms)
+    outsider = [{"idTag": "OUTSIDER", "idTagInfo": {"status": "Accepted"}}]
+    assert await send_list(csms, 1, outsider) == "Accepted"
+    assert await reserve(csms, 1, "FLEET-CARD", 3, parent="FLEET") == "Accepted"
+    await plug(agent)
+    result = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="OUTSIDER", connector_id=1))
+    assert result["status"] == "Rejected"
