@@ -131,6 +131,12 @@ def _password(value: Any) -> str | None:
     return None
 
 
+def _id_tag_or_empty(value: Any) -> str | None:
+    if len(value) > 20 or (value and not value.isprintable()):
+        return "must be empty or an idTag of 1 to 20 printable characters (OCPP CiString20)"
+    return None
+
+
 def _ntp_list(value: Any) -> str | None:
     if not all(isinstance(item, str) and item for item in value):
         return "must be a list of host names or host:port strings"
@@ -159,6 +165,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
             100_000,
             _range(100, 10_000_000),
             doc="outbound queue size before MeterValues are thinned",
+        ),
+        "free_vend_id_tag": Key(
+            str,
+            "",
+            _id_tag_or_empty,
+            doc="plugging a car in starts a transaction with this idTag; empty: off",
         ),
     },
     "time": {

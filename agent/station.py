@@ -286,6 +286,7 @@ class Station:
         for c in self.connectors.values():
             await self.actuate(c)
             self._refresh_status(c)
+            self._free_vend(c)  # a car left plugged in (a power cut): charging resumes
 
     async def _recover_transactions(self) -> None:
         """Close what the store still holds as running: the agent stopped mid-transaction.
@@ -419,6 +420,22 @@ class Station:
             profile = c.waiting_profile
             self._clear_waiting(c)
             self.spawn(self.start_transaction(c, tag, parent, profile), f"start-{c.id}")
+        else:
+            self._free_vend(c)
+
+    def _free_vend(self, c: Connector) -> None:
+        """``[agent] free_vend_id_tag`` (a charger without a card reader): a car plugged
+        in starts a transaction with that idTag, authorized by the owner's configuration
+        (no Authorize.req; the StartTransaction answer still counts). A reservation for
+        someone else, an unusable connector or one already taken starts nothing."""
+        tag = str(self.cfg.agent["free_vend_id_tag"])
+        if not tag or not c.plugged or not c.can_start or c.waiting_tag is not None:
+            return
+        if not self.reservations.check_start(c, tag, None)[0]:
+            log.info("connector %d: car plugged in, but reserved for another idTag", c.id)
+            return
+        log.info("connector %d: car plugged in: starting (free vend)", c.id)
+        self.spawn(self.start_transaction(c, tag), f"start-{c.id}")
 
     def _on_unplugged(self, c: Connector) -> None:
         c.finishing = False

@@ -65,6 +65,7 @@ def write_config(
     connectors: int = 1,
     response_timeout_s: float = 5,
     hardware_extra: str = "",
+    agent_extra: str = "",
 ) -> Path:
     """A config for the agent on simulated hardware against ``url``."""
     ocpp_keys = {"MeterValueSampleInterval": 1, **(ocpp or {})}
@@ -94,6 +95,7 @@ response_timeout_s = {response_timeout_s}
 state_dir = "{directory / "state"}"
 control_socket = "{directory / "control.sock"}"
 log_level = "debug"
+{agent_extra}
 
 [time]
 ntp_servers = []

@@ -257,3 +257,14 @@ def test_a_meter_map_file_is_found_next_to_the_config_whatever_the_working_direc
     assert load(path).sim["meter_model"] == str(maps / "board-meter.toml")
     (maps / "board-meter.toml").unlink()
     assert_refused(check_config(path), path, "[sim] meter_model", "board-meter.toml")
+
+
+@pytest.mark.parametrize("tag", ["A" * 21, "HOME\\tTAB"])
+def test_a_free_vend_id_tag_that_is_not_an_id_tag_is_refused(tmp_path: Path, tag: str) -> None:
+    config = VALID.replace('control_socket = "control.sock"',
+                           f'control_socket = "control.sock"\nfree_vend_id_tag = "{tag}"')  # fmt: skip
+    path = write(tmp_path, config)
+    assert_refused(check_config(path), path, "[agent] free_vend_id_tag", "CiString20")
+    path = write(tmp_path, VALID.replace('control_socket = "control.sock"',
+                                         'control_socket = "control.sock"\nfree_vend_id_tag = "HOME"'))  # fmt: skip
+    assert check_config(path).returncode == 0

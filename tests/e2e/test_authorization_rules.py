@@ -3,6 +3,8 @@ and the reservation rules where they meet (OCPP 1.6 sections 3.5, 5.13, 5.15).""
 
 from __future__ import annotations
 
+import asyncio
+
 from ocpp.v16 import call
 
 from agent.ocpp.csms import Csms
@@ -188,3 +190,68 @@ async def test_a_remote_start_onto_a_group_reservation_by_a_card_known_without_a
     await plug(agent)
     result = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="OUTSIDER", connector_id=1))
     assert result["status"] == "Rejected"
+
+
+async def test_free_vend_plugging_in_starts_a_transaction_with_the_configured_id_tag(
+    make_agent: AgentFactory, csms: Csms
+) -> None:
+    """A home charger without a card reader: plugging the car in starts charging (and the
+    transaction the CSMS bills and switches on and off); unplugging ends it; plugging in
+    again starts the next one."""
+    agent = await make_agent(agent_extra='free_vend_id_tag = "HOME"')
+    await wait_booted(csms)
+    mark = len(csms.received)
+    await plug(agent)
+    start = await csms.wait_message("StartTransaction", after=mark)
+    assert start.payload["idTag"] == "HOME"
+    assert "Authorize" not in [r.action for r in csms.received[mark:]]
+    await csms.wait_message("StatusNotification", lambda p: p["status"] == "Charging", after=mark)
+    await unplug(agent)
+    stop = await csms.wait_message("StopTransaction", after=mark)
+    assert stop.payload["reason"] == "EVDisconnected"
+    mark = len(csms.received)
+    await plug(agent)
+    again = await csms.wait_message("StartTransaction", after=mark)
+    assert again.payload["idTag"] == "HOME"
+
+
+async def test_free_vend_respects_a_reservation_for_someone_else(
+    make_agent: AgentFactory, csms: Csms
+) -> None:
+    agent = await make_agent(agent_extra='free_vend_id_tag = "HOME"')
+    await wait_booted(csms)
+    assert await reserve(csms, 1, "VISITOR", 5) == "Accepted"
+    mark = len(csms.received)
+    await plug(agent)
+    await agent.wait_status(lambda s: s["connectors"][0]["vehicle"] != "absent")
+    assert "started" in await agent.swipe("VISITOR")
+    start = await csms.wait_message("StartTransaction", after=mark)
+    assert (start.payload["idTag"], start.payload["reservationId"]) == ("VISITOR", 5)
+    assert len(csms.messages("StartTransaction")) == 1
+
+
+async def test_without_free_vend_plugging_in_starts_nothing(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    mark = len(csms.received)
+    await plug(booted)
+    await csms.wait_message("StatusNotification", lambda p: p["status"] == "Preparing", after=mark)
+    await asyncio.sleep(1.0)
+    assert "StartTransaction" not in [r.action for r in csms.received[mark:]]
+
+
+async def test_free_vend_resumes_charging_after_a_restart_with_the_car_still_plugged_in(
+    make_agent: AgentFactory, csms: Csms
+) -> None:
+    """A power cut: the open transaction is closed (PowerLoss or Reboot) and, the car
+    still being plugged in, a new one starts: a home charger charges again by itself."""
+    agent = await make_agent(agent_extra='free_vend_id_tag = "HOME"')
+    await wait_booted(csms)
+    await plug(agent)
+    await csms.wait_message("StartTransaction")
+    await agent.stop()
+    mark = len(csms.received)
+    await agent.start()
+    await csms.wait_message("StopTransaction", after=mark)
+    await csms.wait_for(lambda: len(csms.messages("StartTransaction")) == 2)
+    assert csms.messages("StartTransaction")[-1]["idTag"] == "HOME"
