@@ -74,6 +74,13 @@ def _taken_at(sample: dict[str, Any]) -> str:
     return str(sample["timestamp"])
 
 
+def _context(sample: dict[str, Any]) -> str | None:
+    """The reading context of a MeterValue (all its sampled values share one)."""
+    values = sample.get("sampledValue") or [{}]
+    context = values[0].get("context")
+    return str(context) if context is not None else None
+
+
 class Clock(Protocol):
     def now(self) -> datetime: ...
 
@@ -118,6 +125,7 @@ class Connector:
     hw: ConnectorHardware
     evse_status: EvseStatus | None = None
     reading: MeterReading | None = None
+    reading_at: datetime | None = None  # when ``reading`` was taken
     meter_misses: int = 0
     meter_failed: bool = False
     operative: bool = True
@@ -279,6 +287,7 @@ class Station:
             try:
                 await c.hw.meter.connect()
                 c.reading = await c.hw.meter.read()
+                c.reading_at = self.now()
             except DriverError as exc:
                 log.error("connector %d: meter unavailable: %s", c.id, exc)
         await self._recover_transactions()
@@ -496,7 +505,7 @@ class Station:
         c.meter_failed = False
         if recovered and c.tx is not None:
             self.spawn(self.actuate(c), "meter-back")
-        c.reading = reading
+        c.reading, c.reading_at = reading, self.now()
         if c.tx is not None:
             self.store.note_meter(c.tx.local_id, energy_register_wh(reading), iso(self.now()))
             self._check_invalid_energy(c, reading)
@@ -880,7 +889,14 @@ class Station:
         tx.samples.append(sample)
         tx.samples_bytes += len(json.dumps(sample))
         while tx.samples_bytes > MAX_STOP_SAMPLE_BYTES and len(tx.samples) > 1:
-            tx.samples[:] = tx.samples[1::2]  # every other one
+            # Every other periodic sample first: the clock-aligned ones (time-of-use
+            # billing) go only when nothing else is left to thin.
+            periodic = [s for s in tx.samples if _context(s) == "Sample.Periodic"]
+            if len(periodic) > 1:
+                dropped = {id(s) for s in periodic[1::2]}
+                tx.samples[:] = [s for s in tx.samples if id(s) not in dropped]
+            else:
+                tx.samples[:] = tx.samples[1::2]
             tx.samples_bytes = sum(len(json.dumps(s)) for s in tx.samples)
 
     def _stop_txn_sample(
@@ -891,6 +907,14 @@ class Station:
             return []
         values = self._sampled(c, reading, measurands, context)
         return [meter_value(iso(now), values)] if values else []
+
+    def _last_register(self, c: Connector, context: str) -> list[dict[str, Any]]:
+        """The energy register of the last good reading, stamped with when it was taken
+        (a meter that stopped answering: its power or current then are not now's)."""
+        if c.reading is None:
+            return []
+        values = self._sampled(c, c.reading, ["Energy.Active.Import.Register"], context)
+        return [meter_value(iso(c.reading_at or self.now()), values)] if values else []
 
     def _sampled(
         self, c: Connector, reading: MeterReading, measurands: list[str], context: str
@@ -911,7 +935,8 @@ class Station:
         if tx is None or tx.stopping:
             return False
         tx.stopping = True
-        reading = await self.read_meter(c) or c.reading
+        fresh = await self.read_meter(c)
+        reading = fresh or c.reading
         now = self.now()
         meter_stop = energy_register_wh(reading) if reading else tx.meter_start_wh
         if meter_stop < tx.meter_start_wh:
@@ -920,7 +945,12 @@ class Station:
             log.warning("connector %d: meter register %d Wh is below meterStart %d Wh: using"
                         " meterStart", c.id, meter_stop, tx.meter_start_wh)  # fmt: skip
             meter_stop = tx.meter_start_wh
-        end = self._stop_txn_sample(c, reading, "Transaction.End", now) if reading else []
+        if fresh is not None:
+            end = self._stop_txn_sample(c, fresh, "Transaction.End", now)
+        elif self.keys.get_list("StopTxnSampledData"):
+            end = self._last_register(c, "Transaction.End")  # the meter does not answer:
+        else:  # only its last register, as of when it was read
+            end = []
         rec = TxRecord(
             tx.local_id, c.id, tx.id_tag, None, tx.meter_start_wh, iso(tx.start), None, None
         )
@@ -1107,6 +1137,9 @@ class Station:
             midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
             elapsed = (now - midnight).total_seconds()
             next_at = midnight + timedelta(seconds=(elapsed // interval + 1) * interval)
+            # Evenly spaced per day from midnight (9.1.4): an interval that does not
+            # divide a day still has a value at 00:00.
+            next_at = min(next_at, midnight + timedelta(days=1))
             self._wake_aligned.clear()
             try:
                 async with asyncio.timeout((next_at - now).total_seconds()):
@@ -1353,13 +1386,14 @@ class Station:
                 reading = c.reading
                 if reading is None:
                     continue
-                values = self._sampled(
-                    c, reading, self.keys.get_list("MeterValuesSampledData"), "Trigger"
-                ) or self._sampled(c, reading, ["Energy.Active.Import.Register"], "Trigger")
-                payload: dict[str, Any] = {
-                    "connectorId": c.id,
-                    "meterValue": [meter_value(now, values)],
-                }
+                if c.meter_failed:  # nothing current to say: the last register, as of then
+                    meter_values = self._last_register(c, "Trigger")
+                else:
+                    values = self._sampled(
+                        c, reading, self.keys.get_list("MeterValuesSampledData"), "Trigger"
+                    ) or self._sampled(c, reading, ["Energy.Active.Import.Register"], "Trigger")
+                    meter_values = [meter_value(now, values)]
+                payload: dict[str, Any] = {"connectorId": c.id, "meterValue": meter_values}
                 if c.tx is not None and (tx_id := self.store.csms_transaction_id(c.tx.local_id)):
                     payload["transactionId"] = tx_id
                 self.outbox.send(Outgoing("MeterValues", payload))

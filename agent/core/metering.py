@@ -7,11 +7,14 @@ A measurand the meter did not deliver (None) is left out: nothing is invented.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from drivers.base import MeterReading
 
 PHASES = ("L1", "L2", "L3")
+#: Two units in the last place of a float32 (its 24-bit significand), relative.
+FLOAT32_EPSILON = 2.0**-23
 
 
 def _value(number: float, *, digits: int = 1) -> str:
@@ -19,8 +22,12 @@ def _value(number: float, *, digits: int = 1) -> str:
 
 
 def energy_register_wh(reading: MeterReading) -> int:
-    """The energy register as the integer Wh that meterStart / meterStop carry."""
-    return int(reading.energy_wh)
+    """The energy register as the integer Wh that meterStart / meterStop carry: the whole
+    Wh delivered (12345.9 Wh is 12345), allowing for float32's representation error (a
+    float32 kWh register gives 10.006 kWh as 10005.9996 Wh, which is 10006).
+    """
+    value = reading.energy_wh
+    return math.floor(value + abs(value) * FLOAT32_EPSILON)
 
 
 def sampled_values(
