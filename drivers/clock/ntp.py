@@ -250,6 +250,11 @@ class ClockGuard:
     Only touch a ClockGuard from its event loop.
     """
 
+    #: Before the first good answer, :meth:`run_periodic` retries after this many seconds,
+    #: doubling up to :attr:`unsynced_retry_max_s`.
+    unsynced_retry_s = 10.0
+    unsynced_retry_max_s = 300.0
+
     def __init__(
         self,
         *,
@@ -341,15 +346,24 @@ class ClockGuard:
         """Re-synchronise every ``interval_s`` seconds, forever (put it in a TaskGroup).
 
         The first sync happens after one interval (call :meth:`wait_synchronized` at start).
-        Failures are logged and never end the loop. Returns at once when ``servers`` is empty.
+        Until a sync has succeeded (a board without a battery-backed clock whose network
+        came up late), it retries sooner: after :attr:`unsynced_retry_s`, doubling up to
+        :attr:`unsynced_retry_max_s` (never beyond ``interval_s``) -- with a wrong clock, no
+        TLS certificate can be judged. Failures are logged and never end the loop. Returns
+        at once when ``servers`` is empty.
         """
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
         if not servers:
             logger.info("NTP disabled: no periodic synchronisation")
             return
+        retry_s = self.unsynced_retry_s
         while True:
-            await asyncio.sleep(interval_s)
+            if self.synchronized:
+                await asyncio.sleep(interval_s)
+            else:
+                await asyncio.sleep(min(retry_s, interval_s))
+                retry_s = min(retry_s * 2, self.unsynced_retry_max_s)
             try:
                 await self.sync(servers)
             except Exception:

@@ -686,3 +686,30 @@ async def test_guard_run_periodic_empty_list_returns_at_once() -> None:
 
     async with asyncio.timeout(1):
         await guard.run_periodic([], interval_s=3600)
+
+
+async def test_guard_run_periodic_retries_sooner_until_the_first_answer(
+    fake_server: FakeNtpServer,
+) -> None:
+    """The start-up attempts failed (the network came up late): the guard does not wait a
+    whole sync interval (an hour by default) with a clock TLS cannot trust; it retries
+    after unsynced_retry_s, doubling, and then keeps the normal interval."""
+    fake_server.stratum = 16  # not answering usefully yet
+    guard = ClockGuard(timeout_s=0.5)
+    guard.unsynced_retry_s = 0.05
+    guard.unsynced_retry_max_s = 0.2
+
+    async with asyncio.timeout(10):
+        task = asyncio.create_task(guard.run_periodic([fake_server.address], interval_s=3600))
+        while fake_server.requests < 3:
+            await asyncio.sleep(0.01)
+        assert not guard.synchronized
+        fake_server.stratum = 3
+        while not guard.synchronized:
+            await asyncio.sleep(0.01)
+        answered = fake_server.requests
+        await asyncio.sleep(0.5)  # the next sync is an hour away now
+        assert fake_server.requests == answered
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
