@@ -47,6 +47,7 @@ from drivers.base import (
     FaultCode,
     Meter,
     MeterReading,
+    ProtocolError,
     TransientDriverError,
     VehicleState,
     raise_if_cancelling,
@@ -117,6 +118,10 @@ class ActiveTx:
     #: A stop is under way (it awaits the last meter reading): a second one must not queue
     #: another StopTransaction (RemoteStop and an unplug at the same moment).
     stopping: bool = False
+    #: The highest register (Wh) read during the transaction: meterStop is never below it
+    #: (a meter replaced or reset mid-session must not erase the energy already delivered;
+    #: a restart after a power loss uses the same stored maximum).
+    highest_wh: int = 0
 
 
 @dataclass(slots=True)
@@ -126,6 +131,9 @@ class Connector:
     evse_status: EvseStatus | None = None
     reading: MeterReading | None = None
     reading_at: datetime | None = None  # when ``reading`` was taken
+    #: The last register the meter gave and when, accepted or not: the baseline against
+    #: which the next one is judged plausible.
+    last_raw: tuple[float, datetime] | None = None
     meter_misses: int = 0
     meter_failed: bool = False
     operative: bool = True
@@ -242,6 +250,11 @@ class Station:
         self.max_current_a = float(cfg.hardware["max_current_a"])
         self.voltage_v = float(cfg.hardware["nominal_voltage_v"])
         self.phases = int(cfg.hardware["phases"])
+        #: Simulated seconds per real second of the simulated meter (1 on real hardware):
+        #: how fast its register may plausibly rise.
+        self.meter_time_scale = 1.0
+        if cfg.hardware.get("driver") == "sim":
+            self.meter_time_scale = float(getattr(cfg, "sim", {}).get("time_scale", 1.0))
         self.charging = ChargingProfiles(
             store=store,
             keys=keys,
@@ -471,6 +484,22 @@ class Station:
             await self.read_meter(c)
             await asyncio.sleep(float(self.cfg.hardware["meter_poll_s"]))
 
+    def _check_plausible(self, c: Connector, reading: MeterReading) -> None:
+        """Refuse (as a misread) a register that rose more since the meter's last answer
+        than the supply could deliver in that time: a corrupted answer must not become a
+        bill. A new level that the next answer confirms is accepted."""
+        now = self.now()  # (a clock step back at worst refuses one answer: the next is judged
+        last, c.last_raw = c.last_raw, (reading.energy_wh, now)  # against this one)
+        if last is None:
+            return
+        hours = max((now - last[1]).total_seconds(), 0.0) / 3600 * self.meter_time_scale
+        most = self.max_current_a * self.voltage_v * self.phases * hours * 1.5 + 100.0
+        if reading.energy_wh - last[0] > most:
+            raise ProtocolError(
+                f"energy register jumped from {last[0]:.0f} to {reading.energy_wh:.0f} Wh"
+                f" in {hours * 3600:.0f} s, more than the supply can deliver: ignored"
+            )
+
     async def read_meter(self, c: Connector) -> MeterReading | None:
         """Read the meter now; count misses; the connector is Faulted after the limit."""
         try:
@@ -478,6 +507,7 @@ class Station:
                 reading = await c.hw.meter.read()
             finally:
                 raise_if_cancelling()  # a driver's library may have swallowed a cancellation
+            self._check_plausible(c, reading)
         except TransientDriverError as exc:
             c.meter_misses += 1
             limit = int(self.cfg.hardware["meter_miss_limit"])
@@ -507,6 +537,7 @@ class Station:
             self.spawn(self.actuate(c), "meter-back")
         c.reading, c.reading_at = reading, self.now()
         if c.tx is not None:
+            c.tx.highest_wh = max(c.tx.highest_wh, energy_register_wh(reading))
             self.store.note_meter(c.tx.local_id, energy_register_wh(reading), iso(self.now()))
             self._check_invalid_energy(c, reading)
         self._refresh_status(c)
@@ -939,12 +970,14 @@ class Station:
         reading = fresh or c.reading
         now = self.now()
         meter_stop = energy_register_wh(reading) if reading else tx.meter_start_wh
-        if meter_stop < tx.meter_start_wh:
-            # A register below meterStart is another meter, or a misread: never a negative
-            # energy for the CSMS to bill.
-            log.warning("connector %d: meter register %d Wh is below meterStart %d Wh: using"
-                        " meterStart", c.id, meter_stop, tx.meter_start_wh)  # fmt: skip
-            meter_stop = tx.meter_start_wh
+        floor = max(tx.meter_start_wh, tx.highest_wh)
+        if meter_stop < floor:
+            # A register below what this transaction already read is another meter, a
+            # reset or a misread: never less energy than was delivered (and never a
+            # negative one) for the CSMS to bill.
+            log.warning("connector %d: meter register %d Wh is below %d Wh read earlier in"
+                        " the transaction: using that", c.id, meter_stop, floor)  # fmt: skip
+            meter_stop = floor
         if fresh is not None:
             end = self._stop_txn_sample(c, fresh, "Transaction.End", now)
         elif self.keys.get_list("StopTxnSampledData"):

@@ -191,3 +191,40 @@ async def test_stop_transaction_data_keeps_every_clock_aligned_value_when_thinne
     assert contexts.count("Sample.Clock") == 16
     assert 0 < contexts.count("Sample.Periodic") < 240
     assert len(json.dumps(stop["transactionData"])) < 20_000
+
+
+async def test_a_meter_reset_mid_transaction_does_not_erase_the_energy_delivered(
+    tmp_path: Path,
+) -> None:
+    """meterStart 10,000 Wh; 5 kWh delivered (15,000); the meter is replaced or reset (200)
+    and gives 1 kWh more (1,200): meterStop is the 15,000 already read, not meterStart."""
+    st, clock, meter, store = await station(tmp_path)
+    c = st.connectors[1]
+    assert await st.start_transaction(c, "TAG")
+    for register in (15_000.0, 200.0, 1_200.0):
+        clock.t += timedelta(hours=1)
+        meter.reading = MeterReading(energy_wh=register)
+        await st.read_meter(c)
+    await st.stop_transaction(c, "Local")
+    (stop,) = delivered(store, "StopTransaction")
+    assert stop["meterStop"] == 15_000
+
+
+async def test_a_register_jump_the_supply_cannot_deliver_is_refused_as_a_misread(
+    tmp_path: Path,
+) -> None:
+    """A corrupted answer (a billion Wh a minute later) never becomes a reading, a
+    MeterValue or a bill; the next sound answer is used as usual."""
+    st, clock, meter, store = await station(tmp_path, StopTxnSampledData="")
+    c = st.connectors[1]
+    assert await st.start_transaction(c, "TAG")
+    clock.t += timedelta(minutes=1)
+    meter.reading = MeterReading(energy_wh=1e9)
+    assert await st.read_meter(c) is None
+    assert c.reading is not None and c.reading.energy_wh == 10_000.0
+    clock.t += timedelta(minutes=1)
+    meter.reading = MeterReading(energy_wh=10_300.0)  # 18 kW for two minutes: possible
+    assert await st.read_meter(c) is not None
+    await st.stop_transaction(c, "Local")
+    (stop,) = delivered(store, "StopTransaction")
+    assert stop["meterStop"] == 10_300
