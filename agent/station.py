@@ -486,14 +486,15 @@ class Station:
 
     def _check_plausible(self, c: Connector, reading: MeterReading) -> None:
         """Refuse (as a misread) a register that rose more since the meter's last answer
-        than the supply could deliver in that time: a corrupted answer must not become a
-        bill. A new level that the next answer confirms is accepted."""
+        than the supply could deliver in that time (three times its maximum, plus 1 kWh:
+        only what no installation draws): a corrupted answer must not become a bill. A new
+        level that the next answer confirms is accepted."""
         now = self.now()  # (a clock step back at worst refuses one answer: the next is judged
         last, c.last_raw = c.last_raw, (reading.energy_wh, now)  # against this one)
         if last is None:
             return
         hours = max((now - last[1]).total_seconds(), 0.0) / 3600 * self.meter_time_scale
-        most = self.max_current_a * self.voltage_v * self.phases * hours * 1.5 + 100.0
+        most = self.max_current_a * self.voltage_v * self.phases * hours * 3 + 1000.0
         if reading.energy_wh - last[0] > most:
             raise ProtocolError(
                 f"energy register jumped from {last[0]:.0f} to {reading.energy_wh:.0f} Wh"
