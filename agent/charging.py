@@ -40,6 +40,26 @@ MAX_COMPOSITE_PERIODS = 1000
 UNIT_OF_KEY = {"Current": "A", "Power": "W"}
 
 
+def _anchored(body: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """A ChargePointMaxProfile that counts from nothing (Relative, or Absolute without
+    startSchedule: there is no transaction to count from) starts when it is received, and
+    is stored so. OCPP 1.6 leaves the case open; CSMSs that switch chargers off and on with
+    such a profile mean "from now", and refusing it would leave the charger on."""
+    schedule = body.get("chargingSchedule")
+    if body.get("chargingProfilePurpose") != sc.CP_MAX or not isinstance(schedule, dict):
+        return body
+    kind = body.get("chargingProfileKind")
+    if kind == "Relative" or (kind == "Absolute" and schedule.get("startSchedule") is None):
+        log.info("ChargePointMaxProfile %s without a start: it starts now (%s)",
+                 body.get("chargingProfileId"), iso(now))  # fmt: skip
+        return {
+            **body,
+            "chargingProfileKind": "Absolute",
+            "chargingSchedule": {**schedule, "startSchedule": iso(now)},
+        }
+    return body
+
+
 def iso(ts: datetime) -> str:
     """OCPP timestamp: UTC, milliseconds, 'Z'."""
     return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -125,8 +145,17 @@ class ChargingProfiles:
             return f"MaxChargingProfilesInstalled ({max_installed}) reached"
         return None
 
-    def set(self, connector_id: int, body: dict[str, Any], tx: sc.Tx | None) -> str:
+    def set(
+        self,
+        connector_id: int,
+        body: dict[str, Any],
+        tx: sc.Tx | None,
+        *,
+        now: datetime | None = None,
+    ) -> str:
         """SetChargingProfile: validate, replace, persist. Returns the status."""
+        if now is not None:
+            body = _anchored(body, now)
         try:
             profile = sc.parse_profile(connector_id, body)
         except sc.ProfileError as exc:

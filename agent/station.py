@@ -1350,7 +1350,7 @@ class Station:
             return "Rejected"
         c = self.connectors.get(connector_id)
         tx = self._tx_for_profiles(c) if c is not None else None
-        status = self.charging.set(connector_id, body, tx)
+        status = self.charging.set(connector_id, body, tx, now=self.now())
         if status == "Accepted":
             self.actuate_all()
         return status

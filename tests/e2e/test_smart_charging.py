@@ -206,6 +206,27 @@ async def evcp_status_json(agent: RunningAgent) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- ev.energy pattern
+@pytest.mark.parametrize("kind", ["Absolute", "Relative"])
+async def test_a_charge_point_max_profile_without_a_start_switches_off_and_on_from_now(
+    booted: RunningAgent, csms: Csms, kind: str
+) -> None:
+    """A ChargePointMaxProfile with no startSchedule (Absolute) or Relative has no
+    transaction to count from: it starts when received, so a CSMS that switches the
+    charger off and on with it is obeyed (it used to be Rejected, leaving it on)."""
+    await start_charging(booted, csms)
+    await wait_sim(booted, offering(32))
+    mark = len(csms.received)
+    off = profile(60, "ChargePointMaxProfile", 0, kind=kind, start=None)
+    assert await set_profile(csms, 0, off) == "Accepted"
+    await csms.wait_message("StatusNotification", status_is(1, "SuspendedEVSE"), after=mark)
+    await wait_sim(booted, paused)
+    mark = len(csms.received)
+    on = profile(60, "ChargePointMaxProfile", 16, kind=kind, start=None)
+    assert await set_profile(csms, 0, on) == "Accepted"
+    await csms.wait_message("StatusNotification", status_is(1, "Charging"), after=mark)
+    await wait_sim(booted, offering(16))
+
+
 async def test_ev_energy_pattern_pause_resume_and_cap(booted: RunningAgent, csms: Csms) -> None:
     """TxProfile 0 A pauses, 16 A resumes, a ChargePointMaxProfile of 8 A caps the 16 A:
     seen on the pilot, in StatusNotification, in MeterValues and in ``evcp status``."""
