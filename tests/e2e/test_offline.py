@@ -621,7 +621,9 @@ async def test_local_pre_authorize_and_list_disabled(booted: RunningAgent, csms:
     assert "Authorize" not in [r.action for r in csms.received[mark:]]
     assert "stopped" in await booted.swipe("PRE-OK")
     await csms.wait_message("StopTransaction", after=mark)
-    # With the list disabled the CSMS is asked again.
+    # Its answer handled while the list decides for PRE-OK (so it is not cached): then,
+    # with the list disabled, the CSMS is asked again.
+    await booted.wait_status(lambda s: s["queue"]["pending"] == 0)
     result = await csms.call(
         CP_ID, call.ChangeConfiguration(key="LocalAuthListEnabled", value="false")
     )
