@@ -75,6 +75,16 @@ def _taken_at(sample: dict[str, Any]) -> str:
     return str(sample["timestamp"])
 
 
+def next_aligned(now: datetime, interval_s: int) -> datetime:
+    """The next clock-aligned instant after ``now``: every ``interval_s`` seconds from
+    midnight, evenly spaced per day (OCPP 1.6 9.1.4), so an interval that does not divide
+    a day still has a value at the next 00:00."""
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    elapsed = (now - midnight).total_seconds()
+    next_at = midnight + timedelta(seconds=(elapsed // interval_s + 1) * interval_s)
+    return min(next_at, midnight + timedelta(days=1))
+
+
 def _context(sample: dict[str, Any]) -> str | None:
     """The reading context of a MeterValue (all its sampled values share one)."""
     values = sample.get("sampledValue") or [{}]
@@ -1168,12 +1178,7 @@ class Station:
                 await self._wake_aligned.wait()
                 continue
             now = self.now()
-            midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-            elapsed = (now - midnight).total_seconds()
-            next_at = midnight + timedelta(seconds=(elapsed // interval + 1) * interval)
-            # Evenly spaced per day from midnight (9.1.4): an interval that does not
-            # divide a day still has a value at 00:00.
-            next_at = min(next_at, midnight + timedelta(days=1))
+            next_at = next_aligned(now, interval)
             self._wake_aligned.clear()
             try:
                 async with asyncio.timeout((next_at - now).total_seconds()):

@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.core.config_keys import ConfigKeys
 from agent.core.metering import energy_register_wh
-from agent.station import ConnectorHardware, Station
+from agent.station import ConnectorHardware, Station, next_aligned
 from agent.store import Store
 from drivers.base import (
     ControlMode,
@@ -228,3 +228,13 @@ async def test_a_register_jump_the_supply_cannot_deliver_is_refused_as_a_misread
     await st.stop_transaction(c, "Local")
     (stop,) = delivered(store, "StopTransaction")
     assert stop["meterStop"] == 10_300
+
+
+def test_clock_aligned_instants_start_again_at_every_midnight() -> None:
+    """ClockAlignedDataInterval 900: quarter hours. 25,200 s (7 h), which does not divide a
+    day: 07:00, 14:00, 21:00, then 00:00 -- not 04:00 the next morning."""
+    day = datetime(2024, 5, 1, tzinfo=UTC)
+    assert next_aligned(day.replace(hour=10, minute=7), 900) == day.replace(hour=10, minute=15)
+    assert next_aligned(day.replace(hour=10, minute=15), 900) == day.replace(hour=10, minute=30)
+    assert next_aligned(day.replace(hour=13, minute=59), 25_200) == day.replace(hour=14)
+    assert next_aligned(day.replace(hour=21, second=1), 25_200) == day + timedelta(days=1)
