@@ -499,8 +499,9 @@ class Station:
         than the supply could deliver in that time (three times its maximum, plus 1 kWh:
         only what no installation draws): a corrupted answer must not become a bill. A new
         level that the next answer confirms is accepted."""
-        now = self.now()  # (a clock step back at worst refuses one answer: the next is judged
-        last, c.last_raw = c.last_raw, (reading.energy_wh, now)  # against this one)
+        # A clock step back at worst refuses one answer: the next is judged against it.
+        now = self.now()
+        last, c.last_raw = c.last_raw, (reading.energy_wh, now)
         if last is None:
             return
         hours = max((now - last[1]).total_seconds(), 0.0) / 3600 * self.meter_time_scale
