@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -112,6 +113,9 @@ async def _unless_stopped(work: Awaitable[Any], stop: asyncio.Event) -> bool:
 async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
     store = Store.open(cfg.state_dir)
     store.max_queue = int(cfg.agent["queue_max_messages"])
+    stage = Path(cfg.agent["stage_dir"]) / "stage.db"
+    if cfg.agent["queue_flush_s"] or stage.exists():  # (0: only move what a run left there)
+        store.stage(stage, float(cfg.agent["queue_flush_s"]))
     password = store.get("csms.password") or cfg.csms["password"]
     add_secret(password)
     add_secret(cfg.csms["password"])

@@ -70,6 +70,13 @@ def _range(lo: float, hi: float) -> Validator:
     return check
 
 
+def _zero_or_range(lo: float, hi: float) -> Validator:
+    def check(value: Any) -> str | None:
+        return None if value == 0 or lo <= value <= hi else f"must be 0 or {lo:g} to {hi:g}"
+
+    return check
+
+
 def _wss_url(value: Any) -> str | None:
     try:
         parts = urlsplit(value)
@@ -166,6 +173,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
             _range(100, 10_000_000),
             doc="outbound queue size before MeterValues are thinned",
         ),
+        "queue_flush_s": Key(
+            (int, float),
+            0,
+            _zero_or_range(10, 86400),
+            doc="0: every transaction message is on disk before it is sent; N: MeterValues"
+            " are staged in stage_dir (RAM) and those not yet acknowledged go to disk every N s",
+        ),
+        "stage_dir": Key(str, "/run/evcp", doc="where MeterValues are staged (a tmpfs)"),
         "free_vend_id_tag": Key(
             str,
             "",
@@ -337,7 +352,12 @@ def validate(data: Mapping[str, Any], path: Path) -> Config:
     from drivers.meter.maps import is_model_name
 
     base = path.parent
-    for section, key in (("agent", "state_dir"), ("agent", "control_socket"), ("csms", "ca_file")):
+    for section, key in (
+        ("agent", "state_dir"),
+        ("agent", "stage_dir"),
+        ("agent", "control_socket"),
+        ("csms", "ca_file"),
+    ):
         raw = sections[section][key]
         if raw and not os.path.isabs(raw):
             sections[section][key] = str((base / raw).resolve())

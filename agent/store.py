@@ -21,6 +21,16 @@ poll: flash wear. Schema changes are numbered migrations (``PRAGMA user_version`
 SQLite cannot read is moved aside with a timestamp suffix, never truncated, and a fresh one
 is started.
 
+With a *stage* (:meth:`Store.stage`, ``[agent] queue_flush_s`` > 0), a transaction's
+MeterValues are committed to a second SQLite file in RAM (``/run``) instead: it survives a
+SIGKILL or a restart of the agent, not a power cut. A sample the CSMS acknowledges is removed
+from there and never written to the disk; those still unacknowledged (offline) are moved to
+the state file every ``queue_flush_s`` seconds, before any StartTransaction or
+StopTransaction is queued (which go to the disk directly, as always), and at exit. A power
+cut then loses at most the last ``queue_flush_s`` seconds of samples taken offline. Every
+staged message has a sequence number above every message in the state file, so the order
+of delivery is kept across both.
+
 When a write fails (a full disk, an I/O error), the store logs one clear line, copies the
 state into memory and carries on there -- charging and reporting continue, and the queue
 still drains -- and tries to write it all back to disk every :attr:`Store.disk_retry_s`
@@ -33,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import secrets
 import shutil
 import sqlite3
 import time
@@ -220,6 +231,17 @@ class Store:
         #: Last meter reading per running transaction not yet written: (Wh, timestamp).
         self._notes: dict[int, tuple[int, str]] = {}
         self._noted_at: dict[int, float] = {}
+        #: The RAM file MeterValues are staged in (None: each goes to the disk).
+        self._stage: sqlite3.Connection | None = None
+        self._stage_path: Path | None = None
+        #: Seconds a staged MeterValues may wait before it is moved to the disk.
+        self._flush_s = 0.0
+        #: When the oldest message now in the stage was staged (monotonic), if any.
+        self._staged_since: float | None = None
+        #: Highest seq moved from the stage by the write in progress (see _unstage).
+        self._moved_upto = 0
+        #: Messages read from a stage that failed, to be moved to the state file.
+        self._rescued: list[tuple[Any, ...]] = []
 
     @classmethod
     def open(cls, state_dir: Path) -> Store:
@@ -303,6 +325,11 @@ class Store:
         return db
 
     def close(self) -> None:
+        if self._stage is not None:
+            self.flush_stage()
+            if self._stage is not None:
+                self._stage.close()
+                self._stage = None
         if self._db is not self._disk:
             self._back_to_disk(final=True)
         if self._db is not self._disk:
@@ -384,7 +411,151 @@ class Store:
             "path": str(self.path),
             "on_disk": self._db is self._disk,
             "error": self.write_error,
+            "stage": None if self._stage is None else str(self._stage_path),
         }
+
+    # ------------------------------------------------------------------ the stage (RAM)
+    def stage(self, path: Path, flush_s: float) -> None:
+        """Stage transactions' MeterValues in ``path`` (a file on a tmpfs such as /run), and
+        move those not yet acknowledged to the state file every ``flush_s`` seconds.
+
+        Messages a previous run left there (it was killed) are moved to the state file at
+        once; with ``flush_s`` 0 that is all (staging was turned off since), and the file is
+        removed. A stage file that is unreadable, or was left by another state file, is
+        moved aside with a log line; when ``path`` cannot be used at all, every message goes
+        to the disk as without a stage."""
+        owner = self.get("stage.owner")
+        if owner is None:
+            owner = secrets.token_hex(8)
+            self.put("stage.owner", owner)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                stage = _open_stage(path, owner)
+            except (_Corrupt, _Foreign) as exc:
+                aside = path.with_name(f"{path.name}.aside-{time.strftime('%Y%m%dT%H%M%S')}")
+                log.error("MeterValues stage %s %s; moved aside to %s", path, exc, aside)
+                for suffix in ("", "-wal"):
+                    side = path.with_name(path.name + suffix)
+                    if side.exists():
+                        side.rename(aside.with_name(aside.name + suffix))
+                stage = _open_stage(path, owner)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("cannot stage MeterValues in %s (%s): every queued message is written"
+                      " to the disk before it is sent", path, exc)  # fmt: skip
+            return
+        self._stage, self._stage_path, self._flush_s = stage, path, flush_s
+        left = len(self._stage_rows())
+        if left:
+            log.warning("moving %d message(s) staged before the agent stopped from %s to the"
+                        " state file", left, path)  # fmt: skip
+            self.flush_stage()
+            self._queue_len = int(self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
+        if flush_s <= 0 and self._stage is not None:
+            self._stage.close()
+            self._stage = None
+            for suffix in ("", "-wal"):
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+    def flush_stage(self) -> None:
+        """Move every staged message to the state file, in one durable commit."""
+        if self._stage is None:
+            return
+        if self._stage_rows() or self._rescued:
+            self._write(self._move_stage)
+            self._unstage()
+        self._staged_since = None
+
+    def flush_if_due(self) -> None:
+        """Move the staged messages to the disk once the oldest has waited ``flush_s``."""
+        since = self._staged_since
+        if since is not None and time.monotonic() - since >= self._flush_s:
+            self.flush_stage()
+
+    _STAGE_COLUMNS = "seq, action, payload, tx_local_id, attempts, failed, last_error, created"
+
+    def _stage_rows(self) -> list[tuple[Any, ...]]:
+        """Every staged message, in order ([] without a stage or when it cannot be read:
+        then the stage is given up)."""
+        if self._stage is None:
+            return []
+        try:
+            rows = self._stage.execute(
+                f"SELECT {self._STAGE_COLUMNS} FROM queue ORDER BY seq"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            self._drop_stage(exc)
+            return []
+        return [tuple(row) for row in rows]
+
+    def _move_stage(self, db: sqlite3.Connection) -> None:
+        """In the write in progress: copy the staged messages into the state file (their
+        removal from the stage follows the commit: :meth:`_unstage`)."""
+        staged = self._stage_rows()
+        rows = self._rescued + staged
+        if rows:
+            db.executemany(
+                f"INSERT OR IGNORE INTO queue ({self._STAGE_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        if staged:
+            self._moved_upto = int(staged[-1][0])
+
+    def _unstage(self) -> None:
+        """After the commit that moved them: remove the moved messages from the stage. (A
+        SIGKILL between the two leaves them in both; the next start skips those the state
+        file already has -- by seq -- before anything is sent.)"""
+        upto, self._moved_upto = self._moved_upto, 0
+        self._rescued = []
+        if upto and self._stage is not None:
+            try:
+                self._stage.execute("DELETE FROM queue WHERE seq <= ?", (upto,))
+            except sqlite3.Error as exc:
+                self._drop_stage(exc)
+            self._staged_since = None
+
+    def _drop_stage(self, exc: sqlite3.Error) -> None:
+        """The stage failed (its tmpfs is full?): carry on without it. What it still holds
+        is lost only if it cannot be read either."""
+        stage, self._stage = self._stage, None
+        log.error("the MeterValues stage %s failed (%s): from now on every queued message is"
+                  " written to the disk before it is sent", self._stage_path, exc)  # fmt: skip
+        if stage is None:
+            return
+        try:
+            rows = stage.execute(f"SELECT {self._STAGE_COLUMNS} FROM queue").fetchall()
+        except sqlite3.Error as again:
+            log.error("the messages in the MeterValues stage are lost: %s", again)
+            rows = []
+        with contextlib.suppress(sqlite3.Error):
+            stage.close()
+        self._rescued.extend(tuple(row) for row in rows)
+
+    def _rescue(self) -> None:
+        """Move what a failed stage still held to the state file."""
+        if self._rescued:
+            self._write(self._move_stage)
+            self._unstage()
+
+    def _in_stage(self, seq: int) -> bool:
+        if self._stage is None:
+            return False
+        try:
+            row = self._stage.execute("SELECT 1 FROM queue WHERE seq = ?", (seq,)).fetchone()
+        except sqlite3.Error as exc:
+            self._drop_stage(exc)
+            return False
+        return row is not None
+
+    def _stage_write(self, sql: str, args: tuple[Any, ...]) -> int:
+        """One statement on the stage; its change count (-1 when the stage failed)."""
+        assert self._stage is not None
+        try:
+            return int(self._stage.execute(sql, args).rowcount)
+        except sqlite3.Error as exc:
+            self._drop_stage(exc)
+            return -1
 
     # ------------------------------------------------------------------ config and kv
     def config_values(self) -> dict[str, str]:
@@ -485,6 +656,7 @@ class Store:
         :attr:`note_interval_s` -- not at every meter poll.
         """
         self._notes[local_id] = (energy_wh, ts)
+        self.flush_if_due()
         now = time.monotonic()
         last = self._noted_at.setdefault(local_id, now)
         if now - last >= self.note_interval_s:
@@ -541,8 +713,13 @@ class Store:
 
     # ------------------------------------------------------------------ outbound queue
     def enqueue(self, action: str, payload: dict[str, Any], tx_local_id: int | None) -> int:
-        """Commit one transaction message (with the transaction's last meter reading)."""
-
+        """Commit one transaction message (with the transaction's last meter reading); a
+        MeterValues to the stage when there is one."""
+        if self._stage is not None and action == "MeterValues" and tx_local_id is not None:
+            seq = self._enqueue_staged(payload, tx_local_id)
+            if seq is not None:
+                return seq
+            self._rescue()
         note = self._notes.get(tx_local_id) if tx_local_id is not None else None
 
         def enqueue(db: sqlite3.Connection) -> tuple[int, int]:
@@ -556,9 +733,39 @@ class Store:
         self._queued(action, payload, tx_local_id, seq, delta)
         return seq
 
+    def _enqueue_staged(self, payload: dict[str, Any], tx_local_id: int) -> int | None:
+        """Commit a MeterValues to the stage; its seq (None: the stage failed)."""
+        delta = 1
+        if self._queue_len >= self.max_queue:
+            self.flush_stage()
+            delta -= self._write(self._thin)
+        main = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM queue").fetchone()[0]
+        stage = self._stage
+        assert stage is not None
+        try:
+            staged = stage.execute("SELECT COALESCE(MAX(seq), 0) FROM queue").fetchone()[0]
+            seq = max(int(main), int(staged)) + 1
+            stage.execute(
+                "INSERT INTO queue (seq, action, payload, tx_local_id, created)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (seq, "MeterValues", pack(payload), tx_local_id,
+                 message_time("MeterValues", payload)),
+            )  # fmt: skip
+        except sqlite3.Error as exc:
+            self._drop_stage(exc)
+            self._queue_len += delta - 1
+            return None
+        self._queued("MeterValues", payload, tx_local_id, seq, delta)
+        if self._staged_since is None:
+            self._staged_since = time.monotonic()
+        self.flush_if_due()
+        return seq
+
     def _queued(
         self, action: str, payload: dict[str, Any], local_id: int | None, seq: int, delta: int
     ) -> None:
+        if self._moved_upto or self._rescued:
+            self._unstage()
         self._queue_len += delta
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -578,6 +785,7 @@ class Store:
     ) -> tuple[int, int]:
         """Insert a message (thinning first when full); return ``(seq, queue length
         change)``."""
+        self._move_stage(db)  # staged MeterValues were taken before this message
         delta = 1
         if self._queue_len >= self.max_queue:
             delta -= self._thin(db)
@@ -653,11 +861,18 @@ class Store:
         return int(self.get("queue.dropped") or 0)
 
     def queue_head(self) -> QueuedMessage | None:
+        """The next message to send: the first pending in the state file, else in the stage
+        (whose messages all come after those in the state file)."""
+        head = "SELECT seq, action, payload, tx_local_id, attempts FROM queue WHERE failed = 0 ORDER BY seq LIMIT 1"  # fmt: skip
         while True:
-            row = self._db.execute(
-                "SELECT seq, action, payload, tx_local_id, attempts FROM queue"
-                " WHERE failed = 0 ORDER BY seq LIMIT 1"
-            ).fetchone()
+            row = self._db.execute(head).fetchone()
+            if row is None and self._stage is not None:
+                try:
+                    row = self._stage.execute(head).fetchone()
+                except sqlite3.Error as exc:
+                    self._drop_stage(exc)
+                    self._rescue()
+                    continue
             if row is None:
                 return None
             try:
@@ -676,6 +891,15 @@ class Store:
 
     def queue_done(self, seq: int) -> None:
         """The message was answered with a CALLRESULT: remove it."""
+        if self._in_stage(seq):
+            removed = self._stage_write("DELETE FROM queue WHERE seq = ?", (seq,))
+            if removed >= 0:
+                self._queue_len -= removed
+                if not self._stage_rows():
+                    self._staged_since = None
+                self._rescue()
+                return
+            self._rescue()  # the stage failed: the message is in the state file now
         removed = self._write(
             lambda db: db.execute("DELETE FROM queue WHERE seq = ?", (seq,)).rowcount,
             durable=False,
@@ -694,6 +918,17 @@ class Store:
         self._queue_len -= self._write(delivered)
 
     def queue_attempt(self, seq: int, error: str, *, give_up: bool) -> None:
+        if self._in_stage(seq):
+            changed = self._stage_write(
+                "UPDATE queue SET attempts = attempts + 1, last_error = ?, failed = ?"
+                " WHERE seq = ?",
+                (error, 1 if give_up else 0, seq),
+            )
+            if changed >= 0:
+                if give_up:
+                    self.flush_stage()  # a message given up on is kept, on disk
+                return
+            self._rescue()
         self._write(
             lambda db: db.execute(
                 "UPDATE queue SET attempts = attempts + 1, last_error = ?, failed = ?"
@@ -706,6 +941,7 @@ class Store:
     def queue_retry_failed(self) -> int:
         """Put every message given up on back in the queue, in its place (``evcp queue
         retry``): each gets TransactionMessageAttempts new tries. Returns how many."""
+        self.flush_stage()
         return int(
             self._write(
                 lambda db: (
@@ -718,13 +954,22 @@ class Store:
 
     def queue_counts(self) -> tuple[int, int]:
         """Return ``(pending, failed)``."""
-        row = self._db.execute(
-            "SELECT COALESCE(SUM(failed = 0), 0), COALESCE(SUM(failed = 1), 0) FROM queue"
-        ).fetchone()
-        return int(row[0]), int(row[1])
+        counts = "SELECT COALESCE(SUM(failed = 0), 0), COALESCE(SUM(failed = 1), 0) FROM queue"
+        row = self._db.execute(counts).fetchone()
+        pending, failed = int(row[0]), int(row[1])
+        if self._stage is not None:
+            try:
+                staged = self._stage.execute(counts).fetchone()
+            except sqlite3.Error as exc:
+                self._drop_stage(exc)
+                self._rescue()
+                return self.queue_counts()
+            pending, failed = pending + int(staged[0]), failed + int(staged[1])
+        return pending, failed
 
     def queue_failed(self) -> list[tuple[int, str, int | None, str, str | None]]:
         """Messages given up on: ``(seq, action, local transaction, taken at, last error)``."""
+        self.flush_stage()  # (one given up on in the stage went to the disk already)
         rows = self._db.execute(
             "SELECT seq, action, tx_local_id, created, last_error FROM queue WHERE failed = 1"
             " ORDER BY seq"
@@ -866,6 +1111,56 @@ def _migrate(db: sqlite3.Connection) -> None:
     version = db.execute("PRAGMA user_version").fetchone()[0]
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+
+
+_STAGE_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS queue (
+        seq INTEGER PRIMARY KEY,
+        action TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        tx_local_id INTEGER,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        created TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS owner (id TEXT NOT NULL);
+"""
+
+
+def _open_stage(path: Path, owner: str) -> sqlite3.Connection:
+    """Open (or create) the stage file of the state file whose ``stage.owner`` is
+    ``owner``. WAL without fsync: a SIGKILL mid-write cannot tear it (the operating system
+    holds what was written), and it lives in RAM anyway."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+    try:
+        db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=OFF")
+        result = db.execute("PRAGMA quick_check").fetchone()
+        if result is None or result[0] != "ok":
+            raise _Corrupt(f"fails its integrity check: {result}")
+        db.executescript(f"BEGIN; {_STAGE_SCHEMA} COMMIT;")
+        row = db.execute("SELECT id FROM owner").fetchone()
+        if row is None:
+            db.execute("INSERT INTO owner (id) VALUES (?)", (owner,))
+        elif row[0] != owner:
+            raise _Foreign("was left by another state file")
+    except (_Corrupt, _Foreign):
+        db.close()
+        raise
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+            raise _Corrupt(f"is unreadable: {exc}") from exc
+        raise
+    return db
+
+
+class _Foreign(sqlite3.DatabaseError):
+    """A stage file another state file left (its messages are not this one's)."""
 
 
 class _Corrupt(sqlite3.DatabaseError):

@@ -268,3 +268,22 @@ def test_a_free_vend_id_tag_that_is_not_an_id_tag_is_refused(tmp_path: Path, tag
     path = write(tmp_path, VALID.replace('control_socket = "control.sock"',
                                          'control_socket = "control.sock"\nfree_vend_id_tag = "HOME"'))  # fmt: skip
     assert check_config(path).returncode == 0
+
+
+@pytest.mark.parametrize("value", ["5", "-1", "100000", '"300"'])
+def test_a_queue_flush_interval_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
+    config = VALID.replace('control_socket = "control.sock"',
+                           f'control_socket = "control.sock"\nqueue_flush_s = {value}')  # fmt: skip
+    path = write(tmp_path, config)
+    assert_refused(check_config(path), path, "[agent] queue_flush_s")
+
+
+def test_a_relative_stage_dir_is_next_to_the_config(tmp_path: Path) -> None:
+    config = VALID.replace('control_socket = "control.sock"',
+                           'control_socket = "control.sock"\nqueue_flush_s = 300\n'
+                           'stage_dir = "run"')  # fmt: skip
+    path = write(tmp_path, config)
+    assert check_config(path).returncode == 0
+    loaded = load(path)
+    assert loaded.agent["stage_dir"] == str(tmp_path / "run")
+    assert loaded.agent["queue_flush_s"] == 300

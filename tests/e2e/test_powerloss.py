@@ -40,6 +40,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -162,8 +163,16 @@ class AgentProcess:
 
 
 def agent_config(
-    directory: Path, csms: Csms, ca_file: Path, cp_id: str = CP_ID, **ocpp: Any
+    directory: Path,
+    csms: Csms,
+    ca_file: Path,
+    cp_id: str = CP_ID,
+    *,
+    stage_flush_s: float = 0,
+    **ocpp: Any,
 ) -> Path:
+    """With ``stage_flush_s``, MeterValues are staged in ``directory/run`` (``[agent]
+    queue_flush_s``)."""
     directory.mkdir(parents=True, exist_ok=True)
     keys = {
         "MeterValueSampleInterval": 1,
@@ -171,8 +180,9 @@ def agent_config(
         "AllowOfflineTxForUnknownId": True,  # sessions may start before the CSMS answers
         **ocpp,
     }
+    stage = f'queue_flush_s = {stage_flush_s}\nstage_dir = "{directory / "run"}"'
     path = write_config(directory, url=f"wss://localhost:{csms.port}/ocpp", ca_file=ca_file,
-                        ocpp=keys)  # fmt: skip
+                        ocpp=keys, agent_extra=stage if stage_flush_s else "")  # fmt: skip
     text = path.read_text().replace('log_level = "debug"', 'log_level = "debug"\n'
                                     'log_target = "stderr"')  # fmt: skip
     text = text.replace(f'charge_point_id = "{CP_ID}"', f'charge_point_id = "{cp_id}"')
@@ -425,16 +435,16 @@ async def test_sigkill_campaign_loses_nothing_and_duplicates_nothing(
     tmp_path: Path, ca: trustme.CA, ca_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two charge points (two agent processes, so that both cores work), each killed at
-    random instants of its charging sessions, KILLS kills in all."""
+    random instants of its charging sessions, KILLS kills in all. The second stages its
+    MeterValues in RAM (``queue_flush_s``), which a SIGKILL must not lose either."""
     cps = [f"CP-KILL-{n}" for n in range(2)]
     csms = Csms(passwords=dict.fromkeys(cps, PASSWORD))
     await csms.start(server_context(ca))
     recorder = Recorder(csms)
     recorder.install(monkeypatch)
-    agents = [
-        AgentProcess(agent_config(tmp_path / cp, csms, ca_file, cp), tmp_path / f"{cp}.log")
-        for cp in cps
-    ]
+    configs = [agent_config(tmp_path / cp, csms, ca_file, cp, stage_flush_s=10 * n)
+               for n, cp in enumerate(cps)]  # fmt: skip
+    agents = [AgentProcess(c, tmp_path / f"{cp}.log") for c, cp in zip(configs, cps, strict=True)]
     rng = random.Random(SEED)
     plans = [plan(rng, KILLS // len(cps) + (n < KILLS % len(cps))) for n in range(len(cps))]
     began = time.monotonic()
@@ -486,6 +496,72 @@ async def test_sigkill_mid_session_stops_with_power_loss_and_meter_reading(
     assert stop.payload["reason"] == "PowerLoss"
     assert stop.payload["meterStop"] == energy(last.payload) >= start.payload["meterStart"]
     assert stop.payload["transactionId"] == last.payload["transactionId"]
+    assert csms.errors == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("power_cut", [False, True], ids=["sigkill", "power-cut"])
+async def test_staged_meter_values_across_a_sigkill_and_a_power_cut(
+    tmp_path: Path, csms: Csms, ca: trustme.CA, ca_file: Path, power_cut: bool
+) -> None:
+    """``queue_flush_s = 10``: offline, the samples are staged in RAM and moved to the disk
+    every 10 s. A SIGKILL loses none of them. A power cut (SIGKILL, and the RAM file gone)
+    loses at most the samples of the last 10 s. Either way the StartTransaction, every
+    sample kept, and a StopTransaction PowerLoss with meterStop from the meter are
+    delivered, once, in order."""
+    directory = tmp_path / "agent"
+    agent = AgentProcess(agent_config(directory, csms, ca_file, stage_flush_s=10),
+                         tmp_path / "agent.log")  # fmt: skip
+    port = csms.port
+    await agent.start()
+    try:
+        await agent.wait_status(lambda s: s["csms"]["registered"])
+        assert (await agent.control({"cmd": "status"}))["storage"]["stage"] == str(
+            directory / "run" / "stage.db"
+        )
+        await agent.sim("plug")
+        await agent.control({"cmd": "swipe", "tag": "CUT"})
+        start = await csms.wait_message("StartTransaction")
+        await csms.wait_message("MeterValues", lambda p: "transactionId" in p)
+        await csms.stop()
+        await agent.wait_status(lambda s: not s["csms"]["connected"])
+        await agent.wait_status(lambda s: s["queue"]["pending"] >= (14 if power_cut else 4),
+                                timeout_s=30)  # fmt: skip
+        await agent.kill()
+        killed_at = datetime.now(UTC)
+        if power_cut:
+            for name in ("stage.db", "stage.db-wal"):
+                (directory / "run" / name).unlink(missing_ok=True)
+        log_text = agent.log_path.read_text(errors="replace")
+        mark = len(csms.received)
+        await csms.start(server_context(ca), port=port)
+        await agent.start()
+        stop = await csms.wait_message("StopTransaction", after=mark, timeout_s=30)
+        await agent.wait_status(lambda s: s["queue"]["pending"] == 0)
+    finally:
+        await agent.terminate()
+    offline = [m.group(4) for m in QUEUED.finditer(log_text) if m.group(1) == "MeterValues"]
+    delivered = [r.payload for r in csms.received[mark:] if r.action == "MeterValues"
+                 and "transactionId" in r.payload]  # fmt: skip
+    stamps = [p["meterValue"][0]["timestamp"] for p in delivered]
+    sent_before = {p["meterValue"][0]["timestamp"] for r in csms.received[:mark]
+                   if r.action == "MeterValues" for p in [r.payload]}  # fmt: skip
+    if stamps and stamps[0] in sent_before:
+        stamps = stamps[1:]  # in flight when the CSMS went away: sent again, unchanged
+    unsent = [t for t in offline if t not in sent_before]
+    assert stamps == unsent[: len(stamps)]  # in order, no gap, nothing twice
+    lost = unsent[len(stamps) :]
+    if power_cut:
+        assert len(stamps) >= 9 and lost, (stamps, lost)  # some reached the disk, some not
+        oldest_lost = datetime.fromisoformat(lost[0].replace("Z", "+00:00"))
+        assert (killed_at - oldest_lost).total_seconds() <= 10 + 2  # within queue_flush_s
+    else:
+        assert len(stamps) >= 3 and lost == []
+        assert "staged before the agent stopped" in agent.log_path.read_text()
+    assert stop.payload["reason"] == "PowerLoss"
+    assert stop.payload["transactionId"] == delivered[-1]["transactionId"]
+    assert stop.payload["meterStop"] >= max(energy(p) for p in delivered)
+    assert stop.payload["meterStop"] >= start.payload["meterStart"]
     assert csms.errors == []
 
 
@@ -574,7 +650,12 @@ def test_full_disk_carries_on_in_memory_and_writes_back(
     assert store.queue_counts() == (21, 0)
     store._disk.execute("PRAGMA max_page_count=1073741823")
     store.enqueue("MeterValues", mv(20), local)  # the next write goes back to disk
-    assert store.storage_status() == {"path": str(store.path), "on_disk": True, "error": None}
+    assert store.storage_status() == {
+        "path": str(store.path),
+        "on_disk": True,
+        "error": None,
+        "stage": None,
+    }
     store.close()
     store = Store.open(tmp_path)
     assert store.queue_counts() == (22, 0)

@@ -1,0 +1,292 @@
+"""MeterValues staged in RAM (``[agent] queue_flush_s`` > 0): the disk is spared the samples
+the CSMS acknowledges; what is unacknowledged survives a crash of the agent, reaches the
+disk every ``queue_flush_s`` seconds, and keeps its place in the order.
+
+A crash is a child process that ends with ``os._exit`` (no close, no flush: what a SIGKILL
+leaves); a power cut is that, and the stage file deleted (its tmpfs is gone).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.store import Store
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def mv(n: int) -> dict[str, Any]:
+    return {"connectorId": 1, "transactionId": 0, "n": n,
+            "meterValue": [{"timestamp": f"2026-01-01T00:00:{n:02d}.000Z",
+                            "sampledValue": [{"value": str(n)}]}]}  # fmt: skip
+
+
+def begin(store: Store) -> int:
+    return store.begin_transaction(connector_id=1, id_tag="T", meter_start_wh=0,
+                                   start_ts="t0", reservation_id=None,
+                                   start_payload={"n": "start"})  # fmt: skip
+
+
+def end(store: Store, local: int) -> None:
+    store.end_transaction(local, meter_stop_wh=9, stop_ts="t9", reason="Local",
+                          stop_payload={"n": "stop"})  # fmt: skip
+
+
+def drain(store: Store) -> list[tuple[str, Any]]:
+    out = []
+    while (head := store.queue_head()) is not None:
+        out.append((head.action, head.payload.get("n")))
+        store.queue_done(head.seq)
+    return out
+
+
+def open_staged(tmp_path: Path, flush_s: float = 300.0) -> Store:
+    store = Store.open(tmp_path / "state")
+    store.stage(tmp_path / "run" / "stage.db", flush_s)
+    return store
+
+
+def crash(tmp_path: Path, body: str, flush_s: float = 300.0) -> None:
+    """Run ``body`` against a staged store in a child process that then dies without
+    closing anything."""
+    script = (
+        textwrap.dedent(
+            f"""
+        import os, sys, time
+        from pathlib import Path
+        sys.path.insert(0, {str(REPO)!r})
+        from agent.store import Store
+        from tests.agent.test_store_stage import begin, end, mv
+        store = Store.open(Path({str(tmp_path / "state")!r}))
+        store.stage(Path({str(tmp_path / "run" / "stage.db")!r}), {flush_s!r})
+        """
+        )
+        + textwrap.dedent(body)
+        + "\nos._exit(0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def disk_bytes(tmp_path: Path) -> int:
+    return sum(f.stat().st_size for f in (tmp_path / "state").glob("evcp.db*"))
+
+
+@pytest.mark.parametrize("staged", [True, False])
+def test_acknowledged_samples_never_reach_the_disk(tmp_path: Path, staged: bool) -> None:
+    store = open_staged(tmp_path) if staged else Store.open(tmp_path / "state")
+    local = begin(store)
+    assert drain(store) == [("StartTransaction", "start")]
+    before = disk_bytes(tmp_path)
+    for n in range(50):  # online: each sample is sent and acknowledged before the next
+        store.enqueue("MeterValues", mv(n), local)
+        assert drain(store) == [("MeterValues", n)]
+    grew = disk_bytes(tmp_path) - before
+    if staged:
+        assert grew == 0
+    else:  # without a stage, each sample is written (the test can tell the difference)
+        assert grew > 50 * 1024
+    store.close()
+
+
+def test_order_is_kept_across_the_stage_and_the_disk(tmp_path: Path) -> None:
+    store = open_staged(tmp_path)
+    local = begin(store)
+    for n in range(1, 4):
+        store.enqueue("MeterValues", mv(n), local)
+    assert store.queue_counts() == (4, 0)
+    end(store, local)  # the staged samples go to the disk first, then the Stop
+    second = begin(store)
+    store.enqueue("MeterValues", mv(4), second)
+    assert store.storage_status()["stage"] == str(tmp_path / "run" / "stage.db")
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
+                            ("MeterValues", 2), ("MeterValues", 3),
+                            ("StopTransaction", "stop"), ("StartTransaction", "start"),
+                            ("MeterValues", 4)]  # fmt: skip
+    assert store.queue_counts() == (0, 0)
+    store.close()
+
+
+def test_a_crash_keeps_staged_samples_and_they_are_sent_once(tmp_path: Path) -> None:
+    crash(tmp_path, """
+        local = begin(store)
+        for n in range(1, 4):
+            store.enqueue("MeterValues", mv(n), local)
+    """)  # fmt: skip
+    store = open_staged(tmp_path)
+    assert store.queue_counts() == (4, 0)
+    local = store.active_transactions()[0].local_id
+    store.enqueue("MeterValues", mv(4), local)
+    end(store, local)
+    assert drain(store) == [("StartTransaction", "start"), *(("MeterValues", n) for n in
+                            range(1, 5)), ("StopTransaction", "stop")]  # fmt: skip
+    store.close()
+    store = open_staged(tmp_path)
+    assert store.queue_counts() == (0, 0)
+    store.close()
+
+
+def test_a_crash_between_moving_to_disk_and_unstaging_sends_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    crash(tmp_path, """
+        local = begin(store)
+        store.enqueue("MeterValues", mv(1), local)
+        store.enqueue("MeterValues", mv(2), local)
+        Store._unstage = lambda self: os._exit(0)  # dies right after the commit
+        end(store, local)
+    """)  # fmt: skip
+    store = open_staged(tmp_path)
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
+                            ("MeterValues", 2), ("StopTransaction", "stop")]  # fmt: skip
+    store.close()
+
+
+def test_a_power_cut_loses_only_the_offline_samples_not_yet_flushed(tmp_path: Path) -> None:
+    crash(tmp_path, """
+        local = begin(store)
+        store.enqueue("MeterValues", mv(1), local)
+        store.enqueue("MeterValues", mv(2), local)
+        time.sleep(0.3)
+        store.enqueue("MeterValues", mv(3), local)  # the oldest waited 0.2 s: all to disk
+        store.enqueue("MeterValues", mv(4), local)  # staged only
+    """, flush_s=0.2)  # fmt: skip
+    (tmp_path / "run" / "stage.db").unlink()  # the tmpfs is gone with the power
+    (tmp_path / "run" / "stage.db-wal").unlink(missing_ok=True)
+    store = open_staged(tmp_path)
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
+                            ("MeterValues", 2), ("MeterValues", 3)]  # fmt: skip
+    store.close()
+
+
+def test_polling_the_meter_flushes_offline_samples_when_due(tmp_path: Path) -> None:
+    crash(tmp_path, """
+        local = begin(store)
+        store.enqueue("MeterValues", mv(1), local)
+        time.sleep(0.3)
+        store.note_meter(local, 5, "t1")  # a meter poll, no new sample
+    """, flush_s=0.2)  # fmt: skip
+    (tmp_path / "run" / "stage.db").unlink()
+    (tmp_path / "run" / "stage.db-wal").unlink(missing_ok=True)
+    store = open_staged(tmp_path)
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1)]
+    store.close()
+
+
+def test_a_message_given_up_on_is_kept_on_disk(tmp_path: Path) -> None:
+    crash(tmp_path, """
+        local = begin(store)
+        head = store.queue_head()
+        store.start_delivered(head.seq, local, 77)
+        store.enqueue("MeterValues", mv(1), local)
+        head = store.queue_head()
+        store.queue_attempt(head.seq, "CALLERROR FormationViolation", give_up=True)
+    """)  # fmt: skip
+    (tmp_path / "run" / "stage.db").unlink()
+    (tmp_path / "run" / "stage.db-wal").unlink(missing_ok=True)
+    store = open_staged(tmp_path)
+    assert [(action, error) for _, action, _, _, error in store.queue_failed()] == [
+        ("MeterValues", "CALLERROR FormationViolation")
+    ]
+    assert store.queue_retry_failed() == 1
+    assert drain(store) == [("MeterValues", 1)]
+    store.close()
+
+
+def test_a_stage_left_by_another_state_file_is_moved_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    crash(tmp_path, """
+        local = begin(store)
+        store.enqueue("MeterValues", mv(1), local)
+    """)  # fmt: skip
+    other = Store.open(tmp_path / "other-state")
+    with caplog.at_level(logging.ERROR, "evcp.store"):
+        other.stage(tmp_path / "run" / "stage.db", 300)
+    assert "was left by another state file" in caplog.text
+    aside = list((tmp_path / "run").glob("stage.db.aside-*"))
+    assert [p.name for p in aside if not p.name.endswith("-wal")], aside
+    assert other.queue_counts() == (0, 0)
+    other.close()
+    store = open_staged(tmp_path)  # the one it belongs to can still be found aside; its
+    assert store.queue_counts() == (1, 0)  # StartTransaction was on disk all along
+    store.close()
+
+
+def test_a_corrupt_stage_is_moved_aside_and_a_new_one_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "stage.db").write_bytes(b"not a database" * 200)
+    store = Store.open(tmp_path / "state")
+    with caplog.at_level(logging.ERROR, "evcp.store"):
+        store.stage(tmp_path / "run" / "stage.db", 300)
+    assert "unreadable" in caplog.text
+    (aside,) = (tmp_path / "run").glob("stage.db.aside-*")
+    assert aside.read_bytes() == b"not a database" * 200
+    assert store.storage_status()["stage"] is not None
+    local = begin(store)
+    store.enqueue("MeterValues", mv(1), local)
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1)]
+    store.close()
+
+
+def test_a_stage_dir_that_cannot_be_used_means_every_message_goes_to_disk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "run").write_text("a file, not a directory")
+    store = Store.open(tmp_path / "state")
+    with caplog.at_level(logging.ERROR, "evcp.store"):
+        store.stage(tmp_path / "run" / "stage.db", 300)
+    assert "cannot stage MeterValues" in caplog.text
+    assert store.storage_status()["stage"] is None
+    crash_free = begin(store)
+    store.enqueue("MeterValues", mv(1), crash_free)
+    store._db.close()  # no flush at close could have helped: it was on disk already
+    store = Store.open(tmp_path / "state")
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1)]
+    store.close()
+
+
+def test_a_stage_that_fails_while_running_hands_over_to_the_disk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_staged(tmp_path)
+    local = begin(store)
+    assert store._stage is not None
+    store._stage.close()  # what a tmpfs that fails underneath looks like to the store
+    with caplog.at_level(logging.ERROR, "evcp.store"):
+        store.enqueue("MeterValues", mv(1), local)
+    assert "the MeterValues stage" in caplog.text and "failed" in caplog.text
+    assert store.storage_status()["stage"] is None
+    store.enqueue("MeterValues", mv(2), local)
+    store._db.close()  # a crash: both samples were written to the disk
+    store = Store.open(tmp_path / "state")
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
+                            ("MeterValues", 2)]  # fmt: skip
+    store.close()
+
+
+def test_turning_staging_off_still_delivers_what_was_staged(tmp_path: Path) -> None:
+    crash(tmp_path, """
+        local = begin(store)
+        store.enqueue("MeterValues", mv(1), local)
+    """)  # fmt: skip
+    store = Store.open(tmp_path / "state")
+    store.stage(tmp_path / "run" / "stage.db", 0)  # queue_flush_s = 0 now
+    assert store.storage_status()["stage"] is None
+    assert not (tmp_path / "run" / "stage.db").exists()
+    local = store.active_transactions()[0].local_id
+    store.enqueue("MeterValues", mv(2), local)
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
+                            ("MeterValues", 2)]  # fmt: skip
+    store.close()
