@@ -200,6 +200,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     storage = answer.get("storage")
     if isinstance(storage, dict) and storage.get("on_disk") is False:
         print("Storage  WARNING: the state file cannot be written; keeping state in memory")
+    if isinstance(storage, dict) and storage.get("stage"):
+        print(f"Storage  MeterValues staged in RAM ({storage['stage']}) until written to disk")
     print()
     header = f"{'#':>2}  {'status':<14} {'vehicle':<11} {'offered':>8} {'power':>9} "
     header += f"{'energy':>11}  transaction"

@@ -461,7 +461,7 @@ class Store:
         """Move every staged message to the state file, in one durable commit."""
         if self._stage is None:
             return
-        if self._stage_rows() or self._rescued:
+        if not self._stage_empty() or self._rescued:
             self._write(self._move_stage)
             self._unstage()
         self._staged_since = None
@@ -537,6 +537,15 @@ class Store:
         if self._rescued:
             self._write(self._move_stage)
             self._unstage()
+
+    def _stage_empty(self) -> bool:
+        if self._stage is None:
+            return True
+        try:
+            return self._stage.execute("SELECT 1 FROM queue LIMIT 1").fetchone() is None
+        except sqlite3.Error as exc:
+            self._drop_stage(exc)
+            return True
 
     def _in_stage(self, seq: int) -> bool:
         if self._stage is None:
@@ -895,7 +904,7 @@ class Store:
             removed = self._stage_write("DELETE FROM queue WHERE seq = ?", (seq,))
             if removed >= 0:
                 self._queue_len -= removed
-                if not self._stage_rows():
+                if self._stage_empty():
                     self._staged_since = None
                 self._rescue()
                 return

@@ -246,6 +246,19 @@ async def test_status_table(booted: RunningAgent) -> None:
     assert result.err == ""
 
 
+async def test_status_table_says_where_meter_values_are_staged(
+    make_agent: AgentFactory, csms: Csms, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    agent = await make_agent(agent_extra=f'queue_flush_s = 60\nstage_dir = "{run}"')
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
+    result = await evcp("status", "--config", config_of(agent))
+    assert result.code == 0, result
+    assert f"MeterValues staged in RAM ({run / 'stage.db'})" in result.out
+    plain = await evcp("status", "--config", config_of(await make_agent()))
+    assert "staged" not in plain.out
+
+
 async def test_sim_commands_drive_a_session(booted: RunningAgent, csms: Csms) -> None:
     config = config_of(booted)
     result = await evcp("sim", "--config", config, "plug", "1")
