@@ -114,7 +114,11 @@ async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
     store = Store.open(cfg.state_dir)
     store.max_queue = int(cfg.agent["queue_max_messages"])
     stage = Path(cfg.agent["stage_dir"]) / "stage.db"
-    if cfg.agent["queue_flush_s"] or stage.exists():  # (0: only move what a run left there)
+    try:
+        left = stage.exists()
+    except OSError:  # (a directory this user may not enter: not this agent's stage)
+        left = False
+    if cfg.agent["queue_flush_s"] or left:  # (0: only move what a run left there)
         store.stage(stage, float(cfg.agent["queue_flush_s"]))
     password = store.get("csms.password") or cfg.csms["password"]
     add_secret(password)

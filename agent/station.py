@@ -514,6 +514,7 @@ class Station:
 
     async def read_meter(self, c: Connector) -> MeterReading | None:
         """Read the meter now; count misses; the connector is Faulted after the limit."""
+        self.store.flush_if_due()  # (the meter polls are the store's clock, read or not)
         try:
             try:
                 reading = await c.hw.meter.read()

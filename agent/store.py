@@ -25,11 +25,15 @@ With a *stage* (:meth:`Store.stage`, ``[agent] queue_flush_s`` > 0), a transacti
 MeterValues are committed to a second SQLite file in RAM (``/run``) instead: it survives a
 SIGKILL or a restart of the agent, not a power cut. A sample the CSMS acknowledges is removed
 from there and never written to the disk; those still unacknowledged (offline) are moved to
-the state file every ``queue_flush_s`` seconds, before any StartTransaction or
-StopTransaction is queued (which go to the disk directly, as always), and at exit. A power
-cut then loses at most the last ``queue_flush_s`` seconds of samples taken offline. Every
-staged message has a sequence number above every message in the state file, so the order
-of delivery is kept across both.
+the state file every ``queue_flush_s`` seconds, with any StartTransaction or
+StopTransaction (which go to the disk directly, as always), and at exit. A power cut then
+loses at most the last ``queue_flush_s`` seconds of samples taken offline. Sequence
+numbers are one series across both files and the head of the queue is the lowest of the
+two, so the order of delivery is kept. The transaction's last meter reading is staged
+with each sample too (a restart after a crash finds it there). While the state lives in
+memory (a full disk), staged messages stay in the stage: it is the safer place. A stage
+that fails hands what it still holds to the state file, and is never read again (the
+state file's ``stage.owner`` changes in the same commit).
 
 When a write fails (a full disk, an I/O error), the store logs one clear line, copies the
 state into memory and carries on there -- charging and reporting continue, and the queue
@@ -238,10 +242,16 @@ class Store:
         self._flush_s = 0.0
         #: When the oldest message now in the stage was staged (monotonic), if any.
         self._staged_since: float | None = None
-        #: Highest seq moved from the stage by the write in progress (see _unstage).
-        self._moved_upto = 0
+        #: Whether new MeterValues go to the stage (False: it only holds what a run left).
+        self._staging = False
+        #: What the write in progress moves from the stage, applied after its commit:
+        #: (highest staged seq, rescued rows, new stage.owner, readings moved).
+        self._moving: tuple[int, int, str | None, bool] | None = None
         #: Messages read from a stage that failed, to be moved to the state file.
         self._rescued: list[tuple[Any, ...]] = []
+        #: A new ``stage.owner`` to commit: the stage file in use before must never be
+        #: read again.
+        self._owner_pending: str | None = None
 
     @classmethod
     def open(cls, state_dir: Path) -> Store:
@@ -325,13 +335,12 @@ class Store:
         return db
 
     def close(self) -> None:
-        if self._stage is not None:
-            self.flush_stage()
-            if self._stage is not None:
-                self._stage.close()
-                self._stage = None
         if self._db is not self._disk:
             self._back_to_disk(final=True)
+        self.flush_stage(force=True)
+        if self._stage is not None:
+            self._stage.close()
+            self._stage = None
         if self._db is not self._disk:
             self._db.close()
         if self._disk is not None:
@@ -342,13 +351,21 @@ class Store:
         """Run ``fn`` in one committed transaction; on a failed disk, carry on in memory."""
         if self._db is not self._disk and time.monotonic() >= self._disk_retry_at:
             self._back_to_disk()
+        self._moving = None
         try:
-            return self._commit(fn, durable=durable)
-        except sqlite3.DatabaseError as exc:
-            if self._db is not self._disk or not _disk_trouble(exc):
-                raise
-            self._to_memory(exc)
-        return self._commit(fn, durable=durable)
+            try:
+                result = self._commit(fn, durable=durable)
+            except sqlite3.DatabaseError as exc:
+                if self._db is not self._disk or not _disk_trouble(exc):
+                    raise
+                self._to_memory(exc)
+                self._moving = None
+                result = self._commit(fn, durable=durable)
+        except BaseException:
+            self._moving = None  # rolled back: nothing was moved
+            raise
+        self._committed()
+        return result
 
     def _commit(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool) -> T:
         db = self._db
@@ -421,9 +438,9 @@ class Store:
 
         Messages a previous run left there (it was killed) are moved to the state file at
         once; with ``flush_s`` 0 that is all (staging was turned off since), and the file is
-        removed. A stage file that is unreadable, or was left by another state file, is
-        moved aside with a log line; when ``path`` cannot be used at all, every message goes
-        to the disk as without a stage."""
+        removed. A stage file that is unreadable, or not this state file's, is moved aside
+        with a log line; when ``path`` cannot be used at all, every message goes to the disk
+        as without a stage."""
         owner = self.get("stage.owner")
         if owner is None:
             owner = secrets.token_hex(8)
@@ -443,28 +460,34 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             log.error("cannot stage MeterValues in %s (%s): every queued message is written"
                       " to the disk before it is sent", path, exc)  # fmt: skip
+            # Whatever that file holds is never read later, when its seqs may be in use.
+            self.put("stage.owner", secrets.token_hex(8))
             return
         self._stage, self._stage_path, self._flush_s = stage, path, flush_s
-        left = len(self._stage_rows())
-        if left:
-            log.warning("moving %d message(s) staged before the agent stopped from %s to the"
-                        " state file", left, path)  # fmt: skip
-            self.flush_stage()
-            self._queue_len = int(self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
-        if flush_s <= 0 and self._stage is not None:
+        self._staging = flush_s > 0
+        if not self._stage_empty():
+            log.warning("moving the message(s) staged before the agent stopped from %s to the"
+                        " state file", path)  # fmt: skip
+        self.flush_stage(force=True)
+        self._queue_len = self._count_queued()
+        if not self._staging and self._stage is not None and self._stage_empty():
             self._stage.close()
             self._stage = None
             for suffix in ("", "-wal"):
                 path.with_name(path.name + suffix).unlink(missing_ok=True)
 
-    def flush_stage(self) -> None:
-        """Move every staged message to the state file, in one durable commit."""
-        if self._stage is None:
+    def flush_stage(self, *, force: bool = False) -> None:
+        """Move every staged message (and reading) to the state file in one durable commit.
+        Not while the state lives in memory (a full disk): the stage is the safer place."""
+        if self._db is not self._disk:
             return
-        if not self._stage_empty() or self._rescued:
-            self._write(self._move_stage)
-            self._unstage()
-        self._staged_since = None
+        if not (self._rescued or self._owner_pending):
+            if self._stage is None:
+                return
+            if self._stage_empty() and not force:
+                self._staged_since = None
+                return
+        self._write(self._move_stage)
 
     def flush_if_due(self) -> None:
         """Move the staged messages to the disk once the oldest has waited ``flush_s``."""
@@ -474,24 +497,21 @@ class Store:
 
     _STAGE_COLUMNS = "seq, action, payload, tx_local_id, attempts, failed, last_error, created"
 
-    def _stage_rows(self) -> list[tuple[Any, ...]]:
-        """Every staged message, in order ([] without a stage or when it cannot be read:
-        then the stage is given up)."""
-        if self._stage is None:
-            return []
-        try:
-            rows = self._stage.execute(
-                f"SELECT {self._STAGE_COLUMNS} FROM queue ORDER BY seq"
-            ).fetchall()
-        except sqlite3.Error as exc:
-            self._drop_stage(exc)
-            return []
-        return [tuple(row) for row in rows]
-
     def _move_stage(self, db: sqlite3.Connection) -> None:
-        """In the write in progress: copy the staged messages into the state file (their
-        removal from the stage follows the commit: :meth:`_unstage`)."""
-        staged = self._stage_rows()
+        """In the write in progress: copy the staged messages and readings (not while the
+        state lives in memory), what a failed stage left, and a new ``stage.owner`` into the
+        state file. :meth:`_committed` removes them from the stage after the commit."""
+        staged: list[tuple[Any, ...]] = []
+        notes: list[tuple[Any, ...]] = []
+        if db is self._disk and self._stage is not None:
+            try:
+                staged = self._stage.execute(
+                    f"SELECT {self._STAGE_COLUMNS} FROM queue ORDER BY seq"
+                ).fetchall()
+                notes = self._stage.execute("SELECT local_id, wh, ts FROM notes").fetchall()
+            except sqlite3.Error as exc:
+                self._drop_stage(exc)
+                staged, notes = [], []
         rows = self._rescued + staged
         if rows:
             db.executemany(
@@ -499,44 +519,67 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-        if staged:
-            self._moved_upto = int(staged[-1][0])
+        for local_id, wh, ts in notes:
+            self._note_row(db, local_id, wh, ts)
+        owner = self._owner_pending
+        if owner is not None:
+            self._put(db, "stage.owner", owner)
+        upto = int(staged[-1][0]) if staged else 0
+        self._moving = (upto, len(self._rescued), owner, bool(notes))
 
-    def _unstage(self) -> None:
-        """After the commit that moved them: remove the moved messages from the stage. (A
-        SIGKILL between the two leaves them in both; the next start skips those the state
-        file already has -- by seq -- before anything is sent.)"""
-        upto, self._moved_upto = self._moved_upto, 0
-        self._rescued = []
-        if upto and self._stage is not None:
+    def _committed(self) -> None:
+        """After a commit: remove from the stage what it moved to the state file. (A
+        SIGKILL in between leaves it in both; the next start skips those the state file
+        already has -- by seq -- before anything is sent.)"""
+        moving, self._moving = self._moving, None
+        if moving is None:
+            return
+        upto, rescued, owner, notes = moving
+        del self._rescued[:rescued]
+        if owner is not None and owner == self._owner_pending:
+            self._owner_pending = None
+        if self._stage is not None and (upto or notes):
             try:
-                self._stage.execute("DELETE FROM queue WHERE seq <= ?", (upto,))
+                if upto:
+                    self._stage.execute("DELETE FROM queue WHERE seq <= ?", (upto,))
+                if notes:
+                    self._stage.execute("DELETE FROM notes")
             except sqlite3.Error as exc:
-                self._drop_stage(exc)
-            self._staged_since = None
+                self._drop_stage(exc, moved_upto=upto)
+            if self._stage_empty():
+                self._staged_since = None
+        self._rescue()
 
-    def _drop_stage(self, exc: sqlite3.Error) -> None:
+    def _drop_stage(self, exc: sqlite3.Error, *, moved_upto: int = 0) -> None:
         """The stage failed (its tmpfs is full?): carry on without it. What it still holds
-        is lost only if it cannot be read either."""
+        (above ``moved_upto``, already in the state file) goes to the state file; it is lost
+        only if it cannot be read either. The file is never read again."""
         stage, self._stage = self._stage, None
+        self._staging = False
+        self._staged_since = None
+        self._owner_pending = secrets.token_hex(8)
         log.error("the MeterValues stage %s failed (%s): from now on every queued message is"
                   " written to the disk before it is sent", self._stage_path, exc)  # fmt: skip
         if stage is None:
             return
         try:
-            rows = stage.execute(f"SELECT {self._STAGE_COLUMNS} FROM queue").fetchall()
+            rows = stage.execute(
+                f"SELECT {self._STAGE_COLUMNS} FROM queue WHERE seq > ? ORDER BY seq",
+                (moved_upto,),
+            ).fetchall()
         except sqlite3.Error as again:
             log.error("the messages in the MeterValues stage are lost: %s", again)
             rows = []
         with contextlib.suppress(sqlite3.Error):
             stage.close()
         self._rescued.extend(tuple(row) for row in rows)
+        self._rescue()
 
     def _rescue(self) -> None:
-        """Move what a failed stage still held to the state file."""
-        if self._rescued:
+        """Commit what a failed stage left (and the new ``stage.owner``) -- at once, unless
+        a write is in progress: then its :meth:`_move_stage` or :meth:`_committed` does."""
+        if (self._rescued or self._owner_pending) and not self._db.in_transaction:
             self._write(self._move_stage)
-            self._unstage()
 
     def _stage_empty(self) -> bool:
         if self._stage is None:
@@ -546,6 +589,18 @@ class Store:
         except sqlite3.Error as exc:
             self._drop_stage(exc)
             return True
+
+    def _stage_max(self) -> int:
+        """The highest seq in the stage (or left by a failed one)."""
+        top = max((int(row[0]) for row in self._rescued), default=0)
+        if self._stage is not None:
+            try:
+                row = self._stage.execute("SELECT COALESCE(MAX(seq), 0) FROM queue").fetchone()
+                top = max(top, int(row[0]))
+            except sqlite3.Error as exc:
+                self._drop_stage(exc)
+                return self._stage_max()
+        return top
 
     def _in_stage(self, seq: int) -> bool:
         if self._stage is None:
@@ -558,13 +613,25 @@ class Store:
         return row is not None
 
     def _stage_write(self, sql: str, args: tuple[Any, ...]) -> int:
-        """One statement on the stage; its change count (-1 when the stage failed)."""
-        assert self._stage is not None
+        """One statement on the stage; its change count (-1 when the stage failed: what it
+        held is in the state file now)."""
+        if self._stage is None:
+            return -1
         try:
             return int(self._stage.execute(sql, args).rowcount)
         except sqlite3.Error as exc:
             self._drop_stage(exc)
             return -1
+
+    def _count_queued(self) -> int:
+        count = int(self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
+        if self._stage is not None:
+            try:
+                count += int(self._stage.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
+            except sqlite3.Error as exc:
+                self._drop_stage(exc)
+                return self._count_queued()
+        return count
 
     # ------------------------------------------------------------------ config and kv
     def config_values(self) -> dict[str, str]:
@@ -686,11 +753,15 @@ class Store:
         note = self._notes.get(local_id)
         self._noted_at[local_id] = time.monotonic()
         if note is not None:
-            db.execute(
-                "UPDATE transactions SET last_meter_wh = MAX(COALESCE(last_meter_wh, 0), ?),"
-                " last_meter_ts = ? WHERE local_id = ? AND active = 1",
-                (note[0], note[1], local_id),
-            )
+            self._note_row(db, local_id, *note)
+
+    @staticmethod
+    def _note_row(db: sqlite3.Connection, local_id: int, energy_wh: int, ts: str) -> None:
+        db.execute(
+            "UPDATE transactions SET last_meter_wh = MAX(COALESCE(last_meter_wh, 0), ?),"
+            " last_meter_ts = ? WHERE local_id = ? AND active = 1",
+            (energy_wh, ts, local_id),
+        )
 
     def set_csms_transaction_id(self, local_id: int, csms_id: int) -> None:
         if self.csms_transaction_id(local_id) == csms_id:
@@ -724,11 +795,10 @@ class Store:
     def enqueue(self, action: str, payload: dict[str, Any], tx_local_id: int | None) -> int:
         """Commit one transaction message (with the transaction's last meter reading); a
         MeterValues to the stage when there is one."""
-        if self._stage is not None and action == "MeterValues" and tx_local_id is not None:
+        if self._staging and action == "MeterValues" and tx_local_id is not None:
             seq = self._enqueue_staged(payload, tx_local_id)
             if seq is not None:
                 return seq
-            self._rescue()
         note = self._notes.get(tx_local_id) if tx_local_id is not None else None
 
         def enqueue(db: sqlite3.Connection) -> tuple[int, int]:
@@ -743,28 +813,37 @@ class Store:
         return seq
 
     def _enqueue_staged(self, payload: dict[str, Any], tx_local_id: int) -> int | None:
-        """Commit a MeterValues to the stage; its seq (None: the stage failed)."""
-        delta = 1
+        """Commit a MeterValues, and the transaction's last reading, to the stage; its seq
+        (None: the stage failed)."""
         if self._queue_len >= self.max_queue:
             self.flush_stage()
-            delta -= self._write(self._thin)
-        main = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM queue").fetchone()[0]
+            self._queue_len -= self._write(self._thin)
+        seq = max(self._next_seq(self._db), self._stage_max() + 1)
         stage = self._stage
-        assert stage is not None
+        if stage is None:  # (it failed just now)
+            return None
+        note = self._notes.get(tx_local_id)
         try:
-            staged = stage.execute("SELECT COALESCE(MAX(seq), 0) FROM queue").fetchone()[0]
-            seq = max(int(main), int(staged)) + 1
+            stage.execute("BEGIN")
             stage.execute(
                 "INSERT INTO queue (seq, action, payload, tx_local_id, created)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (seq, "MeterValues", pack(payload), tx_local_id,
                  message_time("MeterValues", payload)),
             )  # fmt: skip
+            if note is not None:
+                stage.execute(
+                    "INSERT INTO notes (local_id, wh, ts) VALUES (?, ?, ?) ON CONFLICT"
+                    " (local_id) DO UPDATE SET wh = MAX(wh, excluded.wh), ts = excluded.ts",
+                    (tx_local_id, *note),
+                )
+            stage.execute("COMMIT")
         except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                stage.execute("ROLLBACK")
             self._drop_stage(exc)
-            self._queue_len += delta - 1
             return None
-        self._queued("MeterValues", payload, tx_local_id, seq, delta)
+        self._queued("MeterValues", payload, tx_local_id, seq, 1)
         if self._staged_since is None:
             self._staged_since = time.monotonic()
         self.flush_if_due()
@@ -773,8 +852,6 @@ class Store:
     def _queued(
         self, action: str, payload: dict[str, Any], local_id: int | None, seq: int, delta: int
     ) -> None:
-        if self._moved_upto or self._rescued:
-            self._unstage()
         self._queue_len += delta
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -794,20 +871,20 @@ class Store:
     ) -> tuple[int, int]:
         """Insert a message (thinning first when full); return ``(seq, queue length
         change)``."""
-        self._move_stage(db)  # staged MeterValues were taken before this message
+        self._move_stage(db)  # staged MeterValues go to the disk with it
         delta = 1
         if self._queue_len >= self.max_queue:
             delta -= self._thin(db)
-        cur = db.execute(
-            "INSERT INTO queue (action, payload, tx_local_id, created) VALUES (?, ?, ?, ?)",
-            (
-                action,
-                pack(payload),
-                tx_local_id,
-                message_time(action, payload),
-            ),
+        seq = max(self._next_seq(db), self._stage_max() + 1)
+        db.execute(
+            "INSERT INTO queue (seq, action, payload, tx_local_id, created) VALUES (?, ?, ?, ?, ?)",
+            (seq, action, pack(payload), tx_local_id, message_time(action, payload)),
         )
-        return int(cur.lastrowid or 0), delta
+        return seq, delta
+
+    @staticmethod
+    def _next_seq(db: sqlite3.Connection) -> int:
+        return int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM queue").fetchone()[0]) + 1
 
     _CANDIDATES = (
         "WITH m AS (SELECT seq, tx_local_id, created, LAG(seq) OVER w AS prev,"
@@ -870,18 +947,19 @@ class Store:
         return int(self.get("queue.dropped") or 0)
 
     def queue_head(self) -> QueuedMessage | None:
-        """The next message to send: the first pending in the state file, else in the stage
-        (whose messages all come after those in the state file)."""
+        """The next message to send: the lowest seq pending in the state file or the
+        stage."""
         head = "SELECT seq, action, payload, tx_local_id, attempts FROM queue WHERE failed = 0 ORDER BY seq LIMIT 1"  # fmt: skip
         while True:
             row = self._db.execute(head).fetchone()
-            if row is None and self._stage is not None:
+            if self._stage is not None:
                 try:
-                    row = self._stage.execute(head).fetchone()
+                    staged = self._stage.execute(head).fetchone()
                 except sqlite3.Error as exc:
                     self._drop_stage(exc)
-                    self._rescue()
                     continue
+                if staged is not None and (row is None or staged[0] < row[0]):
+                    row = staged
             if row is None:
                 return None
             try:
@@ -906,9 +984,8 @@ class Store:
                 self._queue_len -= removed
                 if self._stage_empty():
                     self._staged_since = None
-                self._rescue()
                 return
-            self._rescue()  # the stage failed: the message is in the state file now
+        # (When the stage failed just now, what it held is in the state file: removed there.)
         removed = self._write(
             lambda db: db.execute("DELETE FROM queue WHERE seq = ?", (seq,)).rowcount,
             durable=False,
@@ -937,7 +1014,6 @@ class Store:
                 if give_up:
                     self.flush_stage()  # a message given up on is kept, on disk
                 return
-            self._rescue()
         self._write(
             lambda db: db.execute(
                 "UPDATE queue SET attempts = attempts + 1, last_error = ?, failed = ?"
@@ -950,16 +1026,9 @@ class Store:
     def queue_retry_failed(self) -> int:
         """Put every message given up on back in the queue, in its place (``evcp queue
         retry``): each gets TransactionMessageAttempts new tries. Returns how many."""
-        self.flush_stage()
-        return int(
-            self._write(
-                lambda db: (
-                    db.execute(
-                        "UPDATE queue SET failed = 0, attempts = 0 WHERE failed = 1"
-                    ).rowcount
-                )
-            )
-        )
+        retry = "UPDATE queue SET failed = 0, attempts = 0 WHERE failed = 1"
+        staged = max(self._stage_write(retry, ()), 0)
+        return staged + int(self._write(lambda db: db.execute(retry).rowcount))
 
     def queue_counts(self) -> tuple[int, int]:
         """Return ``(pending, failed)``."""
@@ -971,19 +1040,21 @@ class Store:
                 staged = self._stage.execute(counts).fetchone()
             except sqlite3.Error as exc:
                 self._drop_stage(exc)
-                self._rescue()
                 return self.queue_counts()
             pending, failed = pending + int(staged[0]), failed + int(staged[1])
         return pending, failed
 
     def queue_failed(self) -> list[tuple[int, str, int | None, str, str | None]]:
         """Messages given up on: ``(seq, action, local transaction, taken at, last error)``."""
-        self.flush_stage()  # (one given up on in the stage went to the disk already)
-        rows = self._db.execute(
-            "SELECT seq, action, tx_local_id, created, last_error FROM queue WHERE failed = 1"
-            " ORDER BY seq"
-        ).fetchall()
-        return [(int(r[0]), str(r[1]), r[2], str(r[3]), r[4]) for r in rows]
+        failed = "SELECT seq, action, tx_local_id, created, last_error FROM queue WHERE failed = 1"
+        rows = self._db.execute(failed).fetchall()
+        if self._stage is not None:  # (one given up on while the state lives in memory)
+            try:
+                rows += self._stage.execute(failed).fetchall()
+            except sqlite3.Error as exc:
+                self._drop_stage(exc)
+                return self.queue_failed()
+        return sorted((int(r[0]), str(r[1]), r[2], str(r[3]), r[4]) for r in rows)
 
     # ------------------------------------------------------------------ auth cache
     def cache_put(
@@ -1132,6 +1203,11 @@ _STAGE_SCHEMA = """
         failed INTEGER NOT NULL DEFAULT 0,
         last_error TEXT,
         created TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS notes (
+        local_id INTEGER PRIMARY KEY,
+        wh INTEGER NOT NULL,
+        ts TEXT NOT NULL
     );
     CREATE TABLE IF NOT EXISTS owner (id TEXT NOT NULL);
 """

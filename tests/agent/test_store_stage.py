@@ -9,6 +9,7 @@ leaves); a power cut is that, and the stage file deleted (its tmpfs is gone).
 from __future__ import annotations
 
 import logging
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -289,4 +290,140 @@ def test_turning_staging_off_still_delivers_what_was_staged(tmp_path: Path) -> N
     store.enqueue("MeterValues", mv(2), local)
     assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
                             ("MeterValues", 2)]  # fmt: skip
+    store.close()
+
+
+def test_a_stage_that_cannot_be_written_hands_over_and_is_never_read_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_staged(tmp_path)
+    local = begin(store)
+    store.enqueue("MeterValues", mv(1), local)
+    store.enqueue("MeterValues", mv(2), local)
+    assert store._stage is not None
+    store._stage.execute("PRAGMA query_only=1")  # its tmpfs is full: reads work, writes fail
+    store.enqueue("MeterValues", mv(3), local)
+    end(store, local)
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
+                            ("MeterValues", 2), ("MeterValues", 3),
+                            ("StopTransaction", "stop")]  # fmt: skip
+    store.close()
+    with caplog.at_level(logging.ERROR, "evcp.store"):
+        store = open_staged(tmp_path)  # the old file still holds 1 and 2: never again
+    assert drain(store) == []
+    assert "moved aside" in caplog.text
+    store.close()
+
+
+def test_a_stage_failing_right_after_a_move_sends_nothing_twice(tmp_path: Path) -> None:
+    store = open_staged(tmp_path)
+    local = begin(store)
+    store.enqueue("MeterValues", mv(1), local)
+    store.enqueue("MeterValues", mv(2), local)
+    assert store._stage is not None
+    store._stage.execute("PRAGMA query_only=1")
+    end(store, local)  # committed to disk with the samples; removing them from the stage fails
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
+                            ("MeterValues", 2), ("StopTransaction", "stop")]  # fmt: skip
+    begin(store)
+    assert drain(store) == [("StartTransaction", "start")]
+    assert store.queue_counts() == (0, 0)
+    store.close()
+
+
+class FlakyLookups:
+    """A stage connection whose look-up of one message fails (an I/O error on one page)."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.startswith("SELECT 1 FROM queue WHERE seq"):
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.db.execute(sql, *args)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def test_an_acknowledged_sample_is_not_sent_again_when_the_stage_fails_then(
+    tmp_path: Path,
+) -> None:
+    store = open_staged(tmp_path)
+    local = begin(store)
+    assert drain(store) == [("StartTransaction", "start")]
+    store.enqueue("MeterValues", mv(1), local)
+    store.enqueue("MeterValues", mv(2), local)
+    head = store.queue_head()
+    assert head is not None and head.payload["n"] == 1
+    store._stage = FlakyLookups(store._stage)  # type: ignore[assignment]
+    store.queue_done(head.seq)  # acknowledged; the stage fails on the way
+    end(store, local)
+    assert drain(store) == [("MeterValues", 2), ("StopTransaction", "stop")]
+    assert store.queue_counts() == (0, 0)
+    store.close()
+
+
+def test_a_full_queue_and_a_failing_stage_still_queue_the_sample(tmp_path: Path) -> None:
+    store = open_staged(tmp_path)
+    store.max_queue = 5
+    local = begin(store)
+    for n in range(1, 6):
+        store.enqueue("MeterValues", mv(n), local)
+    assert store._stage is not None
+    store._stage.close()
+    store.enqueue("MeterValues", mv(6), local)  # raises nothing: thinned, then on disk
+    delivered = drain(store)
+    assert delivered[0] == ("StartTransaction", "start")
+    assert delivered[-1] == ("MeterValues", 6)
+    store.close()
+
+
+def test_a_write_that_fails_moves_nothing_out_of_the_stage(tmp_path: Path) -> None:
+    store = open_staged(tmp_path)
+    local = begin(store)
+    store.enqueue("MeterValues", mv(1), local)
+    store.enqueue("MeterValues", mv(2), local)
+    with pytest.raises(TypeError):  # a payload that cannot be stored: rolled back
+        store.end_transaction(local, meter_stop_wh=9, stop_ts="t9", reason="Local",
+                              stop_payload={"timestamp": object()})  # fmt: skip
+    store.enqueue("MeterValues", mv(3), local)
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
+                            ("MeterValues", 2), ("MeterValues", 3)]  # fmt: skip
+    store.close()
+
+
+def test_while_the_disk_is_full_staged_samples_stay_in_ram(tmp_path: Path) -> None:
+    """The state lives in memory (a full disk): a flush would move the samples where a
+    SIGKILL loses them, so they stay in the stage."""
+    crash(tmp_path, """
+        local = begin(store)
+        pages = store._disk.execute("PRAGMA page_count").fetchone()[0]
+        store._disk.execute(f"PRAGMA max_page_count={pages}")  # the disk is full now
+        store.put("filler", os.urandom(6000).hex())
+        assert store.storage_status()["on_disk"] is False
+        store.enqueue("MeterValues", mv(1), local)
+        store.enqueue("MeterValues", mv(2), local)
+        time.sleep(0.3)
+        store.note_meter(local, 5, "t1")  # a flush is due
+        end(store, local)  # the Stop, in memory: lost with the SIGKILL
+    """, flush_s=0.2)  # fmt: skip
+    store = open_staged(tmp_path)
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
+                            ("MeterValues", 2)]  # fmt: skip
+    store.close()
+
+
+def test_a_crash_finds_the_last_reading_in_the_stage(tmp_path: Path) -> None:
+    crash(tmp_path, """
+        local = begin(store)
+        store.note_meter(local, 300, "t3")  # a meter poll
+        store.enqueue("MeterValues", mv(3), local)
+        head = store.queue_head()
+        store.start_delivered(head.seq, local, 77)
+        head = store.queue_head()
+        store.queue_done(head.seq)  # online: the sample never reached the disk
+    """)  # fmt: skip
+    store = open_staged(tmp_path)
+    assert store.active_transactions()[0].last_meter_wh == 300
     store.close()
