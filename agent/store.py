@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import secrets
+import os
 import shutil
 import sqlite3
 import time
@@ -443,7 +443,7 @@ class Store:
         as without a stage."""
         owner = self.get("stage.owner")
         if owner is None:
-            owner = secrets.token_hex(8)
+            owner = os.urandom(8).hex()
             self.put("stage.owner", owner)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -461,7 +461,7 @@ class Store:
             log.error("cannot stage MeterValues in %s (%s): every queued message is written"
                       " to the disk before it is sent", path, exc)  # fmt: skip
             # Whatever that file holds is never read later, when its seqs may be in use.
-            self.put("stage.owner", secrets.token_hex(8))
+            self.put("stage.owner", os.urandom(8).hex())
             return
         self._stage, self._stage_path, self._flush_s = stage, path, flush_s
         self._staging = flush_s > 0
@@ -557,7 +557,7 @@ class Store:
         stage, self._stage = self._stage, None
         self._staging = False
         self._staged_since = None
-        self._owner_pending = secrets.token_hex(8)
+        self._owner_pending = os.urandom(8).hex()
         log.error("the MeterValues stage %s failed (%s): from now on every queued message is"
                   " written to the disk before it is sent", self._stage_path, exc)  # fmt: skip
         if stage is None:
