@@ -252,6 +252,8 @@ class Store:
         #: A new ``stage.owner`` to commit: the stage file in use before must never be
         #: read again.
         self._owner_pending: str | None = None
+        #: Count the queue again before the next message is queued (a stage failed).
+        self._recount = False
 
     @classmethod
     def open(cls, state_dir: Path) -> Store:
@@ -465,6 +467,7 @@ class Store:
             return
         self._stage, self._stage_path, self._flush_s = stage, path, flush_s
         self._staging = flush_s > 0
+        self._forget_moved()
         if not self._stage_empty():
             log.warning("moving the message(s) staged before the agent stopped from %s to the"
                         " state file", path)  # fmt: skip
@@ -475,6 +478,24 @@ class Store:
             self._stage = None
             for suffix in ("", "-wal"):
                 path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+    def _forget_moved(self) -> None:
+        """Remove from the stage what the state file already has: a SIGKILL between a move's
+        commit and the stage's DELETE left them in both. (A write to the stage only: it
+        works while the disk refuses writes, when the move at start cannot run.)"""
+        if self._stage is None:
+            return
+        try:
+            staged = [row[0] for row in self._stage.execute("SELECT seq FROM queue")]
+            moved = [
+                seq
+                for seq in staged
+                if self._db.execute("SELECT 1 FROM queue WHERE seq = ?", (seq,)).fetchone()
+            ]
+            if moved:
+                self._stage.executemany("DELETE FROM queue WHERE seq = ?", [(s,) for s in moved])
+        except sqlite3.Error as exc:
+            self._drop_stage(exc)
 
     def flush_stage(self, *, force: bool = False) -> None:
         """Move every staged message (and reading) to the state file in one durable commit.
@@ -573,6 +594,17 @@ class Store:
         with contextlib.suppress(sqlite3.Error):
             stage.close()
         self._rescued.extend(tuple(row) for row in rows)
+        self._recount = True  # (what could not be read is no longer queued)
+        path = self._stage_path
+        if path is not None:  # never read again, also if the new stage.owner is not on disk
+            aside = path.with_name(f"{path.name}.failed-{time.strftime('%Y%m%dT%H%M%S')}")
+            try:
+                for suffix in ("", "-wal"):
+                    side = path.with_name(path.name + suffix)
+                    if side.exists():
+                        side.rename(aside.with_name(aside.name + suffix))
+            except OSError as cannot:
+                log.error("cannot move the failed stage %s aside: %s", path, cannot)
         self._rescue()
 
     def _rescue(self) -> None:
@@ -622,6 +654,11 @@ class Store:
         except sqlite3.Error as exc:
             self._drop_stage(exc)
             return -1
+
+    def _resync(self) -> None:
+        if self._recount:
+            self._recount = False
+            self._queue_len = self._count_queued() + len(self._rescued)
 
     def _count_queued(self) -> int:
         count = int(self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
@@ -678,6 +715,7 @@ class Store:
         start_payload: dict[str, Any],
     ) -> int:
         """Record a new transaction and queue its StartTransaction in one commit."""
+        self._resync()
 
         def begin(db: sqlite3.Connection) -> tuple[int, int, int]:
             cur = db.execute(
@@ -711,6 +749,7 @@ class Store:
         stop_payload: dict[str, Any],
     ) -> None:
         """Close a transaction and queue its StopTransaction in one commit."""
+        self._resync()
 
         def end(db: sqlite3.Connection) -> tuple[int, int]:
             db.execute(
@@ -795,6 +834,7 @@ class Store:
     def enqueue(self, action: str, payload: dict[str, Any], tx_local_id: int | None) -> int:
         """Commit one transaction message (with the transaction's last meter reading); a
         MeterValues to the stage when there is one."""
+        self._resync()
         if self._staging and action == "MeterValues" and tx_local_id is not None:
             seq = self._enqueue_staged(payload, tx_local_id)
             if seq is not None:
@@ -816,6 +856,8 @@ class Store:
         """Commit a MeterValues, and the transaction's last reading, to the stage; its seq
         (None: the stage failed)."""
         if self._queue_len >= self.max_queue:
+            if self._db is not self._disk:
+                return None  # the stage cannot be thinned in place: queued (and thinned) in memory
             self.flush_stage()
             self._queue_len -= self._write(self._thin)
         seq = max(self._next_seq(self._db), self._stage_max() + 1)

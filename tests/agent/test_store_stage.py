@@ -143,7 +143,12 @@ def test_a_crash_between_moving_to_disk_and_unstaging_sends_nothing_twice(
         local = begin(store)
         store.enqueue("MeterValues", mv(1), local)
         store.enqueue("MeterValues", mv(2), local)
-        Store._unstage = lambda self: os._exit(0)  # dies right after the commit
+        committed = Store._committed
+        def die(self):
+            if self._moving and self._moving[0]:
+                os._exit(0)  # right after the commit that moved them, before the stage's DELETE
+            committed(self)
+        Store._committed = die
         end(store, local)
     """)  # fmt: skip
     store = open_staged(tmp_path)
@@ -308,10 +313,9 @@ def test_a_stage_that_cannot_be_written_hands_over_and_is_never_read_again(
                             ("MeterValues", 2), ("MeterValues", 3),
                             ("StopTransaction", "stop")]  # fmt: skip
     store.close()
-    with caplog.at_level(logging.ERROR, "evcp.store"):
-        store = open_staged(tmp_path)  # the old file still holds 1 and 2: never again
+    assert list((tmp_path / "run").glob("stage.db.failed-*"))  # kept, for a look
+    store = open_staged(tmp_path)
     assert drain(store) == []
-    assert "moved aside" in caplog.text
     store.close()
 
 
@@ -426,4 +430,62 @@ def test_a_crash_finds_the_last_reading_in_the_stage(tmp_path: Path) -> None:
     """)  # fmt: skip
     store = open_staged(tmp_path)
     assert store.active_transactions()[0].last_meter_wh == 300
+    store.close()
+
+
+def test_a_crash_after_a_move_then_a_disk_that_refuses_writes_sends_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    """The rows are in both files (a SIGKILL between the move's commit and the stage's
+    DELETE) and the restarted agent cannot write the disk, so the move at start cannot run:
+    the copies in the stage are dropped instead."""
+    crash(tmp_path, """
+        local = begin(store)
+        store.enqueue("MeterValues", mv(1), local)
+        store.enqueue("MeterValues", mv(2), local)
+        committed = Store._committed
+        def die(self):
+            if self._moving and self._moving[0]:
+                os._exit(0)
+            committed(self)
+        Store._committed = die
+        store.flush_stage()
+    """)  # fmt: skip
+    store = Store.open(tmp_path / "state")
+    assert store._disk is not None
+    store._disk.execute("PRAGMA query_only=1")  # the file system came back read-only
+    store.stage(tmp_path / "run" / "stage.db", 300)
+    assert store.queue_counts() == (3, 0)
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
+                            ("MeterValues", 2)]  # fmt: skip
+
+
+def test_a_full_queue_while_the_disk_is_full_stays_bounded(tmp_path: Path) -> None:
+    store = open_staged(tmp_path)
+    store.max_queue = 10
+    local = begin(store)
+    assert store._disk is not None
+    store._disk.execute("PRAGMA query_only=1")
+    store.put("x", "y")  # the disk refuses writes: the state lives in memory
+    assert store.storage_status()["on_disk"] is False
+    for n in range(200):
+        store.enqueue("MeterValues", mv(n % 60), local)
+    # The stage holds what it had when the queue filled up; the rest is thinned in memory.
+    assert sum(store.queue_counts()) <= store.max_queue + 3
+
+
+def test_the_queue_is_counted_again_after_a_stage_is_lost(tmp_path: Path) -> None:
+    store = open_staged(tmp_path)
+    store.max_queue = 5
+    local = begin(store)
+    store.enqueue("MeterValues", mv(1), local)
+    store.enqueue("MeterValues", mv(2), local)
+    assert store._stage is not None
+    store._stage.close()  # unreadable too: samples 1 and 2 are lost (logged)
+    for n in range(3, 7):
+        store.enqueue("MeterValues", mv(n), local)
+    # Five queued (Start, 3 to 6): full, not over -- nothing thinned as if 1 and 2 were.
+    assert store.queue_dropped() == 0
+    assert drain(store) == [("StartTransaction", "start"), *(("MeterValues", n) for n in
+                            range(3, 7))]  # fmt: skip
     store.close()
