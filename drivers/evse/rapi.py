@@ -414,6 +414,8 @@ def _int_token(frame: RapiFrame, index: int, base: int, what: str) -> int:
 class _Pending:
     seq: int
     future: asyncio.Future[RapiFrame]
+    #: ``_async_gen`` when the reply was dispatched.
+    async_gen: int = 0
 
 
 _MODE_COMMANDS: Final[dict[ControlMode, str]] = {
@@ -478,6 +480,10 @@ class RapiController:
         self._intent_current: int | None = None
         self._last_status: EvseStatus | None = None
         self._last_key: EvseStatus | None = None
+        #: Counts ``$AT`` frames; a ``$GS`` reply followed by an ``$AT`` is stale.
+        self._async_gen = 0
+        self._async_status: EvseStatus | None = None
+        self._reply_async_gen = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -561,11 +567,12 @@ class RapiController:
 
     async def read_status(self) -> EvseStatus:
         """``$GS`` (+ ``$GG`` for current and voltage when the controller has meters)."""
-        status = await self._read_state()
         try:
             gg = await self.request("GG")
         except ProtocolError:
             gg = None  # no ammeter/voltmeter compiled in: $NK
+        # $GS last: nothing may be awaited between _read_state and _publish (see there).
+        status = await self._read_state()
         if gg is not None:
             milliamps = _int_token(gg, 0, 10, "current")
             millivolts = _int_token(gg, 1, 10, "voltage") if len(gg.tokens) > 1 else -1
@@ -662,10 +669,16 @@ class RapiController:
             await self.request("SY", HEARTBEAT_ACK)
 
     async def _read_state(self) -> EvseStatus:
+        """``$GS``. An ``$AT`` read after the reply (in the same chunk, before this task
+        resumed) reports a newer state than the reply: that ``$AT``'s status is returned
+        instead. Callers must publish the result without awaiting anything first."""
         gs = await self.request("GS")
         evsestate = _int_token(gs, 0, 16, "evse state")
         pilotstate = _int_token(gs, 2, 16, "pilot state")
         vflags = _int_token(gs, 3, 16, "vflags")
+        if self._reply_async_gen != self._async_gen and self._async_status is not None:
+            log.debug("rapi %s: $GS reply superseded by a later $AT", self.port)
+            return self._async_status
         return status_from_state(evsestate, pilotstate, vflags, self._offered_a)
 
     async def _exchange(self, cmd: str, *args: str | int) -> RapiFrame:
@@ -679,7 +692,7 @@ class RapiController:
                 seq = self._next_seq()
                 frame = encode_command(cmd, *args, seq=seq)
                 future: asyncio.Future[RapiFrame] = loop.create_future()
-                self._pending = _Pending(seq, future)
+                pending = self._pending = _Pending(seq, future)
                 try:
                     async with asyncio.timeout(self._timeout_s):
                         writer.write(frame)
@@ -710,6 +723,7 @@ class RapiController:
                         attempts,
                     )
                     continue
+                self._reply_async_gen = pending.async_gen
                 self._mark_alive()
                 return reply
         self._mark_comm_lost()
@@ -807,6 +821,7 @@ class RapiController:
                 and not pending.future.done()
                 and (frame.seq == pending.seq or (frame.seq is None and frame.kind == "NK"))
             ):
+                pending.async_gen = self._async_gen
                 pending.future.set_result(frame)
             else:
                 log.warning(
@@ -838,7 +853,9 @@ class RapiController:
             log.warning("rapi %s: %s", self.port, exc)
             return
         self._offered_a = float(capacity)
-        self._publish(status_from_state(evsestate, pilotstate, vflags, capacity))
+        self._async_gen += 1
+        self._async_status = status_from_state(evsestate, pilotstate, vflags, capacity)
+        self._publish(self._async_status)
 
     def _on_boot(self, frame: RapiFrame) -> None:
         firmware = frame.tokens[1] if len(frame.tokens) > 1 else ""

@@ -274,6 +274,27 @@ async def test_async_state_arriving_before_the_reply(rig: Rig) -> None:
     )
 
 
+@pytest.mark.parametrize("after", ["GS", "GG"])
+async def test_async_state_after_a_state_reply_is_not_overwritten_by_it(
+    rig: Rig, after: str
+) -> None:
+    # The controller answers $GS (and $GG), then a fault happens and its $AT follows at once
+    # (one read for both): the reply is older than the $AT and must not undo it.
+    fault = encode_command("AT", "06", "01", 32, "0080")
+
+    def fault_after(cmd: RapiFrame, reply: bytes) -> bytes:
+        if cmd.kind != after or rig.connector.fault is not None:
+            return reply
+        rig.connector.fault = FaultCode.GROUND_FAULT.value  # $GS answers it from now on
+        return reply + fault
+
+    rig.device.reply_hook = fault_after
+    status = await rig.ctrl.read_status()
+    assert status.fault is FaultCode.GROUND_FAULT
+    assert rig.statuses[-1].fault is FaultCode.GROUND_FAULT
+    rig.device.reply_hook = None
+
+
 # --------------------------------------------------------------------------- line faults
 
 
