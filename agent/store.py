@@ -452,12 +452,8 @@ class Store:
             try:
                 stage = _open_stage(path, owner)
             except (_Corrupt, _Foreign) as exc:
-                aside = path.with_name(f"{path.name}.aside-{time.strftime('%Y%m%dT%H%M%S')}")
+                aside = _move_aside(path, "aside")
                 log.error("MeterValues stage %s %s; moved aside to %s", path, exc, aside)
-                for suffix in ("", "-wal"):
-                    side = path.with_name(path.name + suffix)
-                    if side.exists():
-                        side.rename(aside.with_name(aside.name + suffix))
                 stage = _open_stage(path, owner)
         except (OSError, sqlite3.Error) as exc:
             log.error("cannot stage MeterValues in %s (%s): every queued message is written"
@@ -597,12 +593,8 @@ class Store:
         self._recount = True  # (what could not be read is no longer queued)
         path = self._stage_path
         if path is not None:  # never read again, also if the new stage.owner is not on disk
-            aside = path.with_name(f"{path.name}.failed-{time.strftime('%Y%m%dT%H%M%S')}")
             try:
-                for suffix in ("", "-wal"):
-                    side = path.with_name(path.name + suffix)
-                    if side.exists():
-                        side.rename(aside.with_name(aside.name + suffix))
+                _move_aside(path, "failed")
             except OSError as cannot:
                 log.error("cannot move the failed stage %s aside: %s", path, cannot)
         self._rescue()
@@ -1253,6 +1245,16 @@ _STAGE_SCHEMA = """
     );
     CREATE TABLE IF NOT EXISTS owner (id TEXT NOT NULL);
 """
+
+
+def _move_aside(path: Path, why: str) -> Path:
+    """Rename ``path`` (and its WAL) to ``<name>.<why>-<time>``; return the new path."""
+    aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}")
+    for suffix in ("", "-wal"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(aside.with_name(aside.name + suffix))
+    return aside
 
 
 def _open_stage(path: Path, owner: str) -> sqlite3.Connection:

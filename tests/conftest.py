@@ -20,6 +20,7 @@ from agent import app
 from agent.config import load
 from agent.control import request as control_request
 from agent.ocpp.csms import Csms
+from agent.store import Store
 
 CP_ID = "CP-TEST-1"
 PASSWORD = "0123456789abcdef-test"
@@ -225,6 +226,16 @@ async def booted(make_agent: AgentFactory, csms: Csms) -> RunningAgent:
     agent: RunningAgent = await make_agent()
     await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
     return agent
+
+
+def drain(store: Store) -> list[tuple[str, Any]]:
+    """Deliver the whole queue, as if every CALL were answered: ``(action, payload's "n")``
+    in the order sent."""
+    out = []
+    while (head := store.queue_head()) is not None:
+        out.append((head.action, head.payload.get("n")))
+        store.queue_done(head.seq)
+    return out
 
 
 def status_is(connector: int, status: str) -> Callable[[dict[str, Any]], bool]:

@@ -9,6 +9,7 @@ leaves); a power cut is that, and the stage file deleted (its tmpfs is gone).
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from agent.store import Store
+from tests.conftest import drain
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,18 +42,23 @@ def end(store: Store, local: int) -> None:
                           stop_payload={"n": "stop"})  # fmt: skip
 
 
-def drain(store: Store) -> list[tuple[str, Any]]:
-    out = []
-    while (head := store.queue_head()) is not None:
-        out.append((head.action, head.payload.get("n")))
-        store.queue_done(head.seq)
-    return out
-
-
 def open_staged(tmp_path: Path, flush_s: float = 300.0) -> Store:
     store = Store.open(tmp_path / "state")
     store.stage(tmp_path / "run" / "stage.db", flush_s)
     return store
+
+
+def die_after_the_next_move() -> None:
+    """(In a crash child.) Die right after the commit that moves staged messages to the
+    state file, before they are removed from the stage."""
+    committed = Store._committed
+
+    def die(self: Store) -> None:
+        if self._moving and self._moving[0]:
+            os._exit(0)
+        committed(self)
+
+    Store._committed = die  # type: ignore[method-assign]
 
 
 def crash(tmp_path: Path, body: str, flush_s: float = 300.0) -> None:
@@ -64,7 +71,7 @@ def crash(tmp_path: Path, body: str, flush_s: float = 300.0) -> None:
         from pathlib import Path
         sys.path.insert(0, {str(REPO)!r})
         from agent.store import Store
-        from tests.agent.test_store_stage import begin, end, mv
+        from tests.agent.test_store_stage import begin, die_after_the_next_move, end, mv
         store = Store.open(Path({str(tmp_path / "state")!r}))
         store.stage(Path({str(tmp_path / "run" / "stage.db")!r}), {flush_s!r})
         """
@@ -143,12 +150,7 @@ def test_a_crash_between_moving_to_disk_and_unstaging_sends_nothing_twice(
         local = begin(store)
         store.enqueue("MeterValues", mv(1), local)
         store.enqueue("MeterValues", mv(2), local)
-        committed = Store._committed
-        def die(self):
-            if self._moving and self._moving[0]:
-                os._exit(0)  # right after the commit that moved them, before the stage's DELETE
-            committed(self)
-        Store._committed = die
+        die_after_the_next_move()
         end(store, local)
     """)  # fmt: skip
     store = open_staged(tmp_path)
@@ -443,12 +445,7 @@ def test_a_crash_after_a_move_then_a_disk_that_refuses_writes_sends_nothing_twic
         local = begin(store)
         store.enqueue("MeterValues", mv(1), local)
         store.enqueue("MeterValues", mv(2), local)
-        committed = Store._committed
-        def die(self):
-            if self._moving and self._moving[0]:
-                os._exit(0)
-            committed(self)
-        Store._committed = die
+        die_after_the_next_move()
         store.flush_stage()
     """)  # fmt: skip
     store = Store.open(tmp_path / "state")

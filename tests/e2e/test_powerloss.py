@@ -51,7 +51,7 @@ from agent.control import request as control_request
 from agent.ocpp import csms as csms_module
 from agent.ocpp.csms import Csms, Received
 from agent.store import MIGRATIONS, Store, StoreInUse
-from tests.conftest import CP_ID, PASSWORD, server_context, write_config
+from tests.conftest import CP_ID, PASSWORD, drain, server_context, write_config
 
 TX_ACTIONS = ("StartTransaction", "MeterValues", "StopTransaction")
 KILLS = int(os.environ.get("EVCP_POWERLOSS_KILLS", "100"))
@@ -570,14 +570,6 @@ def mv(n: int) -> dict[str, Any]:
     return {"connectorId": 1, "transactionId": 0, "n": n,
             "meterValue": [{"timestamp": f"2026-01-01T00:{n // 60:02d}:{n % 60:02d}.000Z",
                             "sampledValue": [{"value": str(n)}]}]}  # fmt: skip
-
-
-def drain(store: Store) -> list[tuple[str, Any]]:
-    out = []
-    while (head := store.queue_head()) is not None:
-        out.append((head.action, head.payload.get("n")))
-        store.queue_done(head.seq)
-    return out
 
 
 def test_thinning_spreads_over_the_outage(tmp_path: Path) -> None:
