@@ -97,6 +97,7 @@ state_dir = "{directory / "state"}"
 control_socket = "{directory / "control.sock"}"
 log_level = "debug"
 {agent_extra}
+{"" if "stage_dir" in agent_extra else f'stage_dir = "{directory / "run"}"'}
 
 [time]
 ntp_servers = []

@@ -287,3 +287,22 @@ def test_a_relative_stage_dir_is_next_to_the_config(tmp_path: Path) -> None:
     loaded = load(path)
     assert loaded.agent["stage_dir"] == str(tmp_path / "run")
     assert loaded.agent["queue_flush_s"] == 300
+
+
+@pytest.mark.parametrize("value", ["0", "10", "86400", "12.5"])
+def test_queue_flush_values_in_range_are_accepted(tmp_path: Path, value: str) -> None:
+    config = VALID.replace('control_socket = "control.sock"',
+                           f'control_socket = "control.sock"\nqueue_flush_s = {value}')  # fmt: skip
+    path = write(tmp_path, config)
+    assert check_config(path).returncode == 0
+    assert load(path).agent["queue_flush_s"] == float(value)
+
+
+def test_staging_is_off_unless_asked_for(tmp_path: Path) -> None:
+    assert load(write(tmp_path, VALID)).agent["queue_flush_s"] == 0
+
+
+def test_the_shipped_example_config_is_valid() -> None:
+    result = check_config(ROOT / "etc" / "evcp.toml")
+    assert result.returncode == 0, result.stderr
+    assert load(ROOT / "etc" / "evcp.toml").agent["queue_flush_s"] == 0

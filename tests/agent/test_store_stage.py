@@ -164,10 +164,10 @@ def test_a_power_cut_loses_only_the_offline_samples_not_yet_flushed(tmp_path: Pa
         local = begin(store)
         store.enqueue("MeterValues", mv(1), local)
         store.enqueue("MeterValues", mv(2), local)
-        time.sleep(0.3)
-        store.enqueue("MeterValues", mv(3), local)  # the oldest waited 0.2 s: all to disk
+        store._staged_since -= 300  # five minutes later
+        store.enqueue("MeterValues", mv(3), local)  # the oldest waited 300 s: all to disk
         store.enqueue("MeterValues", mv(4), local)  # staged only
-    """, flush_s=0.2)  # fmt: skip
+    """)  # fmt: skip
     (tmp_path / "run" / "stage.db").unlink()  # the tmpfs is gone with the power
     (tmp_path / "run" / "stage.db-wal").unlink(missing_ok=True)
     store = open_staged(tmp_path)
@@ -180,9 +180,9 @@ def test_polling_the_meter_flushes_offline_samples_when_due(tmp_path: Path) -> N
     crash(tmp_path, """
         local = begin(store)
         store.enqueue("MeterValues", mv(1), local)
-        time.sleep(0.3)
+        store._staged_since -= 300  # five minutes later
         store.note_meter(local, 5, "t1")  # a meter poll, no new sample
-    """, flush_s=0.2)  # fmt: skip
+    """)  # fmt: skip
     (tmp_path / "run" / "stage.db").unlink()
     (tmp_path / "run" / "stage.db-wal").unlink(missing_ok=True)
     store = open_staged(tmp_path)
@@ -410,10 +410,10 @@ def test_while_the_disk_is_full_staged_samples_stay_in_ram(tmp_path: Path) -> No
         assert store.storage_status()["on_disk"] is False
         store.enqueue("MeterValues", mv(1), local)
         store.enqueue("MeterValues", mv(2), local)
-        time.sleep(0.3)
+        store._staged_since -= 300  # five minutes later
         store.note_meter(local, 5, "t1")  # a flush is due
         end(store, local)  # the Stop, in memory: lost with the SIGKILL
-    """, flush_s=0.2)  # fmt: skip
+    """)  # fmt: skip
     store = open_staged(tmp_path)
     assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
                             ("MeterValues", 2)]  # fmt: skip
@@ -485,4 +485,64 @@ def test_the_queue_is_counted_again_after_a_stage_is_lost(tmp_path: Path) -> Non
     assert store.queue_dropped() == 0
     assert drain(store) == [("StartTransaction", "start"), *(("MeterValues", n) for n in
                             range(3, 7))]  # fmt: skip
+    store.close()
+
+
+def test_an_orderly_stop_writes_staged_samples_to_disk(tmp_path: Path) -> None:
+    """A clean stop, then a reboot (which empties the tmpfs): nothing staged is lost."""
+    store = open_staged(tmp_path)
+    local = begin(store)
+    store.enqueue("MeterValues", mv(1), local)
+    store.close()
+    for name in ("stage.db", "stage.db-wal"):
+        (tmp_path / "run" / name).unlink(missing_ok=True)
+    store = open_staged(tmp_path)
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1)]
+    store.close()
+
+
+def test_a_stop_takes_the_staged_samples_to_disk_with_it(tmp_path: Path) -> None:
+    """A StopTransaction, then a power cut: the samples before it are on disk too."""
+    crash(tmp_path, """
+        local = begin(store)
+        store.enqueue("MeterValues", mv(1), local)
+        store.enqueue("MeterValues", mv(2), local)
+        end(store, local)
+    """)  # fmt: skip
+    for name in ("stage.db", "stage.db-wal"):
+        (tmp_path / "run" / name).unlink(missing_ok=True)
+    store = open_staged(tmp_path)
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
+                            ("MeterValues", 2), ("StopTransaction", "stop")]  # fmt: skip
+    store.close()
+
+
+def test_the_order_holds_while_the_disk_is_full(tmp_path: Path) -> None:
+    """The samples stay in the stage and the Stop goes to memory: still sent after them."""
+    store = open_staged(tmp_path)
+    local = begin(store)
+    assert store._disk is not None
+    store._disk.execute("PRAGMA query_only=1")
+    store.put("x", "y")  # the disk refuses writes: the state lives in memory
+    assert store.storage_status()["on_disk"] is False
+    store.enqueue("MeterValues", mv(1), local)
+    store.enqueue("MeterValues", mv(2), local)
+    end(store, local)
+    assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
+                            ("MeterValues", 2), ("StopTransaction", "stop")]  # fmt: skip
+    store.close()
+
+
+def test_samples_left_in_the_stage_count_towards_the_queue_size(tmp_path: Path) -> None:
+    crash(tmp_path, """
+        local = begin(store)
+        for n in range(1, 6):
+            store.enqueue("MeterValues", mv(n), local)
+    """)  # fmt: skip
+    store = open_staged(tmp_path)
+    store.max_queue = 6
+    local = store.active_transactions()[0].local_id
+    store.enqueue("MeterValues", mv(6), local)  # seven: one is thinned
+    assert sum(store.queue_counts()) <= 6
+    assert store.queue_dropped() == 1
     store.close()
