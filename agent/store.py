@@ -304,14 +304,7 @@ class Store:
         new = not path.exists() or path.stat().st_size == 0
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=2.0)
         try:
-            if new:
-                db.execute(f"PRAGMA page_size={PAGE_SIZE}")
-            db.execute("PRAGMA locking_mode=EXCLUSIVE")
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            result = db.execute("PRAGMA quick_check").fetchone()
-            if result is None or result[0] != "ok":
-                raise sqlite3.DatabaseError(f"integrity check failed: {result}")
+            _set_up(db, new=new, synchronous="FULL")
             _migrate(db)
         except sqlite3.OperationalError:
             db.close()
@@ -1257,19 +1250,27 @@ def _move_aside(path: Path, why: str) -> Path:
     return aside
 
 
+def _set_up(db: sqlite3.Connection, *, new: bool, synchronous: str) -> None:
+    """One writer holding the file (no shared-memory index), WAL, and the integrity check
+    (a file that fails it raises :class:`_Corrupt`). ``page_size`` only takes on a new
+    file."""
+    if new:
+        db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+    db.execute("PRAGMA locking_mode=EXCLUSIVE")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    result = db.execute("PRAGMA quick_check").fetchone()
+    if result is None or result[0] != "ok":
+        raise _Corrupt(f"fails its integrity check: {result}")
+
+
 def _open_stage(path: Path, owner: str) -> sqlite3.Connection:
     """Open (or create) the stage file of the state file whose ``stage.owner`` is
     ``owner``. WAL without fsync: a SIGKILL mid-write cannot tear it (the operating system
     holds what was written), and it lives in RAM anyway."""
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
     try:
-        db.execute(f"PRAGMA page_size={PAGE_SIZE}")
-        db.execute("PRAGMA locking_mode=EXCLUSIVE")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=OFF")
-        result = db.execute("PRAGMA quick_check").fetchone()
-        if result is None or result[0] != "ok":
-            raise _Corrupt(f"fails its integrity check: {result}")
+        _set_up(db, new=True, synchronous="OFF")
         db.executescript(f"BEGIN; {_STAGE_SCHEMA} COMMIT;")
         row = db.execute("SELECT id FROM owner").fetchone()
         if row is None:
