@@ -456,6 +456,11 @@ class Store:
             return
         self._stage, self._stage_path, self._flush_s = stage, path, flush_s
         self._staging = flush_s > 0
+        kind = _filesystem(path.parent)
+        if self._staging and kind not in (None, "tmpfs", "ramfs"):
+            log.warning("MeterValues stage %s is on %s, not in RAM (tmpfs): staging there"
+                        " saves no disk writes; set [agent] stage_dir to a tmpfs such as"
+                        " /run/evcp", path, kind)  # fmt: skip
         self._forget_moved()
         if not self._stage_empty():
             log.warning("moving the message(s) staged before the agent stopped from %s to the"
@@ -1248,6 +1253,28 @@ def _move_aside(path: Path, why: str) -> Path:
         if side.exists():
             side.rename(aside.with_name(aside.name + suffix))
     return aside
+
+
+def _filesystem(path: Path) -> str | None:
+    """The type of the file system ``path`` is on (from /proc/self/mountinfo: the longest
+    mount point that contains it); None if that cannot be read."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        where = path.resolve()
+    except OSError:
+        return None
+    best: tuple[int, str] | None = None
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not rest:
+            continue
+        point = Path(parts[4].encode().decode("unicode_escape"))  # spaces are \040
+        if where == point or point in where.parents:
+            depth = len(point.parts)
+            if best is None or depth >= best[0]:
+                best = (depth, rest.split()[0])
+    return None if best is None else best[1]
 
 
 def _set_up(db: sqlite3.Connection, *, new: bool, synchronous: str) -> None:

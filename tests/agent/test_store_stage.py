@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -546,3 +548,28 @@ def test_samples_left_in_the_stage_count_towards_the_queue_size(tmp_path: Path) 
     assert sum(store.queue_counts()) <= 6
     assert store.queue_dropped() == 1
     store.close()
+
+
+@pytest.mark.parametrize("where", ["tmp", "shm"])
+def test_a_stage_that_is_not_in_ram_is_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    if where == "shm":
+        if not Path("/dev/shm").is_dir():
+            pytest.skip("no /dev/shm here")
+        stage_dir = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    else:
+        stage_dir = tmp_path / "run"
+        stage_dir.mkdir()
+    kind = subprocess.run(["stat", "-f", "-c", "%T", str(stage_dir)], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    try:
+        store = Store.open(tmp_path / "state")
+        with caplog.at_level(logging.WARNING, "evcp.store"):
+            store.stage(stage_dir / "stage.db", 300)
+        store.close()
+    finally:
+        if where == "shm":
+            shutil.rmtree(stage_dir)
+    warned = "not in RAM" in caplog.text
+    assert warned == (kind not in ("tmpfs", "ramfs")), (kind, caplog.text)
