@@ -175,10 +175,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "queue_flush_s": Key(
             (int, float),
-            0,
+            10,
             _zero_or_range(10, 86400),
-            doc="0: every transaction message is on disk before it is sent; N: MeterValues"
-            " are staged in stage_dir (RAM) and those not yet acknowledged go to disk every N s",
+            doc="N: MeterValues are staged in stage_dir (RAM) and those not acknowledged"
+            " within N s go to disk; 0: every transaction message is on disk before it is sent",
         ),
         "stage_dir": Key(str, "/run/evcp", doc="where MeterValues are staged (a tmpfs)"),
         "free_vend_id_tag": Key(

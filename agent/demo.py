@@ -125,6 +125,7 @@ reconnect_min_s = 0.5
 [agent]
 state_dir = "{workdir / "state"}"
 control_socket = "{workdir / "control.sock"}"
+stage_dir = "{workdir / "run"}"
 log_level = "info"
 log_target = "stderr"
 

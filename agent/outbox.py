@@ -7,8 +7,9 @@ Two sources feed the single sender (``agent.ocpp.session``), which is the only c
   in memory and dropped when the connection drops (the current status of every connector
   is sent again after a reconnect);
 - *transaction* messages (StartTransaction, MeterValues of a transaction,
-  StopTransaction): committed to SQLite (``agent.store``) before they are first sent,
-  removed only after their CALLRESULT, sent strictly in order.
+  StopTransaction): committed to SQLite (``agent.store``: the disk, or for MeterValues a
+  stage in RAM) before they are first sent, removed only after their CALLRESULT, sent
+  strictly in order.
 """
 
 from __future__ import annotations

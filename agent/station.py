@@ -1169,6 +1169,9 @@ class Station:
             payload["transactionId"] = 0  # filled in at delivery
             self.store.enqueue("MeterValues", payload, c.tx.local_id)
             self.outbox.notify_durable()
+            delay = self.store.flush_delay()
+            if delay is not None:  # staged: to disk on time, also between slow meter polls
+                asyncio.get_running_loop().call_later(delay + 0.01, self.store.flush_if_due)
         elif self.registered:
             self.outbox.send(Outgoing("MeterValues", payload))
 

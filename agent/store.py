@@ -21,13 +21,14 @@ poll: flash wear. Schema changes are numbered migrations (``PRAGMA user_version`
 SQLite cannot read is moved aside with a timestamp suffix, never truncated, and a fresh one
 is started.
 
-With a *stage* (:meth:`Store.stage`, ``[agent] queue_flush_s`` > 0), a transaction's
-MeterValues are committed to a second SQLite file in RAM (``/run``) instead: it survives a
-SIGKILL or a restart of the agent, not a power cut. A sample the CSMS acknowledges is removed
-from there and never written to the disk; those still unacknowledged (offline) are moved to
-the state file every ``queue_flush_s`` seconds, with any StartTransaction or
-StopTransaction (which go to the disk directly, as always), and at exit. A power cut then
-loses at most the last ``queue_flush_s`` seconds of samples taken offline. Sequence
+With a *stage* (:meth:`Store.stage`; the agent's default, ``[agent] queue_flush_s`` = 10),
+a transaction's MeterValues are committed to a second SQLite file in RAM (``/run``)
+instead: it survives a SIGKILL or a restart of the agent, not a power cut. A sample the
+CSMS acknowledges is removed from there and never written to the disk; those still
+unacknowledged (offline) are moved to the state file once the oldest has waited
+``queue_flush_s`` seconds, with any StartTransaction or StopTransaction (which go to the
+disk directly, as always), and at exit. A power cut then loses at most samples of the last
+``queue_flush_s`` seconds that the CSMS has not acknowledged. Sequence
 numbers are one series across both files and the head of the queue is the lowest of the
 two, so the order of delivery is kept. The transaction's last meter reading is staged
 with each sample too (a restart after a crash finds it there). While the state lives in
@@ -505,10 +506,22 @@ class Store:
         self._write(self._move_stage)
 
     def flush_if_due(self) -> None:
-        """Move the staged messages to the disk once the oldest has waited ``flush_s``."""
+        """Move the staged messages to the disk once the oldest has waited ``flush_s``; and
+        while the state lives in memory, try the disk again when it is time (staged, there
+        may be no other write for minutes)."""
+        if self._db is not self._disk and time.monotonic() >= self._disk_retry_at:
+            self._back_to_disk()
         since = self._staged_since
         if since is not None and time.monotonic() - since >= self._flush_s:
             self.flush_stage()
+
+    def flush_delay(self) -> float | None:
+        """Seconds until :meth:`flush_if_due` moves the staged messages (None: none
+        staged)."""
+        since = self._staged_since
+        if since is None:
+            return None
+        return max(since + self._flush_s - time.monotonic(), 0.0)
 
     _STAGE_COLUMNS = "seq, action, payload, tx_local_id, attempts, failed, last_error, created"
 

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import socket
 import ssl
@@ -80,6 +81,9 @@ def proc_pss_mib(pid: int) -> float:
 
 async def main(seconds: float, python: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="evcp-bench-"))
+    # MeterValues are staged in RAM by default: /run/evcp on a charger, /dev/shm here.
+    shm = Path("/dev/shm")
+    run = Path(tempfile.mkdtemp(prefix="evcp-bench-run-", dir=shm if shm.is_dir() else work))
     ca = trustme.CA()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(ctx)
@@ -97,6 +101,7 @@ ca_file = "{work / "ca.pem"}"
 [agent]
 state_dir = "{work / "state"}"
 control_socket = "{work / "control.sock"}"
+stage_dir = "{run}"
 log_level = "warning"
 [time]
 ntp_servers = []
@@ -149,6 +154,7 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
     await proc.wait()
     await sim_process.stop(sim)
     await csms.stop()
+    shutil.rmtree(run, ignore_errors=True)
     share = (cpu1 - cpu0) / (w1 - w0) * 100
     print(f"interpreter: {python}")
     print(f"environment from {UNIT.name}: {unit_environment()}")

@@ -97,6 +97,7 @@ ca_file = "{work / "ca.pem"}"
 [agent]
 state_dir = "{work / "state"}"
 control_socket = "{work / "control.sock"}"
+stage_dir = "{work / "run"}"
 log_level = "warning"
 [time]
 ntp_servers = []

@@ -298,11 +298,13 @@ def test_queue_flush_values_in_range_are_accepted(tmp_path: Path, value: str) ->
     assert load(path).agent["queue_flush_s"] == float(value)
 
 
-def test_staging_is_off_unless_asked_for(tmp_path: Path) -> None:
-    assert load(write(tmp_path, VALID)).agent["queue_flush_s"] == 0
+def test_meter_values_are_staged_in_run_for_10_s_by_default(tmp_path: Path) -> None:
+    loaded = load(write(tmp_path, VALID))
+    assert loaded.agent["queue_flush_s"] == 10
+    assert loaded.agent["stage_dir"] == "/run/evcp"
 
 
 def test_the_shipped_example_config_is_valid() -> None:
     result = check_config(ROOT / "etc" / "evcp.toml")
     assert result.returncode == 0, result.stderr
-    assert load(ROOT / "etc" / "evcp.toml").agent["queue_flush_s"] == 0
+    assert load(ROOT / "etc" / "evcp.toml").agent["queue_flush_s"] == 10

@@ -4,7 +4,9 @@ meter and clock, and a real SQLite store whose queue is read back as the CSMS wo
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -228,6 +230,43 @@ async def test_a_register_jump_the_supply_cannot_deliver_is_refused_as_a_misread
     await st.stop_transaction(c, "Local")
     (stop,) = delivered(store, "StopTransaction")
     assert stop["meterStop"] == 10_300
+
+
+def after_power_cut(state_dir: Path, into: Path) -> list[str]:
+    """The queue a power cut now would leave: the state file as it is on disk, no stage."""
+    shutil.rmtree(into, ignore_errors=True)
+    into.mkdir()
+    for f in state_dir.glob("evcp.db*"):
+        shutil.copy(f, into / f.name)
+    store = Store.open(into)
+    try:
+        actions = []
+        while (head := store.queue_head()) is not None:
+            actions.append(head.action)
+            store.queue_done(head.seq)
+        return actions
+    finally:
+        store.close()
+
+
+async def test_an_unacknowledged_staged_sample_reaches_the_disk_between_slow_meter_polls(
+    tmp_path: Path,
+) -> None:
+    """Staged (``queue_flush_s``, 0.2 s here), a MeterValues the CSMS has not acknowledged
+    is on disk once that time has passed, although no meter poll comes in between (every
+    3600 s here): a power cut then does not lose it."""
+    st, _clock, meter, store = await station(tmp_path / "state")
+    store.stage(tmp_path / "run" / "stage.db", 0.2)
+    c = st.connectors[1]
+    assert await st.start_transaction(c, "TAG")
+    st.queue_meter_values(c, meter.reading, "Sample.Periodic", "MeterValuesSampledData")
+    assert after_power_cut(tmp_path / "state", tmp_path / "cut") == ["StartTransaction"]
+    await asyncio.sleep(0.6)
+    assert after_power_cut(tmp_path / "state", tmp_path / "cut") == [
+        "StartTransaction",
+        "MeterValues",
+    ]
+    store.close()
 
 
 def test_clock_aligned_instants_start_again_at_every_midnight() -> None:

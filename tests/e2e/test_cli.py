@@ -255,7 +255,8 @@ async def test_status_table_says_where_meter_values_are_staged(
     result = await evcp("status", "--config", config_of(agent))
     assert result.code == 0, result
     assert f"MeterValues staged in RAM ({run / 'stage.db'})" in result.out
-    plain = await evcp("status", "--config", config_of(await make_agent()))
+    plain = await evcp("status", "--config",
+                       config_of(await make_agent(agent_extra="queue_flush_s = 0")))  # fmt: skip
     assert "staged" not in plain.out
 
 

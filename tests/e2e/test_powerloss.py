@@ -171,8 +171,8 @@ def agent_config(
     stage_flush_s: float = 0,
     **ocpp: Any,
 ) -> Path:
-    """With ``stage_flush_s``, MeterValues are staged in ``directory/run`` (``[agent]
-    queue_flush_s``)."""
+    """``stage_flush_s`` is ``[agent] queue_flush_s``: 0 (here the default), every message
+    is on disk before it is sent; N, MeterValues are staged in ``directory/run``."""
     directory.mkdir(parents=True, exist_ok=True)
     keys = {
         "MeterValueSampleInterval": 1,
@@ -182,7 +182,7 @@ def agent_config(
     }
     stage = f'queue_flush_s = {stage_flush_s}\nstage_dir = "{directory / "run"}"'
     path = write_config(directory, url=f"wss://localhost:{csms.port}/ocpp", ca_file=ca_file,
-                        ocpp=keys, agent_extra=stage if stage_flush_s else "")  # fmt: skip
+                        ocpp=keys, agent_extra=stage)  # fmt: skip
     text = path.read_text().replace('log_level = "debug"', 'log_level = "debug"\n'
                                     'log_target = "stderr"')  # fmt: skip
     text = text.replace(f'charge_point_id = "{CP_ID}"', f'charge_point_id = "{cp_id}"')
