@@ -249,6 +249,7 @@ class Station:
         self._request_restart = request_restart
         self._tasks: set[asyncio.Task[Any]] = set()
         self._limit_timer: asyncio.TimerHandle | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None  # staged MeterValues to disk
         self._wake_aligned = asyncio.Event()
         self._restarting = False
         #: Set by the session: queue a BootNotification now (TriggerMessage).
@@ -383,6 +384,8 @@ class Station:
 
     async def close(self) -> None:
         self.reservations.close()
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()  # (the store is closed next: it flushes then)
         for task in list(self._tasks):
             task.cancel()
         await self.pause_controllers()
@@ -1171,7 +1174,11 @@ class Station:
             self.outbox.notify_durable()
             delay = self.store.flush_delay()
             if delay is not None:  # staged: to disk on time, also between slow meter polls
-                asyncio.get_running_loop().call_later(delay + 0.01, self.store.flush_if_due)
+                if self._flush_timer is not None:
+                    self._flush_timer.cancel()
+                self._flush_timer = asyncio.get_running_loop().call_later(
+                    delay + 0.01, self.store.flush_if_due
+                )
         elif self.registered:
             self.outbox.send(Outgoing("MeterValues", payload))
 
