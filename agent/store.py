@@ -8,7 +8,7 @@ refused with a clear message). Every write is its own committed transaction:
 
 - a transaction message (and every other state change) is committed with
   ``synchronous=FULL`` -- on disk -- before it is first sent, so neither a SIGKILL nor a
-  power cut loses it;
+  power cut loses it (a MeterValues goes to the stage instead when there is one: below);
 - its removal after the CALLRESULT is committed without waiting for the disk
   (``synchronous=NORMAL``, the next FULL commit makes it durable): a SIGKILL cannot undo it
   (the WAL is in the operating system's cache), and an operating-system crash in the few
@@ -430,7 +430,8 @@ class Store:
     # ------------------------------------------------------------------ the stage (RAM)
     def stage(self, path: Path, flush_s: float) -> None:
         """Stage transactions' MeterValues in ``path`` (a file on a tmpfs such as /run), and
-        move those not yet acknowledged to the state file every ``flush_s`` seconds.
+        move those not yet acknowledged to the state file once the oldest has waited
+        ``flush_s`` seconds (:meth:`flush_if_due`, :meth:`flush_delay`).
 
         Messages a previous run left there (it was killed) are moved to the state file at
         once; with ``flush_s`` 0 that is all (staging was turned off since), and the file is
@@ -467,6 +468,8 @@ class Store:
             log.warning("moving the message(s) staged before the agent stopped from %s to the"
                         " state file", path)  # fmt: skip
         self.flush_stage(force=True)
+        if not self._stage_empty():  # (the disk refuses writes: moved when it takes them)
+            self._staged_since = time.monotonic() - self._flush_s
         self._queue_len = self._count_queued()
         if not self._staging and self._stage is not None and self._stage_empty():
             self._stage.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -237,6 +238,21 @@ def drain(store: Store) -> list[tuple[str, Any]]:
         out.append((head.action, head.payload.get("n")))
         store.queue_done(head.seq)
     return out
+
+
+def after_power_cut(state_dir: Path, into: Path) -> list[tuple[str, Any]]:
+    """The queue a power cut now would leave -- the state file as it is on disk, the stage
+    (RAM) gone -- delivered as :func:`drain` does. (The files are copied: the agent's store
+    stays open.)"""
+    shutil.rmtree(into, ignore_errors=True)
+    into.mkdir(parents=True)
+    for f in state_dir.glob("evcp.db*"):
+        shutil.copy(f, into / f.name)
+    store = Store.open(into)
+    try:
+        return drain(store)
+    finally:
+        store.close()
 
 
 def status_is(connector: int, status: str) -> Callable[[dict[str, Any]], bool]:

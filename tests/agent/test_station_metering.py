@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +24,7 @@ from drivers.base import (
     VehicleState,
 )
 from drivers.meter.maps import decode, encode, load_map
+from tests.conftest import after_power_cut
 
 START = datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC)
 
@@ -232,23 +232,6 @@ async def test_a_register_jump_the_supply_cannot_deliver_is_refused_as_a_misread
     assert stop["meterStop"] == 10_300
 
 
-def after_power_cut(state_dir: Path, into: Path) -> list[str]:
-    """The queue a power cut now would leave: the state file as it is on disk, no stage."""
-    shutil.rmtree(into, ignore_errors=True)
-    into.mkdir()
-    for f in state_dir.glob("evcp.db*"):
-        shutil.copy(f, into / f.name)
-    store = Store.open(into)
-    try:
-        actions = []
-        while (head := store.queue_head()) is not None:
-            actions.append(head.action)
-            store.queue_done(head.seq)
-        return actions
-    finally:
-        store.close()
-
-
 async def test_an_unacknowledged_staged_sample_reaches_the_disk_between_slow_meter_polls(
     tmp_path: Path,
 ) -> None:
@@ -260,9 +243,10 @@ async def test_an_unacknowledged_staged_sample_reaches_the_disk_between_slow_met
     c = st.connectors[1]
     assert await st.start_transaction(c, "TAG")
     st.queue_meter_values(c, meter.reading, "Sample.Periodic", "MeterValuesSampledData")
-    assert after_power_cut(tmp_path / "state", tmp_path / "cut") == ["StartTransaction"]
+    cut = tmp_path / "cut"
+    assert [a for a, _ in after_power_cut(tmp_path / "state", cut)] == ["StartTransaction"]
     await asyncio.sleep(0.6)
-    assert after_power_cut(tmp_path / "state", tmp_path / "cut") == [
+    assert [a for a, _ in after_power_cut(tmp_path / "state", cut)] == [
         "StartTransaction",
         "MeterValues",
     ]

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from agent.store import Store
-from tests.conftest import drain
+from tests.conftest import after_power_cut, drain
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -457,6 +457,31 @@ def test_a_crash_after_a_move_then_a_disk_that_refuses_writes_sends_nothing_twic
     assert store.queue_counts() == (3, 0)
     assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
                             ("MeterValues", 2)]  # fmt: skip
+
+
+def test_samples_a_crash_left_staged_reach_the_disk_when_it_takes_writes_again(
+    tmp_path: Path,
+) -> None:
+    """The restarted agent cannot write the disk, so what the crash left in the stage stays
+    there; once the disk takes writes again, the next meter poll moves it (no new sample
+    has to come first): a power cut after that loses none of it."""
+    crash(tmp_path, """
+        local = begin(store)
+        store.enqueue("MeterValues", mv(1), local)
+        store.enqueue("MeterValues", mv(2), local)
+    """)  # fmt: skip
+    store = Store.open(tmp_path / "state")
+    assert store._disk is not None
+    store._disk.execute("PRAGMA query_only=1")  # the disk refuses writes at start
+    store.stage(tmp_path / "run" / "stage.db", 300)
+    assert store.storage_status()["on_disk"] is False
+    store._disk.execute("PRAGMA query_only=0")  # ... and takes them again
+    store._disk_retry_at = 0.0  # (it is time to try)
+    store.flush_if_due()  # a meter poll
+    assert store.storage_status()["on_disk"] is True
+    assert after_power_cut(tmp_path / "state", tmp_path / "cut") == [
+        ("StartTransaction", "start"), ("MeterValues", 1), ("MeterValues", 2)]  # fmt: skip
+    store.close()
 
 
 def test_a_full_queue_while_the_disk_is_full_stays_bounded(tmp_path: Path) -> None:

@@ -163,9 +163,24 @@ def check_delivery(
 
 
 # ---------------------------------------------------------------------- outages
+#: The queue's two modes: MeterValues staged in RAM until acknowledged (the default,
+#: ``queue_flush_s = 10``), and every message on disk before it is sent (0).
+QUEUE_MODES = pytest.mark.parametrize(
+    "agent_extra", ["", "queue_flush_s = 0"], ids=["staged", "on-disk"]
+)
+
+
+async def booted_in(make_agent: AgentFactory, csms: Csms, agent_extra: str) -> RunningAgent:
+    agent: RunningAgent = await make_agent(agent_extra=agent_extra)
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
+    return agent
+
+
+@QUEUE_MODES
 async def test_outage_while_charging_delivers_everything_in_order(
-    booted: RunningAgent, csms: Csms, outage: Outage
+    make_agent: AgentFactory, csms: Csms, outage: Outage, agent_extra: str
 ) -> None:
+    booted = await booted_in(make_agent, csms, agent_extra)
     tx_id = await start_charging(booted, csms)
     meter_start = csms.messages("StartTransaction")[-1]["meterStart"]
     await outage.begin(booted)
@@ -315,8 +330,9 @@ async def test_energy_allowed_on_an_invalid_id_stops_when_the_meter_is_lost(
     assert csms.errors == []
 
 
+@QUEUE_MODES
 async def test_connection_drop_between_call_and_result_resends_the_same_message(
-    booted: RunningAgent, csms: Csms, monkeypatch: pytest.MonkeyPatch
+    make_agent: AgentFactory, csms: Csms, monkeypatch: pytest.MonkeyPatch, agent_extra: str
 ) -> None:
     """What a CSMS sees when the connection drops after it received a transaction
     message and before its CALLRESULT reached the charger: the message again, as the
@@ -324,6 +340,7 @@ async def test_connection_drop_between_call_and_result_resends_the_same_message(
     included) -- the charger cannot know it arrived. A CSMS recognises the duplicate by its
     content; for a StartTransaction it should answer with the transactionId it already
     gave (this test CSMS does not: it gives a new one, and the agent uses that one)."""
+    booted = await booted_in(make_agent, csms, agent_extra)
     from agent.ocpp.csms import _CsmsChargePoint
 
     drop: dict[str, Any] = {"action": None, "last": None}
@@ -440,6 +457,7 @@ def opened_stores(monkeypatch: pytest.MonkeyPatch) -> list[Store]:
     return stores
 
 
+@QUEUE_MODES
 async def test_full_disk_keeps_charging_and_reporting(
     make_agent: AgentFactory,
     csms: Csms,
@@ -447,12 +465,13 @@ async def test_full_disk_keeps_charging_and_reporting(
     opened_stores: list[Store],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    agent_extra: str,
 ) -> None:
     """SQLite's 'database or disk is full' on a write: one clear log line, the agent
     carries on in memory (charging, queueing, reporting), and writes everything back
     once the disk has room again."""
     monkeypatch.setattr(Store, "disk_retry_s", 0.5)
-    agent: RunningAgent = await make_agent()
+    agent: RunningAgent = await make_agent(agent_extra=agent_extra)
     await wait_booted(csms)
     store = opened_stores[-1]
     tx_id = await start_charging(agent, csms)
