@@ -104,7 +104,7 @@ reconnect_max_s = 1
 state_dir = "{work / name}"
 control_socket = "{work / name / "control.sock"}"
 log_level = "warning"
-{agent or f'stage_dir = "{work / name / "run"}"'}
+{agent}
 [time]
 ntp_servers = []
 [hardware]
@@ -198,11 +198,18 @@ class FastCsms:
         await self._server.wait_closed()
 
 
+def ram_dir(work: Path) -> Path:
+    """A directory for the stage in RAM, as /run/evcp is on a charger: /dev/shm here."""
+    shm = Path("/dev/shm")
+    return Path(tempfile.mkdtemp(prefix="evcp-bench-stage-", dir=shm if shm.is_dir() else work))
+
+
 async def drain(work: Path, ctx: ssl.SSLContext, messages: int) -> None:
     fill(work / "drain", messages)
     fast = FastCsms()
     await fast.start(ctx)
-    config = write_config(work, fast.port, "drain", "")
+    stage = ram_dir(work)  # (the default config; the queue is in the state file already)
+    config = write_config(work, fast.port, "drain", "", f'stage_dir = "{stage}"')
     t_start = time.monotonic()
     proc = await start_agent(config)
     try:
@@ -210,6 +217,7 @@ async def drain(work: Path, ctx: ssl.SSLContext, messages: int) -> None:
     finally:
         await stop_agent(proc)
         await fast.stop()
+        shutil.rmtree(stage, ignore_errors=True)
     got = [(t, a, p) for t, a, p in fast.received if a in TRANSACTION_ACTIONS]
     t0, t1 = got[0][0], got[-1][0]
     boot = fast.received[0][0] - t_start
@@ -222,14 +230,11 @@ async def drain(work: Path, ctx: ssl.SSLContext, messages: int) -> None:
 
 
 async def disk(work: Path, csms: Csms, seconds: float, mode: str) -> None:
-    agent = "queue_flush_s = 0"
+    agent = f'queue_flush_s = 0\nstage_dir = "{work / "no-stage"}"'  # (never the host's /run)
     stage = work  # (only removed for the stage mode)
     where = "queue_flush_s = 0: every MeterValues committed to disk before it is sent"
     if mode == "stage":
-        shm = Path("/dev/shm")
-        stage = Path(
-            tempfile.mkdtemp(prefix="evcp-bench-stage-", dir=shm if shm.is_dir() else work)
-        )
+        stage = ram_dir(work)
         agent = f'stage_dir = "{stage}"'
         where = f"default, queue_flush_s = 10: MeterValues staged in {stage}"
     config = write_config(
