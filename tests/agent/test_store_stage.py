@@ -87,6 +87,20 @@ def crash(tmp_path: Path, body: str, flush_s: float = 300.0) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def crash_with_samples(tmp_path: Path, count: int) -> None:
+    """A crash with one transaction open and its samples 1..``count`` staged."""
+    crash(tmp_path, f"""
+        local = begin(store)
+        for n in range(1, {count + 1}):
+            store.enqueue("MeterValues", mv(n), local)
+    """)  # fmt: skip
+
+
+def running_transaction(store: Store) -> int:
+    (tx,) = store.active_transactions()
+    return tx.local_id
+
+
 def disk_bytes(tmp_path: Path) -> int:
     return sum(f.stat().st_size for f in (tmp_path / "state").glob("evcp.db*"))
 
@@ -143,14 +157,10 @@ def test_order_is_kept_across_the_stage_and_the_disk(tmp_path: Path) -> None:
 
 
 def test_a_crash_keeps_staged_samples_and_they_are_sent_once(tmp_path: Path) -> None:
-    crash(tmp_path, """
-        local = begin(store)
-        for n in range(1, 4):
-            store.enqueue("MeterValues", mv(n), local)
-    """)  # fmt: skip
+    crash_with_samples(tmp_path, 3)
     store = open_staged(tmp_path)
     assert store.queue_counts() == (4, 0)
-    local = store.active_transactions()[0].local_id
+    local = running_transaction(store)
     store.enqueue("MeterValues", mv(4), local)
     end(store, local)
     assert drain(store) == [("StartTransaction", "start"), *(("MeterValues", n) for n in
@@ -231,10 +241,7 @@ def test_a_message_given_up_on_is_kept_on_disk(tmp_path: Path) -> None:
 def test_a_stage_left_by_another_state_file_is_moved_aside(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    crash(tmp_path, """
-        local = begin(store)
-        store.enqueue("MeterValues", mv(1), local)
-    """)  # fmt: skip
+    crash_with_samples(tmp_path, 1)
     other = Store.open(tmp_path / "other-state")
     with caplog.at_level(logging.ERROR, "evcp.store"):
         other.stage(tmp_path / "run" / "stage.db", 300)
@@ -303,15 +310,12 @@ def test_a_stage_that_fails_while_running_hands_over_to_the_disk(
 
 
 def test_turning_staging_off_still_delivers_what_was_staged(tmp_path: Path) -> None:
-    crash(tmp_path, """
-        local = begin(store)
-        store.enqueue("MeterValues", mv(1), local)
-    """)  # fmt: skip
+    crash_with_samples(tmp_path, 1)
     store = Store.open(tmp_path / "state")
     store.stage(tmp_path / "run" / "stage.db", 0)  # queue_flush_s = 0 now
     assert store.storage_status()["stage"] is None
     assert not (tmp_path / "run" / "stage.db").exists()
-    local = store.active_transactions()[0].local_id
+    local = running_transaction(store)
     store.enqueue("MeterValues", mv(2), local)
     assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
                             ("MeterValues", 2)]  # fmt: skip
@@ -481,11 +485,7 @@ def test_samples_a_crash_left_staged_reach_the_disk_when_it_takes_writes_again(
     """The restarted agent cannot write the disk, so what the crash left in the stage stays
     there; once the disk takes writes again, the next meter poll moves it (no new sample
     has to come first): a power cut after that loses none of it."""
-    crash(tmp_path, """
-        local = begin(store)
-        store.enqueue("MeterValues", mv(1), local)
-        store.enqueue("MeterValues", mv(2), local)
-    """)  # fmt: skip
+    crash_with_samples(tmp_path, 2)
     store = Store.open(tmp_path / "state")
     assert store._disk is not None
     store._disk.execute("PRAGMA query_only=1")  # the disk refuses writes at start
@@ -577,14 +577,10 @@ def test_the_order_holds_while_the_disk_is_full(tmp_path: Path) -> None:
 
 
 def test_samples_left_in_the_stage_count_towards_the_queue_size(tmp_path: Path) -> None:
-    crash(tmp_path, """
-        local = begin(store)
-        for n in range(1, 6):
-            store.enqueue("MeterValues", mv(n), local)
-    """)  # fmt: skip
+    crash_with_samples(tmp_path, 5)
     store = open_staged(tmp_path)
     store.max_queue = 6
-    local = store.active_transactions()[0].local_id
+    local = running_transaction(store)
     store.enqueue("MeterValues", mv(6), local)  # seven: one is thinned
     assert sum(store.queue_counts()) <= 6
     assert store.queue_dropped() == 1
