@@ -96,6 +96,12 @@ def crash_with_samples(tmp_path: Path, count: int) -> None:
     """)  # fmt: skip
 
 
+def power_cut(tmp_path: Path) -> None:
+    """The stage's tmpfs is gone with the power."""
+    (tmp_path / "run" / "stage.db").unlink()  # (it was there)
+    (tmp_path / "run" / "stage.db-wal").unlink(missing_ok=True)
+
+
 def running_transaction(store: Store) -> int:
     (tx,) = store.active_transactions()
     return tx.local_id
@@ -196,8 +202,7 @@ def test_a_power_cut_loses_only_the_offline_samples_not_yet_flushed(tmp_path: Pa
         store.enqueue("MeterValues", mv(3), local)  # the oldest waited 300 s: all to disk
         store.enqueue("MeterValues", mv(4), local)  # staged only
     """)  # fmt: skip
-    (tmp_path / "run" / "stage.db").unlink()  # the tmpfs is gone with the power
-    (tmp_path / "run" / "stage.db-wal").unlink(missing_ok=True)
+    power_cut(tmp_path)
     store = open_staged(tmp_path)
     assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
                             ("MeterValues", 2), ("MeterValues", 3)]  # fmt: skip
@@ -211,8 +216,7 @@ def test_polling_the_meter_flushes_offline_samples_when_due(tmp_path: Path) -> N
         store._staged_since -= 300  # five minutes later
         store.note_meter(local, 5, "t1")  # a meter poll, no new sample
     """)  # fmt: skip
-    (tmp_path / "run" / "stage.db").unlink()
-    (tmp_path / "run" / "stage.db-wal").unlink(missing_ok=True)
+    power_cut(tmp_path)
     store = open_staged(tmp_path)
     assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1)]
     store.close()
@@ -227,8 +231,7 @@ def test_a_message_given_up_on_is_kept_on_disk(tmp_path: Path) -> None:
         head = store.queue_head()
         store.queue_attempt(head.seq, "CALLERROR FormationViolation", give_up=True)
     """)  # fmt: skip
-    (tmp_path / "run" / "stage.db").unlink()
-    (tmp_path / "run" / "stage.db-wal").unlink(missing_ok=True)
+    power_cut(tmp_path)
     store = open_staged(tmp_path)
     assert [(action, error) for _, action, _, _, error in store.queue_failed()] == [
         ("MeterValues", "CALLERROR FormationViolation")
@@ -537,8 +540,7 @@ def test_an_orderly_stop_writes_staged_samples_to_disk(tmp_path: Path) -> None:
     local = begin(store)
     store.enqueue("MeterValues", mv(1), local)
     store.close()
-    for name in ("stage.db", "stage.db-wal"):
-        (tmp_path / "run" / name).unlink(missing_ok=True)
+    power_cut(tmp_path)
     store = open_staged(tmp_path)
     assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1)]
     store.close()
@@ -552,8 +554,7 @@ def test_a_stop_takes_the_staged_samples_to_disk_with_it(tmp_path: Path) -> None
         store.enqueue("MeterValues", mv(2), local)
         end(store, local)
     """)  # fmt: skip
-    for name in ("stage.db", "stage.db-wal"):
-        (tmp_path / "run" / name).unlink(missing_ok=True)
+    power_cut(tmp_path)
     store = open_staged(tmp_path)
     assert drain(store) == [("StartTransaction", "start"), ("MeterValues", 1),
                             ("MeterValues", 2), ("StopTransaction", "stop")]  # fmt: skip
