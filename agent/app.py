@@ -19,15 +19,16 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from agent import __version__
+from agent.aio import raise_if_cancelling
 from agent.config import Config
 from agent.control import serve as serve_control
-from agent.core.config_keys import ConfigKeys
+from agent.features.registry import ConfigKeys
 from agent.hardware import SimProcess, build
 from agent.logs import add_secret
 from agent.ocpp.session import Session
 from agent.station import Station
 from agent.store import Store
-from drivers.base import FaultCode, raise_if_cancelling
+from drivers.base import FaultCode
 from drivers.clock.ntp import ClockGuard
 
 log = logging.getLogger("evcp")

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from agent import __version__
+from agent.aio import raise_if_cancelling
 from agent.auth import ID_TAG_STATUSES, Authorizer
 from agent.charging import ChargingProfiles
 from agent.config import Config
@@ -50,7 +51,6 @@ from drivers.base import (
     ProtocolError,
     TransientDriverError,
     VehicleState,
-    raise_if_cancelling,
 )
 
 log = logging.getLogger("evcp.station")

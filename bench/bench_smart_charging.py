@@ -46,7 +46,7 @@ from agent.charging import ChargingProfiles
 from agent.config import load
 from agent.control import request
 from agent.core import smart_charging as sc
-from agent.core.config_keys import ConfigKeys
+from agent.features.registry import ConfigKeys
 from agent.ocpp.adapter import OcppAdapter
 from agent.ocpp.csms import Csms
 from agent.station import Station

@@ -36,10 +36,10 @@ from ocpp.v16 import ChargePoint, call_result
 from ocpp.v16.enums import Action
 from websockets.exceptions import ConnectionClosed
 
-from agent.core.config_keys import is_secret
+from agent.aio import raise_if_cancelling
+from agent.features.registry import is_secret
 from agent.logs import add_secret
 from agent.ocpp.offline_handlers import OfflineHandlers
-from drivers.base import raise_if_cancelling
 
 if TYPE_CHECKING:
     from agent.ocpp.session import Session

@@ -17,6 +17,7 @@ from typing import Any
 from ocpp.exceptions import OCPPError
 from websockets.exceptions import ConnectionClosed
 
+from agent.aio import raise_if_cancelling
 from agent.config import Config
 from agent.core.smart_charging import parse_time
 from agent.ocpp.adapter import MalformedResult, OcppAdapter, UnsendableMessage
@@ -24,7 +25,6 @@ from agent.ocpp.transport import backoff, classify, open_connection, tls_context
 from agent.outbox import Outgoing
 from agent.station import Station
 from agent.store import QueuedMessage, message_time
-from drivers.base import raise_if_cancelling
 
 log = logging.getLogger("evcp.session")
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent.auth import Authorizer, Decision
-from agent.core.config_keys import ConfigKeys
+from agent.features.registry import ConfigKeys
 from agent.store import Store
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from agent.charging import MAX_COMPOSITE_PERIODS, ChargingProfiles
 from agent.core import smart_charging as sc
-from agent.core.config_keys import ConfigKeys
+from agent.features.registry import ConfigKeys
 from agent.store import Store
 
 T0 = datetime(2026, 11, 25, 22, 0, tzinfo=UTC)

@@ -11,8 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from agent.core.config_keys import ConfigKeys
 from agent.core.metering import energy_register_wh
+from agent.features.registry import ConfigKeys
 from agent.station import ConnectorHardware, Station, next_aligned
 from agent.store import Store
 from drivers.base import (
