@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
+from agent.chargepoint.hub import Hub
 from agent.chargepoint.model import Connector
 from agent.core import smart_charging as sc
 from drivers.base import IEC61851_MIN_CURRENT_A, ControlMode, CurrentNotApplied, DriverError
-
-if TYPE_CHECKING:  # the part's owner (a back-reference inside this package only)
-    from agent.chargepoint.station import Station
 
 log = logging.getLogger("evcp.station")
 
@@ -23,7 +20,7 @@ log = logging.getLogger("evcp.station")
 class Actuation:
     """The station's actuation part: limits, controller commands, the boundary timer."""
 
-    def __init__(self, station: Station) -> None:
+    def __init__(self, station: Hub) -> None:
         self.st = station
         self._limit_timer: asyncio.TimerHandle | None = None
 

@@ -12,17 +12,15 @@ import asyncio
 import json
 import logging
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent.aio import raise_if_cancelling
+from agent.chargepoint.hub import Hub
 from agent.chargepoint.model import Connector
 from agent.core.metering import energy_register_wh, meter_value, sampled_values
 from agent.core.timefmt import iso
 from agent.outbox import Outgoing
 from drivers.base import DriverError, MeterReading, ProtocolError, TransientDriverError
-
-if TYPE_CHECKING:  # the part's owner (a back-reference inside this package only)
-    from agent.chargepoint.station import Station
 
 log = logging.getLogger("evcp.station")
 
@@ -52,7 +50,7 @@ def _context(sample: dict[str, Any]) -> str | None:
 class Metering:
     """The station's metering part."""
 
-    def __init__(self, station: Station) -> None:
+    def __init__(self, station: Hub) -> None:
         self.st = station
         self._flush_timer: asyncio.TimerHandle | None = None  # staged MeterValues to disk
         self._wake_aligned = asyncio.Event()

@@ -29,6 +29,7 @@ from agent.chargepoint.model import PLUGGED, Clock, Connector, ConnectorHardware
 from agent.chargepoint.port import LimitSource, NoReservations, StartGuard, TagAuthority
 from agent.chargepoint.transactions import Transactions
 from agent.config import Config
+from agent.core import availability
 from agent.core import smart_charging as sc
 from agent.core.config_keys import ConfigKeys
 from agent.core.connector import Status, connector_zero_status, derive_status, error_code
@@ -354,43 +355,44 @@ class Station:
 
     # ================================================================== availability
     def change_availability(self, connector_id: int, operative: bool) -> str:
-        if connector_id != 0 and connector_id not in self.connectors:
-            return "Rejected"
-        targets = (
-            list(self.connectors.values()) if connector_id == 0 else [self.connectors[connector_id]]
-        )
-        scheduled = False
-        for c in targets:
-            if c.tx is not None and not operative:
-                c.pending_inoperative = operative
-                # On disk at once: after a restart (the transaction then closed with
-                # PowerLoss or Reboot) the connector comes back Unavailable.
-                self.store.put(f"availability.{c.id}", "Inoperative")
-                scheduled = True
-                continue
-            c.pending_inoperative = None  # a later change overrides a scheduled one
-            self._set_operative(c, operative)
-        if connector_id == 0:
-            if scheduled:
-                # Connector 0 follows once the last transaction has stopped.
-                self._pending_operative0 = operative
-                self.store.put("availability.0", "Inoperative")
+        running = {c.id: c.tx is not None for c in self.connectors.values()}
+        plan = availability.change(connector_id, operative, running)
+        if plan.status == "Rejected":
+            return plan.status
+        for cid, value in plan.scheduled.items():
+            if cid == 0:
+                self._pending_operative0 = value
             else:
+                self.connectors[cid].pending_inoperative = value
+            # On disk at once: after a restart (the transaction then closed with
+            # PowerLoss or Reboot) the connector comes back Unavailable.
+            self.store.put(f"availability.{cid}", "Inoperative")
+        for cid, value in plan.now.items():
+            if cid == 0:
                 self._pending_operative0 = None
-                self._set_operative0(operative)
+                self._set_operative0(value)
+            else:
+                self.connectors[cid].pending_inoperative = None  # a later change overrides
+                self._set_operative(self.connectors[cid], value)
         self.actuate_all()
-        return "Scheduled" if scheduled else "Accepted"
+        return plan.status
 
     def apply_pending_availability(self, c: Connector) -> None:
         """A transaction ended on ``c``: a Scheduled availability change takes effect."""
-        if c.pending_inoperative is not None:
-            self._set_operative(c, c.pending_inoperative)
-            c.pending_inoperative = None
-        if self._pending_operative0 is not None and all(
-            other.pending_inoperative is None for other in self.connectors.values()
-        ):
-            self._set_operative0(self._pending_operative0)
-            self._pending_operative0 = None
+        pending = {
+            other.id: other.pending_inoperative
+            for other in self.connectors.values()
+            if other.pending_inoperative is not None
+        }
+        if self._pending_operative0 is not None:
+            pending[0] = self._pending_operative0
+        for cid, value in availability.after_transaction(c.id, pending).items():
+            if cid == 0:
+                self._set_operative0(value)
+                self._pending_operative0 = None
+            else:
+                self._set_operative(self.connectors[cid], value)
+                self.connectors[cid].pending_inoperative = None
 
     def _set_operative0(self, operative: bool) -> None:
         self.operative0 = operative

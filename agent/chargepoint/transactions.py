@@ -9,17 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from agent.chargepoint.hub import Hub
 from agent.chargepoint.model import ID_TAG_STATUSES, ActiveTx, Connector
 from agent.core.metering import energy_register_wh
 from agent.core.timefmt import iso
 from agent.outbox import NotConnected
 from agent.store import TxRecord
 from drivers.base import MeterReading
-
-if TYPE_CHECKING:  # the part's owner (a back-reference inside this package only)
-    from agent.chargepoint.station import Station
 
 log = logging.getLogger("evcp.station")
 
@@ -31,7 +29,7 @@ def _taken_at(sample: dict[str, Any]) -> str:
 class Transactions:
     """The station's transaction part."""
 
-    def __init__(self, station: Station) -> None:
+    def __init__(self, station: Hub) -> None:
         self.st = station
 
     # ------------------------------------------------------------------ authorization

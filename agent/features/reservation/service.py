@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from agent.chargepoint.model import Connector
 from agent.chargepoint.port import ChargePointPort
+from agent.core import reservation as rules
 from agent.core.config_keys import ConfigKeys
 from agent.core.timefmt import parse_time
 from agent.store import ReservationRecord, Store
@@ -34,10 +35,6 @@ class ParentLookup(Protocol):
 
 
 log = logging.getLogger("evcp.reservations")
-
-FREE, PLUGGED, BUSY, FAULTED, UNAVAILABLE = "Free", "Plugged", "Busy", "Faulted", "Unavailable"
-#: States in which a connector can still start a transaction (for its reservation's holder).
-USABLE = (FREE, PLUGGED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,43 +151,19 @@ class Reservations:
         return "Accepted"
 
     def _admit(self, connector_id: int, others: list[Reservation]) -> str:
-        port = self.port
         taken = {r.connector_id for r in others if r.connector_id != 0}
         zero = sum(1 for r in others if r.connector_id == 0)
-        states = {c.id: self._state(c) for c in port.connectors.values()}
-        # Free for a new reservation: Available ones only. A connector with a car plugged
-        # in (or a start under way) is Occupied, also when asked for through connector 0.
-        free = [cid for cid, state in states.items() if state == FREE and cid not in taken]
-        if connector_id == 0:
-            if len(free) > zero:
-                return "Accepted"
-            if all(state == FAULTED for state in states.values()):
-                return "Faulted"
-            if all(state in (FAULTED, UNAVAILABLE) for state in states.values()):
-                return "Unavailable"
-            return "Occupied"
-        state = states[connector_id]
-        if state == FAULTED:
-            return "Faulted"
-        if state == UNAVAILABLE:
-            return "Unavailable"
-        if state != FREE or connector_id in taken:
-            return "Occupied"
-        if len(free) - 1 < zero:
-            return "Occupied"  # a reservation of connector 0 counts on this one
-        return "Accepted"
+        states = {c.id: self._state(c) for c in self.port.connectors.values()}
+        return rules.admit(connector_id, states, taken, zero)
 
     def _state(self, c: Connector) -> str:
         inputs = c.inputs()
-        if inputs.fault is not None or inputs.meter_failed:
-            return FAULTED
-        if not c.operative or not self.port.operative0:
-            return UNAVAILABLE
-        if c.tx is not None or c.finishing:
-            return BUSY
-        if c.plugged or c.waiting_tag is not None or c.starting:
-            return PLUGGED  # no transaction yet: Occupied for a new reservation, usable
-        return FREE
+        return rules.state(
+            faulted=inputs.fault is not None or inputs.meter_failed,
+            operative=c.operative and self.port.operative0,
+            busy=c.tx is not None or c.finishing,
+            occupied=c.plugged or c.waiting_tag is not None or c.starting,
+        )
 
     # ------------------------------------------------------------------ starting
     def check_start(
@@ -253,15 +226,12 @@ class Reservations:
         connectors = list(self.port.connectors.values())
         specific = {r.connector_id for r in self._by_id.values() if r.connector_id != 0}
         zero = sum(1 for r in self._by_id.values() if r.connector_id == 0)
-        # What a reservation of connector 0 may hold: Available connectors (as _admit
-        # counts them), and one it already holds while its holder plugs in there.
-        free = [
-            c.id
-            for c in connectors
-            if c.id not in specific
-            and (self._state(c) == FREE or (c.reserved and self._state(c) in USABLE))
-        ]
-        held = set(free) if zero > 0 and len(free) <= zero else set()
+        held = rules.held_for_zero(
+            {c.id: self._state(c) for c in connectors},
+            {c.id for c in connectors if c.reserved},
+            specific,
+            zero,
+        )
         changed = []
         for c in connectors:
             reserved = c.id in specific or c.id in held
