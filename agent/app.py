@@ -255,6 +255,20 @@ async def _watchdog() -> None:
         await asyncio.sleep(interval)
 
 
+#: How long `evcp sim plug`/`unplug` waits for the agent to see the cable change.
+SIM_SEEN_TIMEOUT_S = 5.0
+
+
+async def _until_seen(charger: ChargePoint, connector_id: Any, plugged: bool) -> None:
+    c = charger.station.connectors.get(connector_id) if isinstance(connector_id, int) else None
+    if c is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SIM_SEEN_TIMEOUT_S
+    while c.plugged != plugged and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+
+
 async def handle_control(
     request: dict[str, Any], charger: ChargePoint, sim: SimProcess | None
 ) -> dict[str, Any]:
@@ -305,5 +319,9 @@ async def handle_control(
             if code in SIM_FAULTS:
                 forwarded["code"] = SIM_FAULTS[code].value
         answer = await sim.command(forwarded)
+        if answer.get("ok") and forwarded.get("cmd") in ("plug", "unplug"):
+            # Answer once the agent has seen the cable too (the controller reports it on
+            # its own time): a swipe right after `evcp sim plug` then finds the car.
+            await _until_seen(charger, forwarded.get("connector", 1), forwarded["cmd"] == "plug")
         return answer
     return {"ok": False, "error": f"unknown command {cmd!r}"}

@@ -70,6 +70,16 @@ class Sender:
         #: The queued message whose answer is awaited (left set if the connection drops).
         self.in_flight: QueuedMessage | None = None
         self.force_boot = False
+        #: The queue's head goes next when both it and a volatile message wait.
+        self._queue_turn = False
+
+    def _next_volatile(self, *, queue_empty: bool) -> Outgoing | None:
+        """The first volatile message that may go now (one that must wait for the queue
+        to empty is passed over, not the ones behind it)."""
+        for message in self.station.outbox.volatile:
+            if queue_empty or not message.after_queue:
+                return message
+        return None
 
     def boot_now(self) -> None:
         self.boot_due = 0.0
@@ -106,11 +116,19 @@ class Sender:
                     outbox.drop_volatile("the CSMS rejected this charger")  # send nothing
                 await self._sleep_until(self.boot_due)
                 continue
-            if outbox.volatile:
-                await self._send_volatile(cp, outbox.volatile.popleft())
-                continue
             head = station.store.queue_head()
-            if head is not None and now >= self.retry_at:
+            queue_due = head is not None and now >= self.retry_at
+            message = self._next_volatile(queue_empty=head is None)
+            # Fair turns: with both waiting, a volatile message and the queue's head
+            # alternate, so neither a flood of statuses or triggered messages nor a long
+            # backlog of transaction messages holds the other back.
+            if message is not None and not (queue_due and self._queue_turn):
+                outbox.volatile.remove(message)
+                self._queue_turn = True
+                await self._send_volatile(cp, message)
+                continue
+            if queue_due:
+                self._queue_turn = False
                 await self._send_queued(cp)
                 continue
             interval = self.keys.get_int("HeartbeatInterval")

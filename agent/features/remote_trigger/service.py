@@ -65,7 +65,8 @@ class RemoteTrigger:
                 payload: dict[str, Any] = {"connectorId": c.id, "meterValue": meter_values}
                 if c.tx is not None and (tx_id := port.csms_transaction_id(c)):
                     payload["transactionId"] = tx_id
-                port.outbox.send(Outgoing("MeterValues", payload))
+                # In timestamp order with the transaction's queued MeterValues: after them.
+                port.outbox.send(Outgoing("MeterValues", payload, after_queue=c.tx is not None))
         elif message == "DiagnosticsStatusNotification":
             port.outbox.send(Outgoing("DiagnosticsStatusNotification", {"status": "Idle"}))
         elif message == "FirmwareStatusNotification":
