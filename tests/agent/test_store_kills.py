@@ -2,7 +2,8 @@
 transactions (samples staged and on disk, acknowledged from both, a flush that falls due, a
 retry, a StopTransaction that moves the stage) and dies with ``os._exit`` at the K-th line
 the store (any module of ``agent/store/``) executes -- for K = 1, 1 + STRIDE, ... until the
-story ends. After each death the store is opened again (as the next run of the agent would) and drained. Every time:
+story ends. After each death the store is opened again (as the next run of the agent would)
+and drained. Every time:
 
 - nothing committed is lost: a message whose ``enqueue`` returned is delivered, unless the
   child was in the middle of acknowledging it;
