@@ -195,12 +195,15 @@ def restrict(path: Path) -> None:
 
 
 def move_aside(path: Path, why: str) -> Path:
-    """Rename ``path`` (and its WAL) to ``<name>.<why>-<time>``; return the new path."""
+    """Rename ``path`` (and its WAL) to ``<name>.<why>-<time>``, private (:func:`restrict`);
+    return the new path."""
     aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}")
     for suffix in ("", "-wal"):
         side = path.with_name(path.name + suffix)
         if side.exists():
             side.rename(aside.with_name(aside.name + suffix))
+    with contextlib.suppress(OSError):
+        restrict(aside)
     return aside
 
 
@@ -301,6 +304,8 @@ def open_state(state_dir: Path) -> tuple[sqlite3.Connection, Path, sqlite3.Error
             side = path.with_name(path.name + suffix)
             if side.exists():
                 side.rename(aside.with_name(aside.name + suffix))
+        with contextlib.suppress(OSError):
+            restrict(aside)
         try:
             db = connect(path)
         except sqlite3.OperationalError as again:
