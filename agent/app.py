@@ -13,7 +13,9 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -23,12 +25,15 @@ from agent.aio import raise_if_cancelling
 from agent.assembly import ChargePoint, assemble
 from agent.chargepoint.station import Station
 from agent.config import Config
+from agent.control import Peer
 from agent.control import serve as serve_control
-from agent.features.registry import ConfigKeys
+from agent.core.config_keys import ConfigKeys
+from agent.features.registry import ConfigKeys as KeyRegistry
+from agent.features.registry import is_secret
 from agent.hardware import SimProcess, build
 from agent.logs import add_secret
 from agent.ocpp.session import Session
-from agent.status import failed_messages, retry_failed_messages, snapshot
+from agent.status import failed_messages, retry_failed_messages, snapshot, starting_snapshot
 from agent.store import Store
 from drivers.base import FaultCode
 from drivers.clock.ntp import ClockGuard
@@ -131,7 +136,7 @@ async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
         add_secret(proxy_password)
         add_secret(unquote(proxy_password))
     try:
-        keys = ConfigKeys(
+        keys = KeyRegistry(
             stored=store.config_values(),
             overrides=dict(cfg.ocpp),
             fixed={"NumberOfConnectors": str(len(cfg.connector_ids))},
@@ -145,16 +150,37 @@ async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
         timeout_s=float(cfg.time["timeout_s"]),
         step_system_clock=bool(cfg.time["step_system_clock"]),
     )
+    live = Live(cfg=cfg, store=store, keys=keys, clock=clock)
+
+    async def control_handler(request: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        return await handle_control(request, live, peer)
+
+    # The control socket answers from the first moment: `evcp status` says what the agent
+    # waits for (the clock, the hardware) instead of "not running".
+    server = await serve_control(cfg.control_socket, control_handler)
+    try:
+        return await _serve(cfg, stop, live, password)
+    finally:
+        server.close()
+        with contextlib.suppress(FileNotFoundError):
+            cfg.control_socket.unlink()
+        store.close()
+
+
+async def _serve(cfg: Config, stop: asyncio.Event, live: Live, password: str) -> str | None:
+    clock = live.clock
     servers = list(cfg.time["ntp_servers"])
     if servers:
+        live.phase = "waiting for the clock (NTP)"
         synced = clock.wait_synchronized(servers, attempts=int(cfg.time["sync_attempts"]))
         if not await _unless_stopped(synced, stop):
-            store.close()
             return None
     else:
         log.info("NTP disabled ([time] ntp_servers is empty): trusting the system clock")
 
+    live.phase = "starting the hardware"
     hardware, sim = await build(cfg)
+    live.sim = sim
     restart: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def request_restart(kind: str) -> None:
@@ -163,8 +189,8 @@ async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
 
     charger = assemble(
         cfg=cfg,
-        store=store,
-        keys=keys,
+        store=live.store,
+        keys=live.keys,
         clock=clock,
         hardware=hardware,
         request_restart=request_restart,
@@ -172,13 +198,9 @@ async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
     station = charger.station
     session = Session(cfg=cfg, charger=charger, password=password)
     restart_kind: str | None = None
-
-    async def control_handler(request: dict[str, Any]) -> dict[str, Any]:
-        return await handle_control(request, charger, sim)
-
     try:
         await charger.start()
-        server = await serve_control(cfg.control_socket, control_handler)
+        live.charger, live.session, live.phase = charger, session, RUNNING
         sd_notify(f"READY=1\nSTATUS=evcp {__version__}: {len(hardware)} connector(s)")
         log.info("evcp %s running with %d connector(s)", __version__, len(hardware))
         me = asyncio.current_task()
@@ -202,12 +224,9 @@ async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
             first = group.exceptions[0]
             assert isinstance(first, Restart)
             restart_kind = first.kind
-        finally:
-            server.close()
-            with contextlib.suppress(FileNotFoundError):
-                cfg.control_socket.unlink()
         return restart_kind
     finally:
+        live.phase = "stopping"
         # A Reset restarts the agent in this process: that is a reload to systemd, not a
         # stop (STOPPING=1 would start the unit's stop timeout, and READY=1 then no longer
         # counts: SIGKILL after TimeoutStopSec).
@@ -215,7 +234,40 @@ async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
         await charger.close()
         if sim is not None:
             await sim.stop()
-        store.close()
+
+
+def _config_get(keys: ConfigKeys, names: Any) -> dict[str, Any]:
+    """``evcp config get [KEY...]``: as GetConfiguration answers (write-only keys unknown)."""
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+    ):
+        return {"ok": False, "error": '"keys" must be a list of key names'}
+    known, unknown = keys.get_configuration(names or None)
+    values = {name: value for name, _readonly, value in known}
+    readonly = sorted(name for name, ro, _value in known if ro)
+    if unknown:
+        return {"ok": False, "error": f"unknown key(s): {', '.join(unknown)}", "keys": values,
+                "readonly": readonly, "unknown": unknown}  # fmt: skip
+    return {"ok": True, "keys": values, "readonly": readonly}
+
+
+def session_info(live: Live, session: Session) -> dict[str, Any]:
+    """What the status adds from the agent's life: uptime, the clock, the session."""
+    clock = live.clock
+    age = clock.last_sync_age_s
+    return {
+        "uptime_s": round(time.monotonic() - live.started, 1),
+        "clock": {
+            "synchronized": clock.synchronized,
+            "offset_s": round(clock.offset_s, 3),
+            "last_sync_age_s": None if age is None else round(age, 1),
+            "ntp_servers": list(live.cfg.time["ntp_servers"]),
+        },
+        "csms": {
+            "registration": session.registration,
+            "last_heartbeat": session.sender.last_heartbeat,
+        },
+    }
 
 
 def _undo_taskgroup_cancel(task: asyncio.Task[Any] | None, before: int) -> None:
@@ -269,14 +321,61 @@ async def _until_seen(charger: ChargePoint, connector_id: Any, plugged: bool) ->
         await asyncio.sleep(0.01)
 
 
-async def handle_control(
-    request: dict[str, Any], charger: ChargePoint, sim: SimProcess | None
-) -> dict[str, Any]:
+RUNNING = "running"
+
+
+@dataclass(slots=True)
+class Live:
+    """What the control socket answers from: filled in as the agent comes up."""
+
+    cfg: Config
+    store: Store
+    keys: ConfigKeys
+    clock: ClockGuard
+    phase: str = "starting"
+    started: float = field(default_factory=time.monotonic)
+    charger: ChargePoint | None = None
+    session: Session | None = None
+    sim: SimProcess | None = None
+
+
+#: Requests that change something: root (or the agent's own user) only.
+CHANGING = frozenset({"queue-retry", "swipe", "sim", "config-set"})
+
+
+async def handle_control(request: dict[str, Any], live: Live, peer: Peer) -> dict[str, Any]:
     """Answer one control-socket request (``evcp status``, ``evcp sim ...``)."""
-    station = charger.station
     cmd = request["cmd"]
+    if cmd in CHANGING and not peer.may_change():
+        return {"ok": False, "error": f"only root may {cmd} (you are uid {peer.uid})"}
+    charger, session, sim = live.charger, live.session, live.sim
     if cmd == "status":
-        return {"ok": True, **snapshot(charger)}
+        if charger is None or session is None:
+            return {"ok": True, **starting_snapshot(live.cfg, live.store, live.phase)}
+        return {"ok": True, **snapshot(charger, session_info(live, session))}
+    if cmd == "config-get":
+        return _config_get(live.keys, request.get("keys"))
+    if cmd == "tx":
+        last = request.get("last", 10)
+        if not isinstance(last, int) or isinstance(last, bool) or not 1 <= last <= 10_000:
+            return {"ok": False, "error": "--last takes a number from 1 to 10000"}
+        return {"ok": True, "transactions": live.store.recent_transactions(last)}
+    if charger is None or session is None:
+        return {"ok": False, "error": f"the agent is {live.phase}: try again in a moment"}
+    station = charger.station
+    if cmd == "config-set":
+        key, value = request.get("key"), request.get("value")
+        if not isinstance(key, str) or not isinstance(value, str):
+            return {"ok": False, "error": 'config-set needs a "key" and a "value" (strings)'}
+        changed = live.keys.change_configuration(key, value).value
+        shown = "<redacted>" if is_secret(key) else repr(value)
+        log.warning("configuration key %s set to %s from the command line: %s", key, shown,
+                    changed)  # fmt: skip
+        if changed not in ("Accepted", "RebootRequired"):
+            why = "unknown key" if changed == "NotSupported" else "read-only or invalid value"
+            return {"ok": False, "status": changed, "error": f"{key}: {changed} ({why})"}
+        session.apply_change(key, value)
+        return {"ok": True, "status": changed}
     if cmd == "queue":
         pending, _failed = station.store.queue_counts()
         return {"ok": True, "pending": pending, "failed": failed_messages(station.store)}

@@ -13,14 +13,30 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("evcp.control")
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_REQUEST = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who sent a request (the kernel's word: SO_PEERCRED)."""
+
+    uid: int
+    pid: int
+
+    def may_change(self) -> bool:
+        """Root, or the agent's own user, may change things; the ``evcp`` group only reads."""
+        return self.uid in (0, os.getuid())
+
+
+Handler = Callable[[dict[str, Any], Peer], Awaitable[dict[str, Any]]]
 
 
 class ControlError(Exception):
@@ -34,9 +50,10 @@ async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
         path.unlink()
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _peer(writer.get_extra_info("socket"))
         try:
             while line := await reader.readline():
-                answer = await _answer(line, handler)
+                answer = await _answer(line, handler, peer)
                 writer.write(json.dumps(answer).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
@@ -49,7 +66,17 @@ async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
     return server
 
 
-async def _answer(line: bytes, handler: Handler) -> dict[str, Any]:
+def _peer(sock: Any) -> Peer:
+    """The connecting process's credentials; nobody (uid -1) if they cannot be read."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", raw)
+    except (OSError, AttributeError, struct.error):
+        return Peer(uid=-1, pid=0)
+    return Peer(uid=uid, pid=pid)
+
+
+async def _answer(line: bytes, handler: Handler, peer: Peer) -> dict[str, Any]:
     try:
         request = json.loads(line)
     except ValueError:
@@ -57,7 +84,7 @@ async def _answer(line: bytes, handler: Handler) -> dict[str, Any]:
     if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
         return {"ok": False, "error": 'request must be an object with a "cmd"'}
     try:
-        return await handler(request)
+        return await handler(request, peer)
     except Exception as exc:
         log.exception("control request %s failed", request.get("cmd"))
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}

@@ -5,18 +5,65 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from agent import __version__
 from agent.assembly import ChargePoint
+from agent.chargepoint.model import Connector
+from agent.config import Config
+from agent.core.metering import energy_register_wh
 from agent.core.timefmt import iso
 from agent.store import Store
 
 log = logging.getLogger("evcp.station")
 
 
-def snapshot(charger: ChargePoint) -> dict[str, Any]:
-    """What ``evcp status --json`` prints."""
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def fault_reason(c: Connector) -> str | None:
+    """Why a connector is Faulted, in words a field engineer can act on."""
+    if not c.controller_up:
+        return "the EVSE controller does not answer"
+    status = c.evse_status
+    if status is not None and status.fault is not None:
+        vendor = f" ({status.vendor_code})" if status.vendor_code else ""
+        return f"the EVSE controller reports {status.fault.value}{vendor}"
+    if c.meter_failed:
+        return f"the meter does not answer ({c.meter_misses} reads missed)"
+    return None
+
+
+def starting_snapshot(cfg: Config, store: Store, phase: str) -> dict[str, Any]:
+    """``evcp status`` before the charge point runs (waiting for the clock, say)."""
+    pending, failed = store.queue_counts()
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "phase": phase,
+        "csms": {
+            "connected": False,
+            "registered": False,
+            "url": cfg.csms["url"],
+            "charge_point_id": cfg.csms["charge_point_id"],
+            "last_error": None,
+        },
+        "queue": {"pending": pending, "failed": failed, "dropped": store.queue_dropped()},
+        "storage": store.storage_status(),
+        "reservations": [],
+        "connectors": [],
+    }
+
+
+def snapshot(charger: ChargePoint, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What ``evcp status --json`` prints (``extra`` merged in: the session's part)."""
     station, features = charger.station, charger.features
     store = station.store
     pending, failed = store.queue_counts()
@@ -35,13 +82,21 @@ def snapshot(charger: ChargePoint) -> dict[str, Any]:
                 "power_w": (reading.power_w or 0.0) if reading else 0.0,
                 "energy_wh": reading.energy_wh if reading else 0.0,
                 "transaction_id": station.csms_transaction_id(c),
+                "transaction_local_id": c.tx.local_id if c.tx else None,
+                "session_energy_wh": (
+                    max(energy_register_wh(reading), c.tx.highest_wh) - c.tx.meter_start_wh
+                    if c.tx is not None and reading is not None
+                    else None
+                ),
+                "fault": fault_reason(c) if status == "Faulted" else None,
                 "meter_ok": not c.meter_failed,
                 "controller_firmware": c.hw.evse.capabilities.firmware,
             }
         )
-    return {
+    out = {
         "version": __version__,
         "pid": os.getpid(),
+        "phase": "running",
         "csms": {
             "connected": station.connected,
             "registered": station.registered,
@@ -56,6 +111,7 @@ def snapshot(charger: ChargePoint) -> dict[str, Any]:
         "clock": {"now": iso(station.now())},
         "connectors": connectors,
     }
+    return _merge(out, extra or {})
 
 
 def failed_messages(store: Store) -> list[dict[str, Any]]:

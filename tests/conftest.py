@@ -19,6 +19,7 @@ import trustme
 
 from agent import app
 from agent.config import load
+from agent.control import ControlError
 from agent.control import request as control_request
 from agent.ocpp.csms import Csms
 from agent.store import Store
@@ -149,13 +150,22 @@ class RunningAgent:
                 self.restarts.append(kind)
 
         self.task = asyncio.get_running_loop().create_task(loop())
-        for _ in range(200):
-            if self.socket.exists():
-                return self
+        for _ in range(400):
             if self.task.done():
                 self.task.result()
+            if self.socket.exists() and await self.running():
+                return self
             await asyncio.sleep(0.05)
-        raise TimeoutError("agent did not open its control socket")
+        raise TimeoutError("agent did not come up (control socket, phase running)")
+
+    async def running(self) -> bool:
+        """The agent's control socket answers and its charge point runs (the socket
+        answers from the start, while the agent still waits for the clock)."""
+        try:
+            answer = await self.control({"cmd": "status"})
+        except (OSError, ControlError):
+            return False
+        return answer.get("phase") == "running"
 
     async def stop(self) -> None:
         if self.task is not None and not self.task.done():

@@ -66,6 +66,7 @@ class Actuation:
                 mode, current = ControlMode.DISABLED, None
             elif (
                 c.tx is None
+                or c.tx.energy_off  # the transaction is closing: energy off first
                 or c.tx.suspended_invalid
                 or c.meter_failed  # no energy that nothing meters
                 or c.limit_a < max(IEC61851_MIN_CURRENT_A, c.hw.evse.capabilities.min_current_a)

@@ -60,6 +60,9 @@ class ActiveTx:
     #: A stop is under way (it awaits the last meter reading): a second one must not queue
     #: another StopTransaction (RemoteStop and an unplug at the same moment).
     stopping: bool = False
+    #: The stop has its last reading: the controller is paused before the transaction
+    #: closes (no current is offered with no transaction open).
+    energy_off: bool = False
     #: The highest register (Wh) read during the transaction: meterStop is never below it
     #: (a meter replaced or reset mid-session must not erase the energy already delivered;
     #: a restart after a power loss uses the same stored maximum).

@@ -293,6 +293,10 @@ class Station:
     # ================================================================== status
     def refresh_status(self, c: Connector) -> None:
         self.run_idle_callbacks()
+        if c.tx is not None and c.tx.stopping:
+            # The stop pauses the controller first: the EV's reaction is no status of
+            # its own (no SuspendedEV before Finishing); the status follows the stop.
+            return
         for other in self.guard.update_flags():  # a reservation of connector 0
             if other is not c:
                 self.refresh_status(other)

@@ -234,6 +234,10 @@ class Transactions:
             end = st.metering.last_register(c, "Transaction.End")  # the meter does not answer:
         else:  # only its last register, as of when it was read
             end = []
+        # Energy off before the transaction closes: the charger never offers current with
+        # no transaction open, not even for the length of one command to the controller.
+        tx.energy_off = True
+        await st.actuate(c)
         rec = TxRecord(
             tx.local_id, c.id, tx.id_tag, None, tx.meter_start_wh, iso(tx.start), None, None
         )

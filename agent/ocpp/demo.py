@@ -288,7 +288,9 @@ def _power(payload: dict[str, Any]) -> float | None:
 async def _wait_control(path: Path) -> None:
     for _ in range(100):
         if path.exists():
-            return
+            answer = await asyncio.to_thread(control_request, path, {"cmd": "status"})
+            if answer.get("phase") == "running":
+                return
         await asyncio.sleep(0.1)
     raise DemoFailed("the agent's control socket did not appear")
 

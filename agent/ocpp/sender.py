@@ -23,7 +23,7 @@ from ocpp.exceptions import OCPPError
 from websockets.exceptions import ConnectionClosed
 
 from agent.chargepoint.station import Station
-from agent.core.timefmt import parse_time
+from agent.core.timefmt import iso, parse_time
 from agent.ocpp.adapter import MalformedResult, OcppAdapter, UnsendableMessage
 from agent.outbox import Outgoing
 from agent.store import QueuedMessage, message_time
@@ -72,6 +72,8 @@ class Sender:
         self.force_boot = False
         #: The queue's head goes next when both it and a volatile message wait.
         self._queue_turn = False
+        #: When the CSMS last answered a Heartbeat (ISO 8601), for ``evcp status``.
+        self.last_heartbeat: str | None = None
 
     def _next_volatile(self, *, queue_empty: bool) -> Outgoing | None:
         """The first volatile message that may go now (one that must wait for the queue
@@ -231,6 +233,7 @@ class Sender:
                 "HeartbeatInterval"
             )
             self._check_clock(result.get("currentTime"))
+            self.last_heartbeat = iso(self.station.now())
         if message.on_result is not None:
             message.on_result(result)
         if message.future is not None and not message.future.done():

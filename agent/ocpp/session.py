@@ -64,8 +64,15 @@ class Session:
     def wake(self) -> None:
         self.station.outbox.wake.set()
 
-    def heartbeat_interval_changed(self) -> None:
-        self.sender.heartbeat_interval_changed()
+    def apply_change(self, key: str, value: str) -> None:
+        """An accepted change of configuration key ``key`` (ChangeConfiguration, or
+        ``evcp config set``) that concerns the connection takes effect."""
+        if key == "AuthorizationKey" and self.key_changed(value):
+            log.warning("new AuthorizationKey set: reconnecting with it")
+        elif key == "WebSocketPingInterval":
+            self.request_reconnect("WebSocketPingInterval changed")
+        elif key == "HeartbeatInterval":
+            self.sender.heartbeat_interval_changed()
 
     def request_reconnect(self, reason: str) -> None:
         self._reconnect_reason = reason

@@ -218,6 +218,7 @@ class Store:
             "on_disk": self._database.on_disk,
             "error": self.write_error,
             "stage": None if stage.file is None else str(stage.path),
+            "stage_filesystem": None if stage.file is None else stage.filesystem,
         }
 
     # ------------------------------------------------------------------ the stage (RAM)
@@ -319,6 +320,30 @@ class Store:
 
     def active_transactions(self) -> list[TxRecord]:
         return self._transactions.active()
+
+    def recent_transactions(self, count: int) -> list[dict[str, Any]]:
+        """The last ``count`` transactions, newest first, for ``evcp tx``: each with
+        whether the CSMS has all its messages (``delivered``)."""
+        waiting = self._queue.undelivered_transactions()
+        out = []
+        for row in self._transactions.recent(count):
+            local_id, connector, tag, csms_id, start_wh, start, stop_wh, stop, reason, active = row
+            out.append(
+                {
+                    "transaction_id": csms_id,
+                    "local_id": local_id,
+                    "connector_id": connector,
+                    "id_tag": tag,
+                    "meter_start_wh": start_wh,
+                    "meter_stop_wh": stop_wh,
+                    "started": start,
+                    "stopped": stop,
+                    "reason": reason,
+                    "running": bool(active),
+                    "delivered": csms_id is not None and not active and local_id not in waiting,
+                }
+            )
+        return out
 
     # ------------------------------------------------------------------ outbound queue
     def enqueue(self, action: str, payload: dict[str, Any], tx_local_id: int | None) -> int:

@@ -347,6 +347,19 @@ class MessageQueue:
             pending, failed = pending + int(staged[0]), failed + int(staged[1])
         return pending, failed
 
+    def undelivered_transactions(self) -> set[int]:
+        """Local ids of the transactions with a message still queued (pending or failed)."""
+        query = "SELECT DISTINCT tx_local_id FROM queue WHERE tx_local_id IS NOT NULL"
+        ids = {int(row[0]) for row in self._database.db.execute(query)}
+        file = self._stage.file
+        if file is not None:
+            try:
+                ids |= {int(row[0]) for row in file.execute(query)}
+            except sqlite3.Error as exc:
+                self._stage.drop(exc)
+                return self.undelivered_transactions()
+        return ids
+
     def failed(self) -> list[tuple[int, str, int | None, str, str | None]]:
         """Messages given up on: ``(seq, action, local transaction, taken at, last error)``."""
         failed = "SELECT seq, action, tx_local_id, created, last_error FROM queue WHERE failed = 1"

@@ -96,6 +96,8 @@ class Stage:
         self._database = database
         #: The RAM file MeterValues are staged in (None: each goes to the disk).
         self.file: sqlite3.Connection | None = None
+        #: The stage's file system type (tmpfs: in RAM), as /proc/mounts says.
+        self.filesystem: str | None = None
         self.path: Path | None = None
         #: Seconds a staged MeterValues may wait before it is moved to the disk.
         self.flush_s = 0.0
@@ -148,6 +150,7 @@ class Stage:
         self.file, self.path, self.flush_s = stage, path, flush_s
         self.staging = flush_s > 0
         kind = filesystem(path.parent)
+        self.filesystem = kind
         if self.staging and kind not in (None, "tmpfs", "ramfs"):
             log.warning("MeterValues stage %s is on %s, not in RAM (tmpfs): staging there"
                         " saves no disk writes; set [agent] stage_dir to a tmpfs such as"

@@ -134,6 +134,17 @@ class Transactions:
         ).fetchone()
         return None if row is None else str(row[0])
 
+    def recent(self, count: int) -> list[tuple[Any, ...]]:
+        """The last ``count`` transactions, newest first: ``(local_id, connector_id,
+        id_tag, csms_id, meter_start_wh, start_ts, meter_stop_wh, stop_ts, stop_reason,
+        active)``."""
+        return self._database.db.execute(
+            "SELECT local_id, connector_id, id_tag, csms_id, meter_start_wh, start_ts,"
+            " meter_stop_wh, stop_ts, stop_reason, active FROM transactions"
+            " ORDER BY local_id DESC LIMIT ?",
+            (count,),
+        ).fetchall()
+
     def active(self) -> list[TxRecord]:
         rows = self._database.db.execute(
             "SELECT local_id, connector_id, id_tag, csms_id, meter_start_wh, start_ts,"

@@ -140,14 +140,25 @@ class AgentProcess:
         return await self.control({"cmd": "sim", "request": {"cmd": cmd, **extra}})
 
     async def wait_socket(self, timeout_s: float = 20.0) -> None:
+        """Until the control socket answers and the charge point runs (the socket answers
+        from the start, while the agent may still wait for the clock)."""
         deadline = time.monotonic() + timeout_s
-        while not self.socket.exists():
+        while not await self._running():
             assert self.proc is not None
             if self.proc.returncode is not None:
                 raise AssertionError(f"the agent exited ({self.proc.returncode})")
             if time.monotonic() > deadline:
                 raise TimeoutError("the agent did not open its control socket")
             await asyncio.sleep(0.02)
+
+    async def _running(self) -> bool:
+        if not self.socket.exists():
+            return False
+        try:
+            answer = await self.control({"cmd": "status"})
+        except Exception:
+            return False
+        return answer.get("phase") == "running"
 
     async def wait_status(self, predicate: Any, timeout_s: float = 30.0) -> dict[str, Any]:
         await self.wait_socket()

@@ -21,16 +21,11 @@ if TYPE_CHECKING:
 class ConnectionControl(Protocol):
     """What a handler may ask of the connection (the session implements it)."""
 
-    def key_changed(self, value: str) -> bool:
-        """A new AuthorizationKey was accepted: persist it and reconnect with it; False
-        when it is the one in use."""
+    def apply_change(self, key: str, value: str) -> None:
+        """An accepted configuration change that concerns the connection takes effect:
+        a new AuthorizationKey (persisted, and the connection reopened with it), a new
+        WebSocketPingInterval (reconnect), a new HeartbeatInterval."""
         ...
-
-    def request_reconnect(self, reason: str) -> None:
-        """Close the connection (once the CALL in flight is answered) and connect again."""
-        ...
-
-    def heartbeat_interval_changed(self) -> None: ...
 
 
 class Handlers:

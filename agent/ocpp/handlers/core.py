@@ -46,12 +46,7 @@ class CoreHandlers(Handlers):
         changed, self._changed_key = self._changed_key, None
         if changed != key:
             return
-        if key == "AuthorizationKey" and self.control.key_changed(value):
-            log.warning("new AuthorizationKey set by the CSMS: reconnecting with it")
-        elif key == "WebSocketPingInterval":
-            self.control.request_reconnect("WebSocketPingInterval changed")
-        elif key == "HeartbeatInterval":
-            self.control.heartbeat_interval_changed()
+        self.control.apply_change(key, value)
 
     @on(Action.clear_cache)
     def on_clear_cache(self, **_: Any) -> Any:
