@@ -218,6 +218,11 @@ def security_event(exc: BaseException, *, client_cert: bool) -> EventType | None
                     else EventType.INVALID_TLS_CIPHER_SUITE
                 )
             return None
+        if isinstance(cause, EOFError) and "HTTP status line" in str(cause):
+            # The TLS handshake completed and the server hung up before answering the
+            # upgrade request: how a client certificate refused (or missing) under TLS 1.3
+            # looks, as asyncio does not surface the post-handshake alert.
+            return EventType.FAILED_TO_AUTHENTICATE_AT_CSMS
         if isinstance(cause, ConnectionResetError) and cause.errno is None and not cause.args:
             # EOF during the handshake (see classify): a server without TLS 1.2+ that
             # sends no alert (most often an old TLS version).
@@ -229,7 +234,7 @@ async def open_connection(
     *,
     url: str,
     charge_point_id: str,
-    password: str,
+    password: str | None,
     ssl_context: ssl.SSLContext,
     ping_interval_s: float,
     open_timeout_s: float = 20.0,
@@ -241,6 +246,8 @@ async def open_connection(
     come back within the same interval closes the connection, and the caller reconnects.
     ``proxy`` is an http(s):// HTTP CONNECT proxy, or empty to connect directly (proxy
     variables in the environment are ignored: a service's network path is its config).
+    ``password`` None sends no Basic Auth (security profile 3: the client certificate is
+    the credential).
     """
     if urlsplit(url).scheme != "wss":
         raise ValueError("refusing a non-wss:// CSMS URL")
@@ -249,7 +256,11 @@ async def open_connection(
         endpoint(url, charge_point_id),
         ssl=ssl_context,
         subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-        additional_headers={"Authorization": basic_auth_header(charge_point_id, password)},
+        additional_headers=(
+            {"Authorization": basic_auth_header(charge_point_id, password)}
+            if password is not None
+            else {}
+        ),
         ping_interval=interval,
         ping_timeout=interval,
         open_timeout=open_timeout_s,

@@ -120,6 +120,7 @@ class SecurityService:
         self._profile_change: tuple[int, int] | None = None
         self._new_cp_certificate = False
         self._last_renewal: datetime | None = None
+        self._failures_reported: set[EventType] = set()
 
     async def _run(self, op: str, **args: Any) -> Any:
         return await asyncio.to_thread(self.crypto.run, op, **args)
@@ -363,9 +364,19 @@ class SecurityService:
         return False
 
     # ------------------------------------------------------------------ connection
+    def connect_failed(self, event: EventType | None, info: str) -> None:
+        """A connect attempt failed (``event`` from ``transport.security_event``): raise
+        the event, once per kind until the next successful connect (a retry loop would
+        otherwise fill the log)."""
+        if event is None or event in self._failures_reported:
+            return
+        self._failures_reported.add(event)
+        self._event(event, info)
+
     async def on_connected(self) -> None:
         """Run at every successful connect: the CSMS roots in use work (drop fallbacks),
         send the non-critical events kept meanwhile, check the certificate's expiry."""
+        self._failures_reported.clear()
         self.store.commit_roots()
         for payload in self.events.take_pending():
             try:

@@ -238,7 +238,9 @@ def test_new_cp_certificate_keeps_the_old_until_committed_or_rolled_back(tmp_pat
         store.write_pending_key(crypto.generate_key("ec-p256"))
         key = store.pending_key()
         assert key
-        cert, _ = pki.sign_csr(root, crypto.make_csr(key, "CP", ""), not_after=NOW + timedelta(days=days))
+        cert, _ = pki.sign_csr(
+            root, crypto.make_csr(key, "CP", ""), not_after=NOW + timedelta(days=days)
+        )
         text = pki.pem(cert)
         store.install_cp(text, info(text))
         return text
