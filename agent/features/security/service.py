@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.config import Config
 from agent.core.security import (
     EventType,
     Prerequisites,
@@ -42,8 +43,10 @@ from agent.features.security.crypto import (
     INVALID_SIGNATURE,
     Crypto,
     CryptoInputError,
+    HelperCrypto,
+    InProcessCrypto,
 )
-from agent.features.security.events import SecurityEvents
+from agent.features.security.events import SecurityEvents, SecurityLog
 
 log = logging.getLogger("evcp.security")
 
@@ -217,6 +220,7 @@ class SecurityService:
             log.error("cannot install the charge-point certificate: %s", exc)
             return "Rejected"
         self._new_cp_certificate = True
+        self._last_renewal = None  # that attempt is over: the new one's expiry decides
         return "Accepted"
 
     async def after_certificate_signed(self) -> bool:
@@ -440,3 +444,31 @@ class SecurityService:
         target = directory / name
         self.events.log.export(target, since=oldest, until=latest)
         return target
+
+
+def build(
+    cfg: Config,
+    *,
+    keys: KeyValues,
+    port: SessionPort,
+) -> SecurityService:
+    """The service as the agent runs it, from the config file (``[security]``, ``[csms]``)."""
+    section = cfg.security
+    log_file = SecurityLog(
+        cfg.state_dir / "security.log",
+        max_bytes=int(section["log_max_kib"]) * 1024,
+        keep=int(section["log_files"]),
+    )
+    crypto: Crypto = HelperCrypto() if section["crypto"] == "helper" else InProcessCrypto()
+    return SecurityService(
+        store=CertStore(cfg.state_dir),
+        events=SecurityEvents(log_file, port),
+        crypto=crypto,
+        keys=keys,
+        port=port,
+        charge_point_id=str(cfg.csms["charge_point_id"]),
+        password_configured=bool(cfg.csms["password"]),
+        configured_ca=bool(cfg.csms["ca_file"]),
+        reconnect_bound_s=float(section["profile_fallback_s"]),
+        key_algorithm=str(section["key_algorithm"]),
+    )
