@@ -35,9 +35,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from agent.core.security import EventType
 from agent.features.security import crypto
-from agent.features.security.certs import CertStore, RootType
+from agent.features.security.certs import CertStore
 from agent.features.security.crypto import HelperCrypto, InProcessCrypto
 from agent.features.security.events import SecurityEvents, SecurityLog
 from agent.features.security.keys import KEYS
