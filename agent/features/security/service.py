@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -154,16 +155,20 @@ class SecurityService:
         """Make a key on the charger, keep it, send its CSR: the CSMS's status (or
         "Failed" when the CALL did not get an answer)."""
         self._last_renewal = self.port.now()
-        key = str(await self._run("generate_key", algorithm=self.key_algorithm))
-        self.store.write_pending_key(key)
-        csr = str(
-            await self._run(
-                "make_csr",
-                key_pem=key,
-                common_name=self.charge_point_id,
-                organization=self.keys.raw("CpoName"),
+        try:
+            key = str(await self._run("generate_key", algorithm=self.key_algorithm))
+            csr = str(
+                await self._run(
+                    "make_csr",
+                    key_pem=key,
+                    common_name=self.charge_point_id,
+                    organization=self.keys.raw("CpoName"),
+                )
             )
-        )
+            self.store.write_pending_key(key)
+        except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+            log.error("cannot make a key and CSR for SignCertificate: %s", exc)
+            return "Failed"
         try:
             answer = await self.port.call("SignCertificate", {"csr": csr})
         except Exception as exc:
@@ -428,6 +433,10 @@ class SecurityService:
         elif status == INVALID_SIGNATURE:
             self._event(EventType.INVALID_FIRMWARE_SIGNATURE, result["reason"])
         return status
+
+    def plain_update_allowed(self) -> bool:
+        """UpdateFirmware (unsigned): refused once ``SignedFirmwareOnly`` is true."""
+        return self.keys.raw("SignedFirmwareOnly") != "true"
 
     # ------------------------------------------------------------------ GetLog
     def security_log_file(

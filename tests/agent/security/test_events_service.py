@@ -208,3 +208,39 @@ def test_security_config_section(tmp_path: Path) -> None:
     path.write_text(path.read_text() + '\n[security]\nkey_algorithm = "dsa"\n')
     with pytest.raises(ConfigError, match=r"\[security\] key_algorithm"):
         load(path)
+
+
+async def test_get_log_security_log_file_and_signed_only_switch(tmp_path: Path) -> None:
+    service, port, _log = _service(tmp_path)
+    start = port.clock
+    for n in range(4):
+        service.events.raise_event(
+            EventType.INVALID_MESSAGES, start + timedelta(minutes=n), f"frame {n}"
+        )
+    outdir = tmp_path / "upload"
+    outdir.mkdir()
+    path = service.security_log_file(outdir, oldest=start + timedelta(minutes=2))
+    assert path.parent == outdir and path.name.startswith("CP-1-security-")
+    assert [line.split()[-1] for line in path.read_text().splitlines()] == ["2", "3"]
+    assert service.plain_update_allowed()
+    service.keys.set("SignedFirmwareOnly", "true")  # type: ignore[attr-defined]
+    assert not service.plain_update_allowed()
+
+
+def test_the_helper_keeps_cryptography_out_of_the_agent_process(tmp_path: Path) -> None:
+    probe = (
+        "import sys\n"
+        "from agent.features.security.crypto import HelperCrypto\n"
+        "import agent.features.security.service\n"
+        "key = HelperCrypto().run('generate_key', algorithm='ec-p256')\n"
+        "assert 'PRIVATE KEY' in key\n"
+        "print(sorted(m for m in sys.modules if m.startswith('cryptography')))\n"
+    )
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
