@@ -270,7 +270,7 @@ class SecurityService:
             if kind is RootType.CSMS:
                 self._event(EventType.INVALID_CENTRAL_SYSTEM_CERTIFICATE, problem)
             return "Rejected"
-        info = await self._run("certificate_info", pem=certificate)
+        info = await self._info_with_issuer(certificate)
         check = self.keys.raw("AdditionalRootCertificateCheck") == "true"
         try:
             if kind is RootType.CSMS and check and self.store.has_csms_root():
@@ -297,6 +297,23 @@ class SecurityService:
             log.error("InstallCertificate %s failed: %s", kind.value, exc)
             return "Failed"
         return "Accepted"
+
+    async def _info_with_issuer(self, pem: str) -> dict[str, Any]:
+        """certificate_info, with issuerKeyHash from the installed certificate that signed
+        ``pem`` when it is not self-issued (else its own key, the only one known)."""
+        info: dict[str, Any] = await self._run("certificate_info", pem=pem)
+        if info["self_issued"]:
+            return info
+        for kind in RootType:
+            for cert in self.store.roots(kind):
+                if cert.info.get("subject") == info["issuer"] and await self._run(
+                    "signed_by", pem=pem, issuer_pem=cert.pem
+                ):
+                    issued: dict[str, Any] = await self._run(
+                        "certificate_info", pem=pem, issuer_pem=cert.pem
+                    )
+                    return issued
+        return info
 
     def get_installed_certificate_ids(
         self, certificate_type: str

@@ -12,6 +12,7 @@ import pytest
 
 from agent.config import ConfigError, load
 from agent.core.security import CRITICAL, EventType
+from agent.features.security import crypto
 from agent.features.security.certs import CertStore, RootType
 from agent.features.security.crypto import HelperCrypto, InProcessCrypto
 from agent.features.security.events import SecurityEvents, SecurityLog
@@ -156,6 +157,11 @@ async def test_additional_root_certificate_check(tmp_path: Path) -> None:
     )
     store = service.store
     assert [c.pem for c in store.roots(RootType.CSMS)] == [successor.pem]
+    # Its hash data name the old root's key as the issuer key, as the whitepaper defines.
+    (data,) = store.hash_data(RootType.CSMS)
+    expected = crypto.certificate_info(successor.pem, old.pem)
+    assert data["issuer_key_hash"] == expected["issuer_key_hash"]
+    assert data["issuer_key_hash"] != crypto.certificate_info(successor.pem)["issuer_key_hash"]
     assert [c.pem for c in store.fallback_roots()] == [old.pem]
     bundle = store.csms_bundle.read_text()
     assert old.pem.strip() in bundle and successor.pem.strip() in bundle  # until a connect
