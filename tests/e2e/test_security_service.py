@@ -37,11 +37,12 @@ from websockets.http11 import Request, Response
 
 from agent.features.security import crypto
 from agent.features.security.certs import CertStore
+from agent.features.security.connection import NoCertificateError, connect_settings
 from agent.features.security.crypto import HelperCrypto, InProcessCrypto
 from agent.features.security.events import SecurityEvents, SecurityLog
 from agent.features.security.keys import KEYS
 from agent.features.security.service import SecurityService
-from agent.ocpp.transport import classify, open_connection, security_event, tls_context
+from agent.ocpp.transport import classify, open_connection, security_event
 from tests.agent.security import pki
 
 CP_ID = "CP-SEC-7"
@@ -236,27 +237,26 @@ class WirePort:
 
     async def connect(self, profile: int) -> bool:
         assert self.service is not None
-        files = self.store.cp_files() if profile == 3 else None
-        if profile == 3 and files is None:
+        try:
+            settings = connect_settings(
+                profile, store=self.store, ca_file=str(self.ca_file), password=self.password
+            )
+        except NoCertificateError:
             return False
-        ctx = tls_context(
-            str(self.ca_file),
-            *(str(f) for f in files or ()),
-            extra_ca_file=str(self.store.csms_bundle_file() or "") or None,
-        )
         try:
             ws = await open_connection(
                 url=self.url,
                 charge_point_id=CP_ID,
-                password=None if profile == 3 else self.password,
-                ssl_context=ctx,
+                password=settings.password,
+                ssl_context=settings.ssl_context,
                 ping_interval_s=0,
                 open_timeout_s=10,
             )
         except Exception as exc:
             self.failures.append(exc)
             self.service.connect_failed(
-                security_event(exc, client_cert=profile == 3), classify(exc).detail
+                security_event(exc, client_cert=settings.client_certificate),
+                classify(exc).detail,
             )
             return False
         self._ws = ws

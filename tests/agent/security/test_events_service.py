@@ -3,6 +3,7 @@ the service's root-certificate rules, on real files."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -86,6 +87,22 @@ def test_every_event_is_logged_critical_ones_are_queued_durably(
     assert pending[0]["techInfo"] == "info 1"
     assert pending[0]["timestamp"] == (T0 + timedelta(seconds=1)).isoformat()
     assert events.take_pending() == []
+
+
+def test_every_notification_payload_passes_the_ocpp_schema(tmp_path: Path) -> None:
+    from ocpp.exceptions import ProtocolError
+    from ocpp.messages import Call, validate_payload
+
+    queue = Queue()
+    events = SecurityEvents(SecurityLog(tmp_path / "security.log"), queue)
+    for event in EventType:
+        events.raise_event(event, datetime.now(UTC), "details" if event.value < "I" else "")
+    payloads = [p for _, p in queue.items] + events.take_pending()
+    assert len(payloads) == len(EventType)
+    for n, payload in enumerate(payloads):
+        asyncio.run(validate_payload(Call(str(n), "SecurityEventNotification", payload), "1.6"))
+    with pytest.raises(ProtocolError, match="'type' is a required"):  # it does check
+        asyncio.run(validate_payload(Call("x", "SecurityEventNotification", {}), "1.6"))
 
 
 def test_log_rotates_and_stays_bounded(tmp_path: Path) -> None:
