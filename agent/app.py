@@ -19,15 +19,18 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from agent import __version__
+from agent.aio import raise_if_cancelling
+from agent.assembly import ChargePoint, assemble
+from agent.chargepoint.station import Station
 from agent.config import Config
 from agent.control import serve as serve_control
-from agent.core.config_keys import ConfigKeys
+from agent.features.registry import ConfigKeys
 from agent.hardware import SimProcess, build
 from agent.logs import add_secret
 from agent.ocpp.session import Session
-from agent.station import Station
+from agent.status import failed_messages, retry_failed_messages, snapshot
 from agent.store import Store
-from drivers.base import FaultCode, raise_if_cancelling
+from drivers.base import FaultCode
 from drivers.clock.ntp import ClockGuard
 
 log = logging.getLogger("evcp")
@@ -158,7 +161,7 @@ async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
         if not restart.done():
             restart.set_result(kind)
 
-    station = Station(
+    charger = assemble(
         cfg=cfg,
         store=store,
         keys=keys,
@@ -166,14 +169,15 @@ async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
         hardware=hardware,
         request_restart=request_restart,
     )
-    session = Session(cfg=cfg, station=station, password=password)
+    station = charger.station
+    session = Session(cfg=cfg, charger=charger, password=password)
     restart_kind: str | None = None
 
     async def control_handler(request: dict[str, Any]) -> dict[str, Any]:
-        return await handle_control(request, station, sim)
+        return await handle_control(request, charger, sim)
 
     try:
-        await station.start()
+        await charger.start()
         server = await serve_control(cfg.control_socket, control_handler)
         sd_notify(f"READY=1\nSTATUS=evcp {__version__}: {len(hardware)} connector(s)")
         log.info("evcp %s running with %d connector(s)", __version__, len(hardware))
@@ -208,7 +212,7 @@ async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
         # stop (STOPPING=1 would start the unit's stop timeout, and READY=1 then no longer
         # counts: SIGKILL after TimeoutStopSec).
         sd_notify("RELOADING=1" if restart_kind is not None else "STOPPING=1")
-        await station.close()
+        await charger.close()
         if sim is not None:
             await sim.stop()
         store.close()
@@ -251,18 +255,33 @@ async def _watchdog() -> None:
         await asyncio.sleep(interval)
 
 
+#: How long `evcp sim plug`/`unplug` waits for the agent to see the cable change.
+SIM_SEEN_TIMEOUT_S = 5.0
+
+
+async def _until_seen(charger: ChargePoint, connector_id: Any, plugged: bool) -> None:
+    c = charger.station.connectors.get(connector_id) if isinstance(connector_id, int) else None
+    if c is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SIM_SEEN_TIMEOUT_S
+    while c.plugged != plugged and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+
+
 async def handle_control(
-    request: dict[str, Any], station: Station, sim: SimProcess | None
+    request: dict[str, Any], charger: ChargePoint, sim: SimProcess | None
 ) -> dict[str, Any]:
     """Answer one control-socket request (``evcp status``, ``evcp sim ...``)."""
+    station = charger.station
     cmd = request["cmd"]
     if cmd == "status":
-        return {"ok": True, **station.snapshot()}
+        return {"ok": True, **snapshot(charger)}
     if cmd == "queue":
         pending, _failed = station.store.queue_counts()
-        return {"ok": True, "pending": pending, "failed": station.failed_messages()}
+        return {"ok": True, "pending": pending, "failed": failed_messages(station.store)}
     if cmd == "queue-retry":
-        return {"ok": True, "requeued": station.retry_failed_messages()}
+        return {"ok": True, "requeued": retry_failed_messages(charger)}
     if cmd == "swipe":
         tag = request.get("tag")
         if not isinstance(tag, str) or not 1 <= len(tag) <= 20:
@@ -279,7 +298,9 @@ async def handle_control(
             return {"ok": False, "error": f"no connector {connector}"}
         if unit not in ("A", "W") or not isinstance(hours, int | float) or not 0 < hours <= 168:
             return {"ok": False, "error": "unit must be A or W, hours 1 to 168"}
-        result = station.composite_schedule(connector, int(hours * 3600), unit)
+        result = charger.features.smart_charging.composite_schedule(
+            connector, int(hours * 3600), unit
+        )
         if result is None:
             return {"ok": False, "error": "no composite schedule for that connector"}
         return {"ok": True, "connector_id": connector, "schedule": result[1]}
@@ -298,5 +319,9 @@ async def handle_control(
             if code in SIM_FAULTS:
                 forwarded["code"] = SIM_FAULTS[code].value
         answer = await sim.command(forwarded)
+        if answer.get("ok") and forwarded.get("cmd") in ("plug", "unplug"):
+            # Answer once the agent has seen the cable too (the controller reports it on
+            # its own time): a swipe right after `evcp sim plug` then finds the car.
+            await _until_seen(charger, forwarded.get("connector", 1), forwarded["cmd"] == "plug")
         return answer
     return {"ok": False, "error": f"unknown command {cmd!r}"}

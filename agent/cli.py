@@ -287,7 +287,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from agent.ocpp.demo import run_demo
 
     return run_demo(time_scale=args.time_scale, keep=args.keep, verbose=args.verbose)
 

@@ -362,7 +362,7 @@ def validate(data: Mapping[str, Any], path: Path) -> Config:
     ocpp_keys = data.get("ocpp", {})
     if not isinstance(ocpp_keys, dict):
         raise fail("[ocpp]", "must be a table of OCPP configuration keys")
-    from agent.core.config_keys import ConfigKeys
+    from agent.features.registry import ConfigKeys
 
     for key, value in ocpp_keys.items():
         if not isinstance(value, str | int | float | bool | list):

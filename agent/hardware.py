@@ -13,8 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from agent.chargepoint.model import ConnectorHardware
 from agent.config import Config
-from agent.station import ConnectorHardware
 from drivers.evse.rapi import RapiController
 from drivers.meter.modbus import bus_from_settings, meter_from_settings
 from drivers.sim import process as sim_process

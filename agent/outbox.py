@@ -37,6 +37,9 @@ class Outgoing:
     future: asyncio.Future[dict[str, Any]] | None = None
     #: Allowed before the BootNotification is accepted (only BootNotification itself).
     before_boot: bool = False
+    #: Sent only once the durable queue has nothing waiting (a triggered MeterValues of a
+    #: running transaction must not overtake that transaction's queued samples).
+    after_queue: bool = False
 
 
 @dataclass(slots=True)

@@ -1,6 +1,6 @@
 """``evcp schedule``: the composite charging schedule as JSON, a table and a terminal plot.
 
-The agent computes the schedule (``Station.composite_schedule``); this module only turns
+The agent computes the schedule (``SmartCharging.composite_schedule`` in ``agent.features.smart_charging``); this module only turns
 OCPP's ``chargingSchedulePeriod`` (offsets from ``startSchedule``) into absolute periods and
 renders them. The chart is plain text, so it works over any SSH session.
 """

@@ -8,7 +8,7 @@
 
    - *frame received*: from the agent's adapter receiving the SetChargingProfile frame
      (before JSON parsing and the ``ocpp`` library's schema validation) ...
-   - *handler*: from ``Station.set_charging_profile`` being called (validation, replacement,
+   - *handler*: from ``SmartCharging.set_charging_profile`` being called (validation, replacement,
      the SQLite commit, the actuation task spawned) ...
    - ... to ``RapiController.set_offered_current`` returning, i.e. the controller has
      answered ``$OK`` to ``$SC``: the new current is applied to the pilot.
@@ -42,14 +42,14 @@ import trustme
 from ocpp.v16 import call
 
 from agent import app
-from agent.charging import ChargingProfiles
 from agent.config import load
 from agent.control import request
 from agent.core import smart_charging as sc
-from agent.core.config_keys import ConfigKeys
+from agent.features.registry import ConfigKeys
+from agent.features.smart_charging.profiles import ChargingProfiles
+from agent.features.smart_charging.service import SmartCharging
 from agent.ocpp.adapter import OcppAdapter
 from agent.ocpp.csms import Csms
-from agent.station import Station
 from agent.store import Store
 from drivers.evse.rapi import RapiController
 
@@ -111,7 +111,7 @@ MeterValueSampleInterval = 0
     marks: dict[str, float] = {}
     written = asyncio.Event()
     route_frame = OcppAdapter.route_frame
-    set_charging_profile = Station.set_charging_profile
+    set_charging_profile = SmartCharging.set_charging_profile
     set_offered_current = RapiController.set_offered_current
 
     async def timed_route_frame(self: OcppAdapter, raw: str | bytes) -> None:
@@ -119,7 +119,9 @@ MeterValueSampleInterval = 0
             marks["received"] = time.perf_counter()
         await route_frame(self, raw)
 
-    def timed_set_charging_profile(self: Station, connector_id: int, body: dict[str, Any]) -> str:
+    def timed_set_charging_profile(
+        self: SmartCharging, connector_id: int, body: dict[str, Any]
+    ) -> str:
         marks["handler"] = time.perf_counter()
         try:
             return set_charging_profile(self, connector_id, body)
@@ -134,7 +136,7 @@ MeterValueSampleInterval = 0
 
     patches: list[tuple[type[Any], str, Callable[..., Any]]] = [
         (OcppAdapter, "route_frame", timed_route_frame),
-        (Station, "set_charging_profile", timed_set_charging_profile),
+        (SmartCharging, "set_charging_profile", timed_set_charging_profile),
         (RapiController, "set_offered_current", timed_set_offered_current),
     ]
     originals = [(cls, name, getattr(cls, name)) for cls, name, _ in patches]

@@ -12,7 +12,7 @@ MeterValueSampleInterval reschedules sampling).
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 #: Measurands the agent can report (what the meter and controller give us).
@@ -46,13 +46,6 @@ OCPP_MEASURANDS = (
     "Temperature",
 )
 
-FEATURE_PROFILES = (
-    "Core",
-    "SmartCharging",
-    "RemoteTrigger",
-    "LocalAuthListManagement",
-    "Reservation",
-)
 PHASE_ROTATIONS = ("NotApplicable", "Unknown", "RST", "RTS", "SRT", "STR", "TRS", "TSR")
 
 
@@ -127,15 +120,15 @@ class KeySpec:
         return raw
 
 
-def _b(name: str, default: bool, **kw: object) -> KeySpec:
+def bool_key(name: str, default: bool, **kw: object) -> KeySpec:
     return KeySpec(name, Kind.BOOL, "true" if default else "false", **kw)  # type: ignore[arg-type]
 
 
-def _i(name: str, default: int, **kw: object) -> KeySpec:
+def int_key(name: str, default: int, **kw: object) -> KeySpec:
     return KeySpec(name, Kind.INT, str(default), **kw)  # type: ignore[arg-type]
 
 
-def _measurands(name: str, default: str) -> KeySpec:
+def measurands_key(name: str, default: str) -> KeySpec:
     return KeySpec(name, Kind.CSL, default, choices=SUPPORTED_MEASURANDS, max_items=10)
 
 
@@ -146,87 +139,6 @@ PHASE_ROTATION_ITEMS = tuple(
     f"{connector}.{rotation}" for connector in range(33) for rotation in PHASE_ROTATIONS
 )
 
-#: OCPP 1.6 section 9.1 (Core), plus the keys of the other profiles the agent implements.
-KEYS: tuple[KeySpec, ...] = (
-    # --- Core (OCPP 1.6 section 9.1)
-    _b("AllowOfflineTxForUnknownId", False),
-    _b("AuthorizationCacheEnabled", True),
-    _b("AuthorizeRemoteTxRequests", False),
-    _i("BlinkRepeat", 0, minimum=0, maximum=100),
-    _i("ClockAlignedDataInterval", 0, minimum=0, maximum=86400),
-    _i("ConnectionTimeOut", 90, minimum=0, maximum=3600),
-    KeySpec(
-        "ConnectorPhaseRotation",
-        Kind.CSL,
-        "0.RST",
-        reboot_required=True,
-        max_items=MAX_CSL_ITEMS,
-        choices=PHASE_ROTATION_ITEMS,
-    ),
-    _i("ConnectorPhaseRotationMaxLength", MAX_CSL_ITEMS, access=RO),
-    _i("GetConfigurationMaxKeys", 100, access=RO),
-    _i("HeartbeatInterval", 300, minimum=0, maximum=86400),
-    _i("LightIntensity", 100, minimum=0, maximum=100),
-    _b("LocalAuthorizeOffline", True),
-    _b("LocalPreAuthorize", False),
-    _i("MaxEnergyOnInvalidId", 0, minimum=0),
-    _measurands("MeterValuesAlignedData", "Energy.Active.Import.Register"),
-    _i("MeterValuesAlignedDataMaxLength", MAX_CSL_ITEMS, access=RO),
-    _measurands(
-        "MeterValuesSampledData",
-        "Energy.Active.Import.Register,Power.Active.Import,Current.Import,Voltage,Current.Offered",
-    ),
-    _i("MeterValuesSampledDataMaxLength", MAX_CSL_ITEMS, access=RO),
-    _i("MeterValueSampleInterval", 60, minimum=0, maximum=86400),
-    _i("MinimumStatusDuration", 0, minimum=0, maximum=3600),
-    _i("NumberOfConnectors", 1, access=RO),
-    _i("ResetRetries", 3, minimum=0, maximum=100),
-    _b("StopTransactionOnEVSideDisconnect", True),
-    _b("StopTransactionOnInvalidId", True),
-    _measurands("StopTxnAlignedData", ""),
-    _i("StopTxnAlignedDataMaxLength", MAX_CSL_ITEMS, access=RO),
-    _measurands("StopTxnSampledData", "Energy.Active.Import.Register"),
-    _i("StopTxnSampledDataMaxLength", MAX_CSL_ITEMS, access=RO),
-    KeySpec("SupportedFeatureProfiles", Kind.CSL, ",".join(FEATURE_PROFILES), access=RO),
-    _i("SupportedFeatureProfilesMaxLength", 10, access=RO),
-    _i("TransactionMessageAttempts", 3, minimum=1, maximum=100),
-    _i("TransactionMessageRetryInterval", 30, minimum=0, maximum=86400),
-    _b("UnlockConnectorOnEVSideDisconnect", True),
-    _i("WebSocketPingInterval", 60, minimum=0, maximum=3600),
-    # --- Smart Charging (section 9.4)
-    _i("ChargeProfileMaxStackLevel", 10, minimum=0, maximum=100, access=RO),
-    KeySpec(
-        "ChargingScheduleAllowedChargingRateUnit",
-        Kind.CSL,
-        "Current,Power",
-        access=RO,
-        choices=("Current", "Power"),
-        max_items=2,
-    ),
-    _i("ChargingScheduleMaxPeriods", 48, minimum=1, maximum=1000, access=RO),
-    _b("ConnectorSwitch3to1PhaseSupported", False, access=RO),
-    _i("MaxChargingProfilesInstalled", 20, minimum=1, maximum=1000, access=RO),
-    # --- Local Auth List Management (section 9.2)
-    _b("LocalAuthListEnabled", True),
-    _i("LocalAuthListMaxLength", 10000, access=RO),
-    _i("SendLocalListMaxLength", 1000, access=RO),
-    # --- Reservation (section 9.3)
-    _b("ReserveConnectorZeroSupported", True, access=RO),
-    # --- Security extensions (OCPP 1.6 security whitepaper, edition 2)
-    KeySpec(
-        "AuthorizationKey",
-        Kind.STR,
-        "",
-        access=Access.WRITE_ONLY,
-        min_length=16,
-        max_length=40,
-    ),
-    _i("SecurityProfile", 2, access=RO),
-    KeySpec("CpoName", Kind.STR, "", max_length=64),
-)
-
-SPECS: dict[str, KeySpec] = {spec.name: spec for spec in KEYS}
-
 ChangeListener = Callable[[str, str], None]
 
 
@@ -234,6 +146,8 @@ class ConfigKeys:
     """The live values of the OCPP configuration keys.
 
     Args:
+        specs: every key the agent knows, in GetConfiguration's order (assembled from
+            the feature profiles' key specs: ``agent.features.registry``).
         stored: values persisted by an earlier run (they win over ``overrides``).
         overrides: initial values from the config file's ``[ocpp]`` section.
         fixed: values the agent sets itself (e.g. NumberOfConnectors), read-only.
@@ -244,15 +158,18 @@ class ConfigKeys:
 
     def __init__(
         self,
+        specs: Sequence[KeySpec],
         *,
         stored: dict[str, str] | None = None,
         overrides: dict[str, object] | None = None,
         fixed: dict[str, str] | None = None,
     ) -> None:
-        self._values = {spec.name: spec.default for spec in KEYS}
+        self._specs = tuple(specs)
+        self._by_name = {spec.name: spec for spec in self._specs}
+        self._values = {spec.name: spec.default for spec in self._specs}
         self._listeners: list[ChangeListener] = []
         for name, value in (overrides or {}).items():
-            spec = SPECS.get(name)
+            spec = self._by_name.get(name)
             if spec is None:
                 raise ValueError(f"[ocpp] {name}: unknown OCPP configuration key")
             text = _to_text(value)
@@ -261,7 +178,7 @@ class ConfigKeys:
                 raise ValueError(f"[ocpp] {name}: invalid value {text!r}")
             self._values[name] = parsed
         for name, value in (stored or {}).items():
-            spec = SPECS.get(name)
+            spec = self._by_name.get(name)
             if spec is not None and spec.access is not Access.READ_ONLY:
                 parsed = spec.parse(value)
                 if parsed is not None:
@@ -298,24 +215,25 @@ class ConfigKeys:
         value must never leave the charger).
         """
         if keys is None:
-            names = [spec.name for spec in KEYS if spec.access is not Access.WRITE_ONLY]
+            names = [spec.name for spec in self._specs if spec.access is not Access.WRITE_ONLY]
             unknown: list[str] = []
         else:
             names, unknown = [], []
             for key in keys:
-                spec = SPECS.get(key)
+                spec = self._by_name.get(key)
                 if spec is None or spec.access is Access.WRITE_ONLY:
                     unknown.append(key)
                 else:
                     names.append(key)
         known = [
-            (name, SPECS[name].access is Access.READ_ONLY, self._values[name]) for name in names
+            (name, self._by_name[name].access is Access.READ_ONLY, self._values[name])
+            for name in names
         ]
         return known, unknown
 
     def change_configuration(self, key: str, value: str) -> ChangeResult:
         """ChangeConfiguration: validate, store, notify listeners; return the status."""
-        spec = SPECS.get(key)
+        spec = self._by_name.get(key)
         if spec is None:
             return ChangeResult.NOT_SUPPORTED
         if spec.access is Access.READ_ONLY:
@@ -325,6 +243,11 @@ class ConfigKeys:
             return ChangeResult.REJECTED
         self.set(key, parsed)
         return ChangeResult.REBOOT_REQUIRED if spec.reboot_required else ChangeResult.ACCEPTED
+
+    def is_secret(self, key: str) -> bool:
+        """True for keys whose values must never be returned or logged."""
+        spec = self._by_name.get(key)
+        return spec is not None and spec.access is Access.WRITE_ONLY
 
     def set(self, key: str, value: str) -> None:
         """Store an already validated value and notify listeners."""
@@ -339,9 +262,3 @@ def _to_text(value: object) -> str:
     if isinstance(value, list):
         return ",".join(str(item) for item in value)
     return str(value)
-
-
-def is_secret(key: str) -> bool:
-    """True for keys whose values must never be returned or logged."""
-    spec = SPECS.get(key)
-    return spec is not None and spec.access is Access.WRITE_ONLY

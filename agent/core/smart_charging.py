@@ -45,6 +45,8 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from agent.core import timefmt
+
 CP_MAX = "ChargePointMaxProfile"
 TX_DEFAULT = "TxDefaultProfile"
 TX = "TxProfile"
@@ -98,10 +100,11 @@ class Profile:
 
 
 def parse_time(text: str) -> datetime:
-    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if value.tzinfo is None:
-        raise ProfileError(f"timestamp without a time zone: {text}")
-    return value
+    """A profile's timestamp (it must carry a zone): see :func:`agent.core.timefmt.parse_time`."""
+    try:
+        return timefmt.parse_time(text, require_zone=True)
+    except ValueError as exc:
+        raise ProfileError(str(exc)) from None
 
 
 def plain(value: Any) -> Any:

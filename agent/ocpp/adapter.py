@@ -1,9 +1,9 @@
 """The one place that speaks the ``ocpp`` library: handlers for CSMS requests, and ``send``.
 
-Handlers translate the library's snake_case kwargs into station calls and return the
-library's result dataclasses. They never await a CALL (that would deadlock the receive
-loop, ocpp pitfall 1): follow-up messages are queued in the outbox, and the ones that must
-follow the reply on the wire (TriggerMessage) are queued from ``@after`` handlers.
+The handlers, one mixin per feature profile, are in :mod:`agent.ocpp.handlers`: they
+translate the library's snake_case kwargs into calls of the features' services and return
+the library's result dataclasses. They never await a CALL (that would deadlock the receive
+loop, ocpp pitfall 1).
 
 In front of the library's ``route_message`` sits :meth:`OcppAdapter.route_frame`, a
 pre-check that answers malformed CALLs with a FormationViolation CALLERROR (the library
@@ -18,32 +18,32 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ocpp.charge_point import camel_to_snake_case, remove_nones, snake_to_camel_case
+from ocpp.charge_point import remove_nones
 from ocpp.exceptions import (
     FormationViolationError,
     FormatViolationError,
     GenericError,
-    OccurenceConstraintViolationError,
     OCPPError,
     UnknownCallErrorCodeError,
     ValidationError,
 )
 from ocpp.messages import Call, MessageType, validate_payload
-from ocpp.routing import after, on
-from ocpp.v16 import ChargePoint, call_result
-from ocpp.v16.enums import Action
+from ocpp.v16 import ChargePoint
 from websockets.exceptions import ConnectionClosed
 
-from agent.core.config_keys import is_secret
+from agent.aio import raise_if_cancelling
+from agent.assembly import Features
+from agent.core.config_keys import ConfigKeys
+from agent.features.registry import is_secret
 from agent.logs import add_secret
-from agent.ocpp.offline_handlers import OfflineHandlers
-from drivers.base import raise_if_cancelling
-
-if TYPE_CHECKING:
-    from agent.ocpp.session import Session
-    from agent.station import Station
+from agent.ocpp.handlers import ConnectionControl
+from agent.ocpp.handlers.core import CoreHandlers
+from agent.ocpp.handlers.local_auth_list import LocalAuthListHandlers
+from agent.ocpp.handlers.remote_trigger import RemoteTriggerHandlers
+from agent.ocpp.handlers.reservation import ReservationHandlers
+from agent.ocpp.handlers.smart_charging import SmartChargingHandlers
 
 log = logging.getLogger("evcp.ocpp")
 
@@ -100,8 +100,6 @@ LIB_LOG.addFilter(_OneLine())
 #: line even when the change is refused: a near-miss of a real key (one a key cannot
 #: have, 41+ characters, is no secret; a short one would blank ordinary words in the log).
 SECRET_LENGTHS = (12, 40)
-#: How long UnlockConnector may wait for the transaction's stop and the lock driver.
-UNLOCK_TIMEOUT_S = 5
 
 #: The deepest nesting of lists and objects accepted in a frame. The deepest OCPP 1.6
 #: message (a SetChargingProfile) nests 6 levels; deeper frames are refused before the
@@ -123,16 +121,32 @@ def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
-class OcppAdapter(OfflineHandlers, ChargePoint):
-    """``ocpp.v16.ChargePoint`` bound to the station. One instance per connection."""
+class OcppAdapter(
+    CoreHandlers,
+    SmartChargingHandlers,
+    LocalAuthListHandlers,
+    ReservationHandlers,
+    RemoteTriggerHandlers,
+    ChargePoint,
+):
+    """``ocpp.v16.ChargePoint`` bound to the feature profiles. One instance per connection.
 
-    def __init__(self, charge_point_id: str, connection: Any, station: Station,
-                 session: Session, *, response_timeout: float) -> None:  # fmt: skip
+    Args:
+        features: the feature profiles' services, which the handler mixins
+            (``agent.ocpp.handlers``) ask.
+        keys: the OCPP configuration keys.
+        control: the connection's control (the session): reconnect, new key, heartbeat.
+    """
+
+    def __init__(self, charge_point_id: str, connection: Any, *, features: Features,
+                 keys: ConfigKeys, control: ConnectionControl,
+                 response_timeout: float) -> None:  # fmt: skip
         super().__init__(
             charge_point_id, connection, response_timeout=response_timeout, logger=LIB_LOG
         )
-        self.station = station
-        self.session = session
+        self.features = features
+        self.keys = keys
+        self.control = control
         self.pending_ids: set[str] = set()
         #: Clear while a CALL of ours waits for its answer.
         self.idle = asyncio.Event()
@@ -314,130 +328,3 @@ class OcppAdapter(OfflineHandlers, ChargePoint):
             except (OCPPError, ValidationError) as exc:
                 raise MalformedResult(action, result, _cause(exc)) from None
         return result
-
-    # ------------------------------------------------------------------ Core
-    @on(Action.change_availability)
-    def on_change_availability(self, connector_id: int, type: str, **_: Any) -> Any:
-        status = self.station.change_availability(connector_id, type == "Operative")
-        return call_result.ChangeAvailability(status=status)
-
-    @on(Action.change_configuration)
-    def on_change_configuration(self, key: str, value: str, **_: Any) -> Any:
-        result = self.station.keys.change_configuration(key, value)
-        shown = "<redacted>" if is_secret(key) else repr(value)
-        log.info("ChangeConfiguration %s = %s: %s", key, shown, result.value)
-        self._changed_key = key if result.value in ("Accepted", "RebootRequired") else None
-        return call_result.ChangeConfiguration(status=result.value)
-
-    @after(Action.change_configuration)
-    def after_change_configuration(self, key: str, value: str, **_: Any) -> None:
-        # Act only on a change that was accepted: a rejected AuthorizationKey (say, too
-        # short) must not become the password, or the CSMS would lock the charger out.
-        changed, self._changed_key = self._changed_key, None
-        if changed != key:
-            return
-        if key == "AuthorizationKey" and self.session.key_changed(value):
-            log.warning("new AuthorizationKey set by the CSMS: reconnecting with it")
-        elif key == "WebSocketPingInterval":
-            self.session.request_reconnect("WebSocketPingInterval changed")
-        elif key == "HeartbeatInterval":
-            self.session.heartbeat_interval_changed()
-
-    @on(Action.clear_cache)
-    def on_clear_cache(self, **_: Any) -> Any:
-        return call_result.ClearCache(status=self.station.clear_cache())
-
-    @on(Action.data_transfer)
-    def on_data_transfer(self, vendor_id: str, **_: Any) -> Any:
-        log.info("DataTransfer from vendor %r: no vendor extensions here", vendor_id)
-        return call_result.DataTransfer(status="UnknownVendorId")
-
-    @on(Action.get_configuration)
-    def on_get_configuration(self, key: list[str] | None = None, **_: Any) -> Any:
-        max_keys = self.station.keys.get_int("GetConfigurationMaxKeys")
-        if key is not None and len(key) > max_keys:
-            # Refused as a whole, not cut short: the CSMS learns it asked for too many
-            # (and how many it may ask for) instead of missing keys without a word.
-            raise OccurenceConstraintViolationError(
-                description=f"{len(key)} keys requested; GetConfigurationMaxKeys is {max_keys}"
-            )
-        known, unknown = self.station.keys.get_configuration(key or None)
-        return call_result.GetConfiguration(
-            configuration_key=[{"key": k, "readonly": ro, "value": v} for k, ro, v in known],
-            unknown_key=unknown or None,
-        )
-
-    @on(Action.remote_start_transaction)
-    def on_remote_start(self, id_tag: str, connector_id: int | None = None,
-                        charging_profile: dict[str, Any] | None = None, **_: Any) -> Any:  # fmt: skip
-        body = snake_to_camel_case(charging_profile) if charging_profile else None
-        status = self.station.remote_start(id_tag, connector_id, body)
-        return call_result.RemoteStartTransaction(status=status)
-
-    @on(Action.remote_stop_transaction)
-    def on_remote_stop(self, transaction_id: int, **_: Any) -> Any:
-        return call_result.RemoteStopTransaction(status=self.station.remote_stop(transaction_id))
-
-    @on(Action.reset)
-    def on_reset(self, type: str, **_: Any) -> Any:
-        return call_result.Reset(status="Accepted")
-
-    @after(Action.reset)
-    def after_reset(self, type: str, **_: Any) -> None:
-        self.station.reset(type)
-
-    @on(Action.unlock_connector)
-    async def on_unlock(self, connector_id: int, **_: Any) -> Any:
-        # Awaits the driver (not a CALL), briefly: the answer says whether the lock opened.
-        # Never cancelled half-way (a stop under way must finish): after the wait, the
-        # answer is UnlockFailed and the unlock carries on by itself.
-        task = self.station.spawn(self.station.unlock(connector_id), f"unlock-{connector_id}")
-        finished, _pending = await asyncio.wait({task}, timeout=UNLOCK_TIMEOUT_S)
-        if not finished:
-            log.error("connector %d: no unlock within %d s", connector_id, UNLOCK_TIMEOUT_S)
-        return call_result.UnlockConnector(status=task.result() if finished else "UnlockFailed")
-
-    # ------------------------------------------------------------------ Smart Charging
-    @on(Action.set_charging_profile)
-    def on_set_charging_profile(self, connector_id: int, cs_charging_profiles: dict[str, Any],
-                                **_: Any) -> Any:  # fmt: skip
-        body = snake_to_camel_case(cs_charging_profiles)
-        status = self.station.set_charging_profile(connector_id, body)
-        return call_result.SetChargingProfile(status=status)
-
-    @on(Action.clear_charging_profile)
-    def on_clear_charging_profile(self, id: int | None = None, connector_id: int | None = None,
-                                  charging_profile_purpose: str | None = None,
-                                  stack_level: int | None = None, **_: Any) -> Any:  # fmt: skip
-        status = self.station.clear_charging_profile(
-            id, connector_id, charging_profile_purpose, stack_level
-        )
-        return call_result.ClearChargingProfile(status=status)
-
-    @on(Action.get_composite_schedule)
-    def on_get_composite_schedule(self, connector_id: int, duration: int,
-                                  charging_rate_unit: str | None = None, **_: Any) -> Any:  # fmt: skip
-        result = self.station.composite_schedule(connector_id, duration, charging_rate_unit)
-        if result is None:
-            return call_result.GetCompositeSchedule(status="Rejected")
-        start, schedule = result
-        return call_result.GetCompositeSchedule(
-            status="Accepted",
-            connector_id=connector_id,
-            schedule_start=start,
-            charging_schedule=camel_to_snake_case(schedule),
-        )
-
-    # ------------------------------------------------------------------ Remote Trigger
-    @on(Action.trigger_message)
-    def on_trigger_message(self, requested_message: str, connector_id: int | None = None,
-                           **_: Any) -> Any:  # fmt: skip
-        return call_result.TriggerMessage(
-            status=self.station.trigger(requested_message, connector_id)
-        )
-
-    @after(Action.trigger_message)
-    def after_trigger_message(self, requested_message: str, connector_id: int | None = None,
-                              **_: Any) -> None:  # fmt: skip
-        if self.station.trigger(requested_message, connector_id) == "Accepted":
-            self.station.send_triggered(requested_message, connector_id)

@@ -77,6 +77,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from drivers.aio import raise_if_cancelling
 from drivers.base import (
     ControlMode,
     CurrentNotApplied,
@@ -90,7 +91,6 @@ from drivers.base import (
     StatusListener,
     TransientDriverError,
     VehicleState,
-    raise_if_cancelling,
 )
 
 __all__ = [

@@ -23,13 +23,13 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
 
+from drivers.aio import raise_if_cancelling
 from drivers.base import (
     DeviceTimeout,
     FatalDriverError,
     MeterReading,
     ProtocolError,
     TransientDriverError,
-    raise_if_cancelling,
 )
 from drivers.meter.maps import PlannedRead, RegisterMap, decode, load_map, plan_reads
 

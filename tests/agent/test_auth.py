@@ -1,4 +1,4 @@
-"""Authorization without the CSMS (agent.auth): the local list, the cache and the offline
+"""Authorization without the CSMS (agent.features.local_auth_list): the local list, the cache and the offline
 rules, on a real store."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from agent.auth import Authorizer, Decision
-from agent.core.config_keys import ConfigKeys
+from agent.features.local_auth_list.authorizer import Authorizer, Decision
+from agent.features.registry import ConfigKeys
 from agent.store import Store
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.core.config_keys import KEYS, SPECS, Access, ChangeResult, ConfigKeys
+from agent.core.config_keys import Access, ChangeResult
+from agent.features.registry import KEYS, SPECS, ConfigKeys
 
 CORE_KEYS = {
     "AllowOfflineTxForUnknownId", "AuthorizationCacheEnabled", "AuthorizeRemoteTxRequests",

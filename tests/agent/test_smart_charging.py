@@ -2,7 +2,7 @@
 
 Hand-worked cases (OCPP 1.6 section 3.13: stacking, combining purposes, the example data
 structure; midnight; daylight-saving changes; W to A; limits below 6 A), the installation
-rules of :class:`agent.charging.ChargingProfiles` (keys, replacement, clearing, persistence)
+rules of :class:`agent.features.smart_charging.profiles.ChargingProfiles` (keys, replacement, clearing, persistence)
 and property-based checks of the composite schedule.
 
 The installation in these tests: 32 A hardware maximum, 230 V, 3 phases (690 W per A).
@@ -23,9 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.charging import MAX_COMPOSITE_PERIODS, ChargingProfiles
 from agent.core import smart_charging as sc
-from agent.core.config_keys import ConfigKeys
+from agent.features.registry import ConfigKeys
+from agent.features.smart_charging.profiles import MAX_COMPOSITE_PERIODS, ChargingProfiles
 from agent.store import Store
 
 T0 = datetime(2026, 11, 25, 22, 0, tzinfo=UTC)

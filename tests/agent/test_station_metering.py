@@ -11,9 +11,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from agent.core.config_keys import ConfigKeys
+from agent.assembly import ChargePoint, assemble
+from agent.chargepoint.metering import next_aligned
+from agent.chargepoint.model import ConnectorHardware
+from agent.chargepoint.station import Station
 from agent.core.metering import energy_register_wh
-from agent.station import ConnectorHardware, Station, next_aligned
+from agent.features.registry import ConfigKeys
 from agent.store import Store
 from drivers.base import (
     ControlMode,
@@ -93,6 +96,13 @@ class FakeMeter:
 
 
 async def station(tmp_path: Path, **ocpp: object) -> tuple[Station, FakeClock, FakeMeter, Store]:
+    st, clock, meter, store, _charger = await charge_point(tmp_path, **ocpp)
+    return st, clock, meter, store
+
+
+async def charge_point(
+    tmp_path: Path, **ocpp: object
+) -> tuple[Station, FakeClock, FakeMeter, Store, ChargePoint]:
     cfg = SimpleNamespace(
         hardware={"max_current_a": 32, "nominal_voltage_v": 230, "phases": 3,
                   "meter_poll_s": 3600, "meter_miss_limit": 3, "connectors": 1},
@@ -101,12 +111,13 @@ async def station(tmp_path: Path, **ocpp: object) -> tuple[Station, FakeClock, F
     )  # fmt: skip
     store = Store.open(tmp_path)
     clock, meter = FakeClock(), FakeMeter()
-    st = Station(cfg=cfg, store=store, keys=ConfigKeys(overrides=dict(ocpp)), clock=clock,  # type: ignore[arg-type]
-                 hardware=[ConnectorHardware(FakeEvse(), meter)],  # type: ignore[arg-type]
-                 request_restart=lambda kind: None)  # fmt: skip
+    charger = assemble(cfg=cfg, store=store, keys=ConfigKeys(overrides=dict(ocpp)), clock=clock,  # type: ignore[arg-type]
+                       hardware=[ConnectorHardware(FakeEvse(), meter)],  # type: ignore[arg-type]
+                       request_restart=lambda kind: None)  # fmt: skip
+    st = charger.station
     st.registered = True
-    await st.start()
-    return st, clock, meter, store
+    await charger.start()
+    return st, clock, meter, store, charger
 
 
 def delivered(store: Store, action: str) -> list[dict[str, Any]]:
@@ -137,14 +148,14 @@ def test_a_float32_kwh_register_gives_the_wh_the_meter_shows() -> None:
 async def test_a_triggered_meter_value_from_a_silent_meter_is_its_last_register_as_of_then(
     tmp_path: Path,
 ) -> None:
-    st, clock, meter, _store = await station(tmp_path)
+    st, clock, meter, _store, charger = await charge_point(tmp_path)
     c = st.connectors[1]
     assert await st.start_transaction(c, "TAG")
     read_at = clock.t
     await fail_meter(st, meter)
     clock.t += timedelta(hours=2)
     st.outbox.online = True
-    st.send_triggered("MeterValues", 1)
+    charger.features.remote_trigger.send_triggered("MeterValues", 1)
     (sent,) = list(st.outbox.volatile)
     (value,) = sent.payload["meterValue"]
     assert value["timestamp"].startswith(read_at.strftime("%Y-%m-%dT%H:%M"))
@@ -183,10 +194,10 @@ async def test_stop_transaction_data_keeps_every_clock_aligned_value_when_thinne
     for minute in range(1, 4 * 60 + 1):
         clock.t = START + timedelta(minutes=minute, seconds=7)
         reading = MeterReading(energy_wh=10_000.0 + minute * 100, power_w=6000.0)
-        st._keep_for_stop(c, reading, "Sample.Periodic", "StopTxnSampledData")
+        st.metering.keep_for_stop(c, reading, "Sample.Periodic", "StopTxnSampledData")
         if minute % 15 == 0:
             at = START + timedelta(minutes=minute)
-            st._keep_for_stop(c, reading, "Sample.Clock", "StopTxnAlignedData", at)
+            st.metering.keep_for_stop(c, reading, "Sample.Clock", "StopTxnAlignedData", at)
     await st.stop_transaction(c, "Local")
     (stop,) = delivered(store, "StopTransaction")
     contexts = [mv["sampledValue"][0]["context"] for mv in stop["transactionData"]]
@@ -242,7 +253,7 @@ async def test_an_unacknowledged_staged_sample_reaches_the_disk_between_slow_met
     store.stage(tmp_path / "run" / "stage.db", 0.2)
     c = st.connectors[1]
     assert await st.start_transaction(c, "TAG")
-    st.queue_meter_values(c, meter.reading, "Sample.Periodic", "MeterValuesSampledData")
+    st.metering.queue_meter_values(c, meter.reading, "Sample.Periodic", "MeterValuesSampledData")
     cut = tmp_path / "cut"
     assert [a for a, _ in after_power_cut(tmp_path / "state", cut)] == ["StartTransaction"]
     await asyncio.sleep(0.6)

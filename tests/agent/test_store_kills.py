@@ -1,8 +1,9 @@
 """A SIGKILL at every step of the store: a child process runs a fixed story of two
 transactions (samples staged and on disk, acknowledged from both, a flush that falls due, a
 retry, a StopTransaction that moves the stage) and dies with ``os._exit`` at the K-th line
-the store executes -- for K = 1, 1 + STRIDE, ... until the story ends. After each death the
-store is opened again (as the next run of the agent would) and drained. Every time:
+the store (any module of ``agent/store/``) executes -- for K = 1, 1 + STRIDE, ... until the
+story ends. After each death the store is opened again (as the next run of the agent would)
+and drained. Every time:
 
 - nothing committed is lost: a message whose ``enqueue`` returned is delivered, unless the
   child was in the middle of acknowledging it;
@@ -45,8 +46,9 @@ def note(*what):  # unbuffered: what it says survives the kill
     os.write(events, (json.dumps(what) + "\n").encode())
 
 executed = 0
+package = os.path.dirname(agent.store.__file__) + os.sep  # every module of the store
 def tracer(frame, event, arg):
-    if frame.f_code.co_filename != agent.store.__file__:
+    if not frame.f_code.co_filename.startswith(package):
         return None
     def line(frame, event, arg):
         global executed

@@ -48,7 +48,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from ocpp.v16.enums import Action
 
-from agent.core.config_keys import SPECS
+from agent.features.registry import SPECS
 from agent.ocpp import csms as csms_module
 from agent.ocpp.csms import Csms
 from tests.conftest import CP_ID, OCPP16_ERROR_CODES, RunningAgent

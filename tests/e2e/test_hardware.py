@@ -114,7 +114,7 @@ async def test_a_pause_lost_to_a_line_glitch_is_sent_again(
     """RemoteStop while the controller's line is down for one command (the pause fails):
     the agent repeats the command until the contactor is open; no car charges outside a
     transaction."""
-    from agent import station as station_module
+    from agent.chargepoint import station as station_module
     from drivers.base import DeviceTimeout
     from drivers.evse.rapi import RapiController
 
@@ -235,7 +235,7 @@ async def test_a_current_the_controller_will_not_raise_is_not_repeated(
     decision. The agent takes it (and reports it) instead of repeating the command."""
     import asyncio
 
-    from agent import station as station_module
+    from agent.chargepoint import station as station_module
     from drivers.base import CurrentNotApplied
     from drivers.evse.rapi import RapiController
 
@@ -277,7 +277,7 @@ async def test_a_connector_whose_controller_never_started_is_faulted_not_availab
     controller answers, it is Available."""
     import asyncio
 
-    from agent import station as station_module
+    from agent.chargepoint import station as station_module
     from drivers.base import DeviceTimeout
     from drivers.evse.rapi import RapiController
 
@@ -311,7 +311,7 @@ async def test_a_controller_that_does_not_answer_at_start_is_started_later(
 ) -> None:
     """The controller is still booting when the agent starts (its first start fails): the
     agent starts it again a little later, and then charges under its supervision."""
-    from agent import station as station_module
+    from agent.chargepoint import station as station_module
     from drivers.base import DeviceTimeout
     from drivers.evse.rapi import RapiController
 

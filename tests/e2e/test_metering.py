@@ -306,7 +306,7 @@ async def test_stop_transaction_data_stays_within_its_byte_budget(
     """Every measurand (per phase) every second for 20 s: transactionData is thinned,
     never bigger than the budget (a CSMS may refuse big frames), still in time order,
     still from Transaction.Begin to Transaction.End."""
-    from agent.station import MAX_STOP_SAMPLE_BYTES
+    from agent.chargepoint.metering import MAX_STOP_SAMPLE_BYTES
 
     everything = "Energy.Active.Import.Register,Power.Active.Import,Current.Import,Voltage"
     agent: RunningAgent = await make_agent(ocpp={"StopTxnSampledData": everything})

@@ -1,1 +1,2 @@
-"""OCPP 1.6 security extensions: certificates, security profile 3, security events."""
+"""The OCPP 1.6 security extensions (security whitepaper): keys and, as they are built,
+certificates, security events and signed firmware."""

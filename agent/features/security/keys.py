@@ -1,14 +1,13 @@
-"""OCPP configuration keys of the security extensions (1.6 security whitepaper, edition 3).
+"""Security extension configuration keys (OCPP 1.6 security whitepaper, edition 3).
 
-``SecurityProfile`` and ``AuthorizationKey`` replace the entries of the same name in
-``agent/core/config_keys.py``. ChangeConfiguration of ``SecurityProfile`` must go through
+``SecurityProfile`` is read-write, but a ChangeConfiguration of it must go through
 :meth:`agent.features.security.service.SecurityService.change_security_profile` (upgrade
-only, prerequisites, reconnect, fallback); the generic path must not set it.
+only, prerequisites, reconnect, fallback): the generic path must not set it.
 """
 
 from __future__ import annotations
 
-from agent.core.config_keys import Access, KeySpec, Kind
+from agent.core.config_keys import RO, Access, KeySpec, Kind, bool_key, int_key
 
 #: The whitepaper's upper bound for CertificateSignedMaxChainSize (characters).
 MAX_CHAIN_SIZE = 10000
@@ -22,23 +21,15 @@ KEYS: tuple[KeySpec, ...] = (
         min_length=16,
         max_length=40,
     ),
-    # Read-write; see the module docstring. Values 2 and 3 (the agent only speaks wss://).
-    KeySpec("SecurityProfile", Kind.INT, "2", minimum=0, maximum=3),
+    # Values 2 and 3 (the agent only speaks wss://); see the module docstring.
+    int_key("SecurityProfile", 2, minimum=0, maximum=3),
     KeySpec("CpoName", Kind.STR, "", max_length=64),
-    KeySpec(
-        "CertificateSignedMaxChainSize",
-        Kind.INT,
-        str(MAX_CHAIN_SIZE),
-        access=Access.READ_ONLY,
-        minimum=0,
-        maximum=MAX_CHAIN_SIZE,
-    ),
-    KeySpec("CertificateStoreMaxLength", Kind.INT, "20", access=Access.READ_ONLY, minimum=1),
-    KeySpec("AdditionalRootCertificateCheck", Kind.BOOL, "false", access=Access.READ_ONLY),
-    # Whitepaper Firmware Management keys: none are defined besides the messages. These two
-    # are evcp's own (not in the whitepaper), documented in etc/evcp.toml:
+    int_key("CertificateSignedMaxChainSize", MAX_CHAIN_SIZE, access=RO, maximum=MAX_CHAIN_SIZE),
+    int_key("CertificateStoreMaxLength", 20, access=RO, minimum=1),
+    bool_key("AdditionalRootCertificateCheck", False, access=RO),
+    # evcp's own (not in the whitepaper), documented in docs/security.md:
     # refuse plain UpdateFirmware once signed updates are in use;
-    KeySpec("SignedFirmwareOnly", Kind.BOOL, "false"),
+    bool_key("SignedFirmwareOnly", False),
     # renew the charge-point certificate this many days before it expires.
-    KeySpec("CertificateRenewalDays", Kind.INT, "30", minimum=1, maximum=365),
+    int_key("CertificateRenewalDays", 30, minimum=1, maximum=365),
 )

@@ -6,7 +6,7 @@ ChargingScheduleAllowedChargingRateUnit, ChargingScheduleMaxPeriods,
 MaxChargingProfilesInstalled) and the charge point's state, applies the replacement rule,
 persists every change through the store before answering, clears, and computes limits and
 composite schedules with :mod:`agent.core.smart_charging`. It sends nothing and commands no
-hardware: the :class:`~agent.station.Station` asks it for limits and actuates.
+hardware: the charge point (:mod:`agent.chargepoint`) asks it for limits and actuates.
 
 Replacement (OCPP 1.6 section 5.16.3 and errata): a new profile replaces an installed one
 with the same chargingProfileId, or with the same chargingProfilePurpose, stackLevel and
@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from agent.core import smart_charging as sc
 from agent.core.config_keys import ConfigKeys
+from agent.core.timefmt import iso
 from agent.store import Store
 from drivers.base import IEC61851_MIN_CURRENT_A
 
@@ -58,11 +59,6 @@ def _anchored(body: dict[str, Any], now: datetime) -> dict[str, Any]:
             "chargingSchedule": {**schedule, "startSchedule": iso(now)},
         }
     return body
-
-
-def iso(ts: datetime) -> str:
-    """OCPP timestamp: UTC, milliseconds, 'Z'."""
-    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class ChargingProfiles:

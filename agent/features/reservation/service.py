@@ -11,7 +11,7 @@ charge point keeps at least as many connectors free as there are such reservatio
 when it is down to that many, the free ones report Reserved and start only for a holder.
 
 The connector's status is derived (``agent.core.connector``): this module only sets each
-connector's ``reserved`` input and asks the station to refresh the status.
+connector's ``reserved`` input and asks the charge point (its port) to refresh the status.
 """
 
 from __future__ import annotations
@@ -20,19 +20,21 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from agent.auth import parse_time
-from agent.store import ReservationRecord
+from agent.chargepoint.model import Connector
+from agent.chargepoint.port import ChargePointPort
+from agent.core import reservation as rules
+from agent.core.config_keys import ConfigKeys
+from agent.core.timefmt import parse_time
+from agent.store import ReservationRecord, Store
 
-if TYPE_CHECKING:
-    from agent.station import Connector, Station
+
+class ParentLookup(Protocol):
+    def parent_of(self, id_tag: str) -> str | None: ...
+
 
 log = logging.getLogger("evcp.reservations")
-
-FREE, PLUGGED, BUSY, FAULTED, UNAVAILABLE = "Free", "Plugged", "Busy", "Faulted", "Unavailable"
-#: States in which a connector can still start a transaction (for its reservation's holder).
-USABLE = (FREE, PLUGGED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,24 +57,36 @@ class Reservation:
 
 
 class Reservations:
-    def __init__(self, station: Station) -> None:
-        self.station = station
+    """The reservations, and the charge point's :class:`~agent.chargepoint.port.StartGuard`.
+
+    Args:
+        port: the charge point.
+        tags: where an idTag's parent (group) is looked up (the local list and cache).
+    """
+
+    def __init__(
+        self, *, port: ChargePointPort, store: Store, keys: ConfigKeys, tags: ParentLookup
+    ) -> None:
+        self.port = port
+        self.store = store
+        self.keys = keys
+        self.tags = tags
         self._by_id: dict[int, Reservation] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
         """Reload the stored reservations (the event loop runs); drop expired ones."""
-        now = self.station.now()
-        for rec in self.station.store.reservations():
+        now = self.port.now()
+        for rec in self.store.reservations():
             try:
                 expiry = parse_time(rec.expiry)
             except ValueError:
                 expiry = now
-            known = rec.connector_id == 0 or rec.connector_id in self.station.connectors
+            known = rec.connector_id == 0 or rec.connector_id in self.port.connectors
             if expiry <= now or not known:
                 log.info("reservation %d expired while the agent was down", rec.reservation_id)
-                self.station.store.delete_reservation(rec.reservation_id)
+                self.store.delete_reservation(rec.reservation_id)
                 continue
             self._add(
                 Reservation(rec.reservation_id, rec.connector_id, rec.id_tag,
@@ -96,17 +110,17 @@ class Reservations:
         reservation_id: int,
     ) -> str:
         """ReserveNow: Accepted, Faulted, Occupied, Rejected or Unavailable."""
-        station = self.station
+        port = self.port
         if connector_id == 0:
-            if not station.keys.get_bool("ReserveConnectorZeroSupported"):
+            if not self.keys.get_bool("ReserveConnectorZeroSupported"):
                 return "Rejected"
-        elif connector_id not in station.connectors:
+        elif connector_id not in port.connectors:
             return "Rejected"
         try:
             expiry = parse_time(expiry_date)
         except ValueError:
             return "Rejected"
-        if expiry <= station.now():
+        if expiry <= port.now():
             log.info("ReserveNow %d refused: expiryDate %s has passed", reservation_id,
                      expiry_date)  # fmt: skip
             return "Rejected"
@@ -137,43 +151,19 @@ class Reservations:
         return "Accepted"
 
     def _admit(self, connector_id: int, others: list[Reservation]) -> str:
-        station = self.station
         taken = {r.connector_id for r in others if r.connector_id != 0}
         zero = sum(1 for r in others if r.connector_id == 0)
-        states = {c.id: self._state(c) for c in station.connectors.values()}
-        # Free for a new reservation: Available ones only. A connector with a car plugged
-        # in (or a start under way) is Occupied, also when asked for through connector 0.
-        free = [cid for cid, state in states.items() if state == FREE and cid not in taken]
-        if connector_id == 0:
-            if len(free) > zero:
-                return "Accepted"
-            if all(state == FAULTED for state in states.values()):
-                return "Faulted"
-            if all(state in (FAULTED, UNAVAILABLE) for state in states.values()):
-                return "Unavailable"
-            return "Occupied"
-        state = states[connector_id]
-        if state == FAULTED:
-            return "Faulted"
-        if state == UNAVAILABLE:
-            return "Unavailable"
-        if state != FREE or connector_id in taken:
-            return "Occupied"
-        if len(free) - 1 < zero:
-            return "Occupied"  # a reservation of connector 0 counts on this one
-        return "Accepted"
+        states = {c.id: self._state(c) for c in self.port.connectors.values()}
+        return rules.admit(connector_id, states, taken, zero)
 
     def _state(self, c: Connector) -> str:
         inputs = c.inputs()
-        if inputs.fault is not None or inputs.meter_failed:
-            return FAULTED
-        if not c.operative or not self.station.operative0:
-            return UNAVAILABLE
-        if c.tx is not None or c.finishing:
-            return BUSY
-        if c.plugged or c.waiting_tag is not None or c.starting:
-            return PLUGGED  # no transaction yet: Occupied for a new reservation, usable
-        return FREE
+        return rules.state(
+            faulted=inputs.fault is not None or inputs.meter_failed,
+            operative=c.operative and self.port.operative0,
+            busy=c.tx is not None or c.finishing,
+            occupied=c.plugged or c.waiting_tag is not None or c.starting,
+        )
 
     # ------------------------------------------------------------------ starting
     def check_start(
@@ -184,7 +174,7 @@ class Reservations:
         if not self._by_id:
             return True, None
         if parent_id_tag is None:
-            parent_id_tag = self.station.auth.parent_of(id_tag)
+            parent_id_tag = self.tags.parent_of(id_tag)
         specific = self.on_connector(c.id)
         if specific is not None:
             if specific.held_by(id_tag, parent_id_tag):
@@ -211,6 +201,11 @@ class Reservations:
                 return r
         return None
 
+    def held_for(self, c: Connector, id_tag: str) -> bool:
+        """``c`` is reserved for ``id_tag`` (or for its group)."""
+        r = self.on_connector(c.id)
+        return r is not None and r.held_by(id_tag, self.tags.parent_of(id_tag))
+
     def group_may_hold(self, c: Connector) -> bool:
         """True when a reservation that holds ``c`` is for a group (has a parentIdTag):
         an idTag whose parent is not known yet may be one of its holders."""
@@ -228,18 +223,15 @@ class Reservations:
     # ------------------------------------------------------------------ status
     def update_flags(self) -> list[Connector]:
         """Set each connector's ``reserved`` input; return the connectors that changed."""
-        connectors = list(self.station.connectors.values())
+        connectors = list(self.port.connectors.values())
         specific = {r.connector_id for r in self._by_id.values() if r.connector_id != 0}
         zero = sum(1 for r in self._by_id.values() if r.connector_id == 0)
-        # What a reservation of connector 0 may hold: Available connectors (as _admit
-        # counts them), and one it already holds while its holder plugs in there.
-        free = [
-            c.id
-            for c in connectors
-            if c.id not in specific
-            and (self._state(c) == FREE or (c.reserved and self._state(c) in USABLE))
-        ]
-        held = set(free) if zero > 0 and len(free) <= zero else set()
+        held = rules.held_for_zero(
+            {c.id: self._state(c) for c in connectors},
+            {c.id for c in connectors if c.reserved},
+            specific,
+            zero,
+        )
         changed = []
         for c in connectors:
             reserved = c.id in specific or c.id in held
@@ -250,7 +242,7 @@ class Reservations:
 
     def refresh(self) -> None:
         for c in self.update_flags():
-            self.station._refresh_status(c)
+            self.port.refresh_status(c)
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [
@@ -266,11 +258,11 @@ class Reservations:
     def _add(self, r: Reservation, *, persist: bool) -> None:
         self._by_id[r.reservation_id] = r
         if persist:
-            self.station.store.put_reservation(
+            self.store.put_reservation(
                 ReservationRecord(r.reservation_id, r.connector_id, r.id_tag, r.parent_id_tag,
                                   r.expiry.isoformat())
             )  # fmt: skip
-        delay = max(0.0, (r.expiry - self.station.now()).total_seconds())
+        delay = max(0.0, (r.expiry - self.port.now()).total_seconds())
         self._timers[r.reservation_id] = asyncio.get_running_loop().call_later(
             delay, self._expire, r.reservation_id
         )
@@ -281,7 +273,7 @@ class Reservations:
         if timer is not None:
             timer.cancel()
         if persist:
-            self.station.store.delete_reservation(reservation_id)
+            self.store.delete_reservation(reservation_id)
 
     def _expire(self, reservation_id: int) -> None:
         self._timers.pop(reservation_id, None)

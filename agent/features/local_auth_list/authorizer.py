@@ -2,7 +2,7 @@
 and the offline rules of OCPP 1.6 (sections 3.5, 5.15, 9.1 and 9.2).
 
 :class:`Authorizer` holds no state of its own: the list and the cache live in the store
-(SQLite), so both survive a restart. It never sends anything; the station asks it
+(SQLite), so both survive a restart. It never sends anything; the charge point asks it
 
 - :meth:`~Authorizer.pre_authorized` before sending an Authorize.req (LocalPreAuthorize:
   an idTag the list or the cache holds as Accepted starts at once);
@@ -21,10 +21,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
+from agent.chargepoint.model import ID_TAG_STATUSES
 from agent.core.config_keys import ConfigKeys
+from agent.core.timefmt import parse_time
 from agent.store import AuthEntry, Store
 
 log = logging.getLogger("evcp.auth")
@@ -32,7 +34,6 @@ log = logging.getLogger("evcp.auth")
 ACCEPTED = "Accepted"
 INVALID = "Invalid"
 EXPIRED = "Expired"
-ID_TAG_STATUSES = ("Accepted", "Blocked", "Expired", "Invalid", "ConcurrentTx")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +48,6 @@ class Decision:
     @property
     def accepted(self) -> bool:
         return self.status == ACCEPTED
-
-
-def parse_time(text: str) -> datetime:
-    """An OCPP timestamp as an aware datetime (naive ones are taken as UTC)."""
-    value = datetime.fromisoformat(text.strip())
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class Authorizer:

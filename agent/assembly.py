@@ -1,0 +1,103 @@
+"""Assembly: the charge point and the feature profiles, wired through their ports.
+
+:func:`assemble` is what ``agent.app`` (and a test that needs the charge point without
+sockets) calls: it builds the :class:`~agent.chargepoint.station.Station` and one service
+per feature profile, and gives each what it may use. A new feature is built here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.chargepoint.model import Clock, ConnectorHardware
+from agent.chargepoint.station import Station
+from agent.config import Config
+from agent.core.config_keys import ConfigKeys
+from agent.features.core.service import Core
+from agent.features.local_auth_list.authorizer import Authorizer
+from agent.features.remote_trigger.service import RemoteTrigger
+from agent.features.reservation.service import Reservations
+from agent.features.smart_charging.profiles import ChargingProfiles
+from agent.features.smart_charging.service import SmartCharging
+from agent.store import Store
+
+
+@dataclass(slots=True)
+class Features:
+    """One service per OCPP feature profile."""
+
+    core: Core
+    smart_charging: SmartCharging
+    local_auth_list: Authorizer
+    reservation: Reservations
+    remote_trigger: RemoteTrigger
+
+
+@dataclass(slots=True)
+class ChargePoint:
+    """The charge point and its features, as the adapter, the session and the control
+    socket use them."""
+
+    station: Station
+    features: Features
+
+    async def start(self) -> None:
+        """Load the profiles, start the hardware, reload the reservations."""
+        self.features.smart_charging.profiles.load()
+        await self.station.start(before_first_status=self.features.reservation.load)
+
+    async def close(self) -> None:
+        self.features.reservation.close()
+        await self.station.close()
+
+
+def assemble(
+    *,
+    cfg: Config,
+    store: Store,
+    keys: ConfigKeys,
+    clock: Clock,
+    hardware: list[ConnectorHardware],
+    request_restart: Callable[[str], None],
+) -> ChargePoint:
+    connector_ids = list(range(1, len(hardware) + 1))
+    profiles = ChargingProfiles(
+        store=store,
+        keys=keys,
+        connector_ids=connector_ids,
+        max_current_a=float(cfg.hardware["max_current_a"]),
+        voltage_v=float(cfg.hardware["nominal_voltage_v"]),
+        phases=int(cfg.hardware["phases"]),
+    )
+    authorizer = Authorizer(store=store, keys=keys, now=clock.now)
+    station = Station(
+        cfg=cfg,
+        store=store,
+        keys=keys,
+        clock=clock,
+        hardware=hardware,
+        request_restart=request_restart,
+        limits=profiles,
+        tags=authorizer,
+    )
+    reservations = Reservations(port=station, store=store, keys=keys, tags=authorizer)
+    station.guard = reservations
+    smart = SmartCharging(port=station, profiles=profiles)
+    core = Core(
+        port=station,
+        cfg=cfg,
+        keys=keys,
+        tags=authorizer,
+        reservations=reservations,
+        remote_problem=smart.remote_problem,
+        queue_empty=lambda: store.queue_head() is None,
+    )
+    features = Features(
+        core=core,
+        smart_charging=smart,
+        local_auth_list=authorizer,
+        reservation=reservations,
+        remote_trigger=RemoteTrigger(port=station),
+    )
+    return ChargePoint(station, features)

@@ -1,0 +1,1 @@
+"""Core profile: Authorize, RemoteStart/Stop, ChangeAvailability, Reset, UnlockConnector..."""

@@ -1,0 +1,1 @@
+"""Remote Trigger profile: TriggerMessage."""

@@ -1,0 +1,1 @@
+"""Smart Charging profile: SetChargingProfile, ClearChargingProfile, GetCompositeSchedule."""

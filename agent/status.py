@@ -1,0 +1,88 @@
+"""What ``evcp status`` and ``evcp queue`` show: a snapshot of the charge point, its
+features and its queue (the control socket's answers; JSON for ``--json``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from agent import __version__
+from agent.assembly import ChargePoint
+from agent.core.timefmt import iso
+from agent.store import Store
+
+log = logging.getLogger("evcp.station")
+
+
+def snapshot(charger: ChargePoint) -> dict[str, Any]:
+    """What ``evcp status --json`` prints."""
+    station, features = charger.station, charger.features
+    store = station.store
+    pending, failed = store.queue_counts()
+    connectors = []
+    for c in station.connectors.values():
+        reading = c.reading
+        status, code, _vendor = station.status_of(c.id)
+        connectors.append(
+            {
+                "id": c.id,
+                "status": status,
+                "error_code": code,
+                "vehicle": c.vehicle.value,
+                "offered_current_a": c.offered_current_a,
+                "limit_a": c.limit_a,
+                "power_w": (reading.power_w or 0.0) if reading else 0.0,
+                "energy_wh": reading.energy_wh if reading else 0.0,
+                "transaction_id": station.csms_transaction_id(c),
+                "meter_ok": not c.meter_failed,
+                "controller_firmware": c.hw.evse.capabilities.firmware,
+            }
+        )
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "csms": {
+            "connected": station.connected,
+            "registered": station.registered,
+            "url": station.cfg.csms["url"],
+            "charge_point_id": station.cfg.csms["charge_point_id"],
+            "last_error": station.last_connect_error,
+        },
+        "queue": {"pending": pending, "failed": failed, "dropped": store.queue_dropped()},
+        "storage": store.storage_status(),
+        "local_list_version": features.local_auth_list.list_version(),
+        "reservations": features.reservation.snapshot(),
+        "clock": {"now": iso(station.now())},
+        "connectors": connectors,
+    }
+
+
+def failed_messages(store: Store) -> list[dict[str, Any]]:
+    """What ``evcp queue --json`` lists: the messages given up on, oldest first."""
+    failed = []
+    for seq, action, local_id, taken, error in store.queue_failed():
+        failed.append(
+            {
+                "seq": seq,
+                "action": action,
+                "local_transaction": local_id,
+                "transaction_id": (
+                    None if local_id is None else store.csms_transaction_id(local_id)
+                ),
+                "taken_at": taken,
+                "last_error": error,
+            }
+        )
+    return failed
+
+
+def retry_failed_messages(charger: ChargePoint) -> int:
+    """``evcp queue retry``: every message given up on goes back into the queue, in its
+    place, with TransactionMessageAttempts new tries; sending starts at once."""
+    station = charger.station
+    count = station.store.queue_retry_failed()
+    if count:
+        log.warning("%d failed transaction message(s) put back in the queue", count)
+        station.send_queue_now()
+    return count
