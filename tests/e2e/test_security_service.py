@@ -37,11 +37,11 @@ from websockets.http11 import Request, Response
 
 from agent.features.security import crypto
 from agent.features.security.certs import CertStore
-from agent.features.security.connection import NoCertificateError, connect_settings
 from agent.features.security.crypto import HelperCrypto, InProcessCrypto
 from agent.features.security.events import SecurityEvents, SecurityLog
 from agent.features.security.keys import KEYS
 from agent.features.security.service import SecurityService
+from agent.ocpp.security_connect import NoCertificateError, connect_settings
 from agent.ocpp.transport import classify, open_connection, security_event
 from tests.agent.security import pki
 
