@@ -240,6 +240,28 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "meter_transport": Key(str, "tcp", _one_of("tcp", "rtu")),
         "voltage_v": Key((int, float), 230, _range(100, 480)),
     },
+    "security": {
+        "key_algorithm": Key(
+            str,
+            "ec-p256",
+            _one_of("ec-p256", "rsa-2048"),
+            doc="the key the charger makes for its certificate (SignCertificate)",
+        ),
+        "profile_fallback_s": Key(
+            (int, float),
+            60,
+            _range(5, 3600),
+            doc="a new SecurityProfile or certificate that has not connected by then is undone",
+        ),
+        "log_max_kib": Key(int, 256, _range(16, 65536), doc="security log size before rotation"),
+        "log_files": Key(int, 3, _range(1, 20), doc="rotated security logs kept"),
+        "crypto": Key(
+            str,
+            "helper",
+            _one_of("helper", "inprocess"),
+            doc="helper: certificate work in a child process (keeps the agent small)",
+        ),
+    },
 }
 
 #: Sections whose keys are free-form: initial values of OCPP configuration keys.
@@ -260,6 +282,7 @@ class Config:
     evse: Mapping[str, Any]
     sim: Mapping[str, Any]
     ocpp: Mapping[str, Any] = field(default_factory=dict)
+    security: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def state_dir(self) -> Path:

@@ -20,6 +20,8 @@ from urllib.parse import quote, urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
+from agent.core.security import EventType
+
 log = logging.getLogger("evcp.transport")
 
 SUBPROTOCOL = "ocpp1.6"
@@ -61,16 +63,28 @@ TLS12_CIPHERS = ":".join(
 )
 
 
-def tls_context(ca_file: str | None) -> ssl.SSLContext:
+def tls_context(
+    ca_file: str | None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    extra_ca_file: str | None = None,
+) -> ssl.SSLContext:
     """Client TLS context: TLS >= 1.2, our cipher list, certificate and host name checked.
 
     TLS 1.3 stays enabled (with OpenSSL's default TLS 1.3 suites) for servers that offer it.
+    ``client_cert`` (PEM, the chain after the leaf) and ``client_key`` are the charge
+    point's certificate for security profile 3. ``extra_ca_file`` adds CSMS roots (those
+    installed with InstallCertificate) to ``ca_file`` or the system store.
     """
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file or None)
+    if extra_ca_file:
+        ctx.load_verify_locations(cafile=extra_ca_file)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if client_cert:
+        ctx.load_cert_chain(client_cert, client_key or None)
     return ctx
 
 
@@ -139,11 +153,88 @@ def classify(exc: BaseException) -> ConnectFailure:
     return ConnectFailure("protocol", f"{type(exc).__name__}: {exc}")
 
 
+#: OpenSSL reasons meaning the server wants another TLS version than ours.
+_VERSION_REASONS = frozenset(
+    {
+        "UNSUPPORTED_PROTOCOL",
+        "WRONG_VERSION_NUMBER",
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "NO_PROTOCOLS_AVAILABLE",
+        "UNKNOWN_PROTOCOL",
+    }
+)
+#: ... that no cipher suite is common.
+_CIPHER_REASONS = frozenset({"NO_SHARED_CIPHER", "NO_CIPHERS_AVAILABLE", "NO_CIPHER_MATCH"})
+#: ... that the server refused our client certificate (or wanted one we did not send).
+_CLIENT_CERT_REASONS = frozenset(
+    {
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "TLSV1_ALERT_ACCESS_DENIED",
+    }
+)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what caused it (websockets wraps TLS errors met during the upgrade)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def security_event(exc: BaseException, *, client_cert: bool) -> EventType | None:
+    """The OCPP security event a connect error stands for, or None (a network error).
+
+    ``client_cert``: the attempt presented a client certificate (security profile 3),
+    so a TLS handshake-failure alert means the server refused it rather than our suites.
+    """
+    for cause in _causes(exc):
+        if isinstance(cause, InvalidStatus):
+            if cause.response.status_code in (401, 403):
+                return EventType.FAILED_TO_AUTHENTICATE_AT_CSMS
+            return None
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return EventType.INVALID_CENTRAL_SYSTEM_CERTIFICATE
+        if isinstance(cause, ssl.SSLError):
+            reason = cause.reason or ""
+            if reason in _VERSION_REASONS:
+                return EventType.INVALID_TLS_VERSION
+            if reason in _CIPHER_REASONS:
+                return EventType.INVALID_TLS_CIPHER_SUITE
+            if reason in _CLIENT_CERT_REASONS:
+                return EventType.FAILED_TO_AUTHENTICATE_AT_CSMS
+            if reason == "SSLV3_ALERT_HANDSHAKE_FAILURE":
+                return (
+                    EventType.FAILED_TO_AUTHENTICATE_AT_CSMS
+                    if client_cert
+                    else EventType.INVALID_TLS_CIPHER_SUITE
+                )
+            return None
+        if isinstance(cause, EOFError) and "HTTP status line" in str(cause):
+            # The TLS handshake completed and the server hung up before answering the
+            # upgrade request: how a client certificate refused (or missing) under TLS 1.3
+            # looks, as asyncio does not surface the post-handshake alert.
+            return EventType.FAILED_TO_AUTHENTICATE_AT_CSMS
+        if isinstance(cause, ConnectionResetError) and cause.errno is None and not cause.args:
+            # EOF during the handshake (see classify): a server without TLS 1.2+ that
+            # sends no alert (most often an old TLS version).
+            return EventType.INVALID_TLS_VERSION
+    return None
+
+
 async def open_connection(
     *,
     url: str,
     charge_point_id: str,
-    password: str,
+    password: str | None,
     ssl_context: ssl.SSLContext,
     ping_interval_s: float,
     open_timeout_s: float = 20.0,
@@ -155,6 +246,8 @@ async def open_connection(
     come back within the same interval closes the connection, and the caller reconnects.
     ``proxy`` is an http(s):// HTTP CONNECT proxy, or empty to connect directly (proxy
     variables in the environment are ignored: a service's network path is its config).
+    ``password`` None sends no Basic Auth (security profile 3: the client certificate is
+    the credential).
     """
     if urlsplit(url).scheme != "wss":
         raise ValueError("refusing a non-wss:// CSMS URL")
@@ -163,7 +256,11 @@ async def open_connection(
         endpoint(url, charge_point_id),
         ssl=ssl_context,
         subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-        additional_headers={"Authorization": basic_auth_header(charge_point_id, password)},
+        additional_headers=(
+            {"Authorization": basic_auth_header(charge_point_id, password)}
+            if password is not None
+            else {}
+        ),
         ping_interval=interval,
         ping_timeout=interval,
         open_timeout=open_timeout_s,
