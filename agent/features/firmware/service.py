@@ -162,7 +162,10 @@ class FirmwareService:
         self._registered = asyncio.Event()
         self._processes: dict[asyncio.subprocess.Process, str] = {}
         self._started = False
-        self._generation = {"download": 0, "upload": 0}  # of the current download/upload: a stale helper's end is ignored
+        self._generation = {
+            "download": 0,
+            "upload": 0,
+        }  # of the current download/upload: a stale helper's end is ignored
 
     # --- life cycle
 
@@ -254,7 +257,7 @@ class FirmwareService:
         version = self.port.firmware_version()
         _write_atomic(self.spool / BOOT_MARKER, json.dumps({"version": version, "at": self._now()}))
         self._registered.set()
-        if self.state.update is not None:
+        if self.charging_blocked():  # Installing: is this the new version?
             self._feed(fw.BootAccepted(version, self._now()))
 
     def firmware_status(self) -> str:
@@ -315,7 +318,8 @@ class FirmwareService:
         elif isinstance(action, fw.WakeAt):
             self._wake_at(action.at, firmware)
         elif isinstance(action, fw.WaitForIdle):
-            self.port.when_idle(self._connectors_idle)
+            loop = asyncio.get_running_loop()  # never re-entered from inside _feed
+            self.port.when_idle(lambda: loop.call_soon(self._connectors_idle))
         elif isinstance(action, fw.BlockCharging):
             self.port.block_charging(action.blocked)
         elif isinstance(action, fw.HandToInstaller):

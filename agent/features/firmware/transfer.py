@@ -33,7 +33,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 CHUNK = 64 * 1024
@@ -106,14 +106,15 @@ def _write_meta(part: Path, meta: dict[str, Any]) -> None:
     _meta_path(part).write_text(json.dumps(meta))
 
 
-def _append(stream: BinaryIO, part: Path, offset: int) -> int:
+def _append(stream: http.client.HTTPResponse, part: Path, offset: int) -> int:
     """Copy ``stream`` into ``part`` from ``offset`` on; returns the bytes written."""
     written = 0
     with open(part, "r+b" if offset else "wb") as out:
         out.seek(offset)
         out.truncate()
-        while chunk := stream.read(CHUNK):
+        while chunk := stream.read1(CHUNK):  # what has arrived: a stall keeps it on disk
             out.write(chunk)
+            out.flush()
             written += len(chunk)
         out.flush()
         os.fsync(out.fileno())

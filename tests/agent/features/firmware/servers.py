@@ -14,6 +14,7 @@ import hashlib
 import http.server
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ class FileState:
     requests: list[dict[str, Any]] = field(default_factory=list)
     uploads: list[Received] = field(default_factory=list)
     upload_status: int = 201
+    #: send this many body bytes of the next GET, then stall until ``release`` is set
+    hold_after: int | None = None
+    release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -60,11 +64,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     "path": self.path,
                     "range": self.headers.get("Range"),
                     "if_range": self.headers.get("If-Range"),
+                    "at": time.time(),
                 }
             )
             cut = st.cut_after if st.cut_count > 0 else None
             if cut is not None:
                 st.cut_count -= 1
+            hold, st.hold_after = st.hold_after, None
         data = st.files.get(self.path)
         if data is None:
             self.send_error(404, "no such firmware")
@@ -86,6 +92,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("ETag", etag)
         self.send_header("Content-Type", "application/vnd.debian.binary-package")
         self.end_headers()
+        if hold is not None:
+            self.wfile.write(body[:hold])
+            self.wfile.flush()
+            st.release.wait(60)
+            self.close_connection = True
+            return
         if cut is not None:
             self.wfile.write(body[:cut])
             self.wfile.flush()
