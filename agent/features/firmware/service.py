@@ -318,8 +318,12 @@ class FirmwareService:
         elif isinstance(action, fw.WakeAt):
             self._wake_at(action.at, firmware)
         elif isinstance(action, fw.WaitForIdle):
-            loop = asyncio.get_running_loop()  # never re-entered from inside _feed
-            self.port.when_idle(lambda: loop.call_soon(self._connectors_idle))
+            loop = asyncio.get_running_loop()
+
+            def idle() -> None:
+                loop.call_soon(self._connectors_idle)  # never re-entered from inside _feed
+
+            self.port.when_idle(idle)
         elif isinstance(action, fw.BlockCharging):
             self.port.block_charging(action.blocked)
         elif isinstance(action, fw.HandToInstaller):
