@@ -67,60 +67,48 @@ def serve(directory: Path, mb: int) -> None:
         sys.stdin.read()  # until the parent closes our stdin
 
 
-async def download_figures(tmp: Path, mb: int) -> None:
-    server = subprocess.Popen(
-        [sys.executable, "-W", "ignore", __file__, "--serve", str(tmp), "--mb", str(mb)],
-        stdin=subprocess.PIPE,
+async def download_figures(tmp: Path, mb: int, url: str) -> None:
+    settings = Settings(
+        spool_dir=tmp / "spool",
+        config_path=tmp / "none.toml",
+        state_db=tmp / "none.db",
+        charge_point_id="CP-BENCH",
+        ca_file=str(tmp / "ca.pem"),
     )
-    try:
-        while not (tmp / "url").exists():
-            await asyncio.sleep(0.05)
-        url = (tmp / "url").read_text()
-        settings = Settings(
-            spool_dir=tmp / "spool",
-            config_path=tmp / "none.toml",
-            state_db=tmp / "none.db",
-            charge_point_id="CP-BENCH",
-            ca_file=str(tmp / "ca.pem"),
-        )
-        port = Port()
-        svc = FirmwareService(port, settings)
-        await svc.start()
-        svc.on_boot_accepted()
-        await asyncio.sleep(0.5)
-        before = rss_kib()
-        samples: list[int] = []
-        helper_peak = 0
-        t0 = time.monotonic()
-        svc.update_firmware(url, 0)
-        t_downloaded = t_installing = None
-        while t_installing is None:
-            samples.append(rss_kib())
-            for process in list(svc._processes):
-                try:
-                    helper_peak = max(helper_peak, hwm_kib(process.pid))
-                except OSError:
-                    pass
-            if t_downloaded is None and "Downloaded" in port.firmware():
-                t_downloaded = time.monotonic() - t0
-            if "Installing" in port.firmware():
-                t_installing = time.monotonic() - t0
-            if "DownloadFailed" in port.firmware():
-                raise SystemExit("download failed")
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.5)
-        after = rss_kib()
-        await svc.stop()
-    finally:
-        assert server.stdin is not None
-        server.stdin.close()
-        server.wait(30)
+    port = Port()
+    svc = FirmwareService(port, settings)
+    await svc.start()
+    svc.on_boot_accepted()
+    await asyncio.sleep(0.5)
+    before = rss_kib()
+    samples: list[int] = []
+    helper_peak = 0
+    t0 = time.monotonic()
+    svc.update_firmware(url, 0)
+    t_downloaded = t_installing = None
+    while t_installing is None:
+        samples.append(rss_kib())
+        for process in list(svc._processes):
+            try:
+                helper_peak = max(helper_peak, hwm_kib(process.pid))
+            except OSError:
+                pass
+        if t_downloaded is None and "Downloaded" in port.firmware():
+            t_downloaded = time.monotonic() - t0
+        if "Installing" in port.firmware():
+            t_installing = time.monotonic() - t0
+        if "DownloadFailed" in port.firmware():
+            raise SystemExit("download failed")
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.5)
+    after = rss_kib()
+    await svc.stop()
     print(f"{mb} MB update over HTTPS (loopback), through the helper process:")
     print(f"  agent-side RSS before {before / 1024:.2f} MiB, during (peak) "
-          f"{max(samples) / 1024:.2f} MiB, after {after / 1024:.2f} MiB")  # fmt: skip
+      f"{max(samples) / 1024:.2f} MiB, after {after / 1024:.2f} MiB")  # fmt: skip
     print(f"  helper process peak RSS (VmHWM) {helper_peak / 1024:.1f} MiB (gone when it exits)")
     print(f"  UpdateFirmware -> Downloaded {t_downloaded:.2f} s, -> Installing (hand-over)"
-          f" {t_installing:.2f} s")  # fmt: skip
+      f" {t_installing:.2f} s")  # fmt: skip
 
 
 def installer_figures(tmp: Path) -> None:
@@ -198,7 +186,18 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        asyncio.run(download_figures(tmp, args.mb))
+        server = subprocess.Popen(
+            [sys.executable, "-W", "ignore", __file__, "--serve", str(tmp), "--mb", str(args.mb)],
+            stdin=subprocess.PIPE,
+        )
+        try:
+            while not (tmp / "url").exists():
+                time.sleep(0.05)
+            asyncio.run(download_figures(tmp, args.mb, (tmp / "url").read_text()))
+        finally:
+            assert server.stdin is not None
+            server.stdin.close()
+            server.wait(30)
         installer_figures(tmp)
         bundle_figures(tmp, args.lines_per_day)
 
