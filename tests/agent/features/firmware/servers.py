@@ -168,19 +168,28 @@ USER, PASSWORD = "fw", "ftp-secret"
 
 
 @contextmanager
-def ftp_server(home: Path) -> Iterator[str]:
-    """A pyftpdlib server on 127.0.0.1; yields ftp://fw:ftp-secret@127.0.0.1:PORT."""
+def ftp_server(home: Path, tls_cert: Path | None = None) -> Iterator[str]:
+    """A pyftpdlib server on 127.0.0.1; yields ftp://fw:ftp-secret@127.0.0.1:PORT, or with
+    ``tls_cert`` (a PEM with key and chain) explicit FTPS requiring TLS on control and data
+    connections, yielding ftps://..."""
     authorizer = DummyAuthorizer()
     authorizer.add_user(USER, PASSWORD, str(home), perm="elradfmwMT")
-    handler = type("Handler", (FTPHandler,), {"authorizer": authorizer, "banner": "test"})
-    handler.passive_ports = None
+    base: type[FTPHandler] = FTPHandler
+    attrs: dict[str, object] = {"authorizer": authorizer, "banner": "test"}
+    if tls_cert is not None:
+        from pyftpdlib.handlers import TLS_FTPHandler
+
+        base = TLS_FTPHandler
+        attrs.update(certfile=str(tls_cert), tls_control_required=True, tls_data_required=True)
+    handler = type("Handler", (base,), attrs)
     server = ThreadedFTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"timeout": 0.2, "blocking": True}, daemon=True
     )
     thread.start()
     try:
-        yield f"ftp://{USER}:{PASSWORD}@127.0.0.1:{server.address[1]}"
+        scheme = "ftps" if tls_cert is not None else "ftp"
+        yield f"{scheme}://{USER}:{PASSWORD}@127.0.0.1:{server.address[1]}"
     finally:
         server.close_all()
         thread.join(10)

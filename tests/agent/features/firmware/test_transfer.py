@@ -199,3 +199,34 @@ def test_a_refused_upload_is_a_retryable_failure(
     code, out = helper("upload", "--url", https.url("/up"), "--file", str(bundle),
                        "--ca-file", str(ca_file))  # fmt: skip
     assert code == 1 and "503" in out["error"]
+
+
+@pytest.fixture
+def ftps_cert(ca: trustme.CA, tmp_path: Path) -> Path:
+    path = tmp_path / "ftps.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(path))
+    return path
+
+
+def test_ftps_download_upload_and_an_untrusted_server(
+    tmp_path: Path, ftps_cert: Path, ca_file: Path
+) -> None:
+    """Explicit FTPS (AUTH TLS, PROT P) with TLS required by the server on both channels."""
+    home = tmp_path / "ftp"
+    (home / "fw").mkdir(parents=True)
+    (home / "fw" / "evcp.deb").write_bytes(PAYLOAD)
+    bundle = tmp_path / "diagnostics-CP-1.tar.gz"
+    bundle.write_bytes(PAYLOAD[:40_000])
+    with ftp_server(home, tls_cert=ftps_cert) as base:
+        dest = tmp_path / "u.deb"
+        url = f"{base}/fw/evcp.deb"
+        # no --allow-http needed: FTPS is encrypted
+        code, out = helper("download", "--url", url, "--dest", str(dest), "--ca-file", str(ca_file))
+        assert code == 0, out
+        assert dest.read_bytes() == PAYLOAD
+        code, out = helper("upload", "--url", f"{base}/fw/", "--file", str(bundle),
+                           "--ca-file", str(ca_file))  # fmt: skip
+        assert code == 0, out
+        assert (home / "fw" / bundle.name).read_bytes() == bundle.read_bytes()
+        code, out = helper("download", "--url", url, "--dest", str(tmp_path / "v.deb"))
+        assert code == 1 and "TLS" in out["error"], out
