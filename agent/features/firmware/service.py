@@ -79,6 +79,8 @@ class Settings:
     default_retry_interval_s: float = 60.0
     transfer_timeout_s: float = 60.0
     rollback_after_s: float = 300.0
+    #: the installer must take install.request within this, or the install fails at once
+    pickup_timeout_s: float = 120.0
     python: str = sys.executable
     journalctl: str = "journalctl"
     unit: str = "evcp"
@@ -500,8 +502,20 @@ class FirmwareService:
             return
 
         async def watch() -> None:
+            loop = asyncio.get_running_loop()
+            pickup_deadline = loop.time() + self.settings.pickup_timeout_s
+            request = self.spool / INSTALL_REQUEST
             while self.charging_blocked():
                 if self._read_result():
+                    return
+                if request.exists() and loop.time() > pickup_deadline:
+                    request.unlink(missing_ok=True)
+                    reason = (
+                        f"the installer did not take the update within"
+                        f" {self.settings.pickup_timeout_s:g} s (is evcp-installer.path enabled?)"
+                    )
+                    log.error("firmware: %s", reason)
+                    self._feed(fw.InstallerFailed(reason, self._now()))
                     return
                 await asyncio.sleep(0.5)
 

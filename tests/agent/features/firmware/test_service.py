@@ -301,3 +301,33 @@ async def test_get_diagnostics_by_ftp_stor_and_upload_failed_after_retries(
     svc.get_diagnostics(f"{base}/in/", retries=2, retry_interval_s=0.1)
     await until(lambda: port.diagnostics()[-1:] == ["UploadFailed"], "UploadFailed")
     assert port.diagnostics() == ["Uploading", "Uploaded", "Uploading", "UploadFailed"]
+
+
+async def test_no_installer_fails_the_install_and_unblocks_charging(
+    https: FileServer, service: Callable[..., Any], settings: Settings
+) -> None:
+    port = Port()
+    svc = await service(port, pickup_timeout_s=1.0)
+    svc.update_firmware(https.url(DEB), 0)
+    await until(lambda: port.firmware()[-1:] == ["InstallationFailed"], "InstallationFailed")
+    assert port.firmware() == ["Downloading", "Downloaded", "Installing", "InstallationFailed"]
+    assert port.blocked == [True, False]
+    assert not (settings.spool_dir / INSTALL_REQUEST).exists()
+    assert "evcp-installer.path" in (read_state(settings.spool_dir).last_result or "")
+
+
+def test_settings_from_the_config_file(tmp_path: Path, ca_file: Path) -> None:
+    from agent.config import load
+
+    path = tmp_path / "evcp.toml"
+    path.write_text(
+        '[csms]\nurl = "wss://csms.example.com/ocpp"\ncharge_point_id = "CP-9"\n'
+        'password = "0123456789abcdef-test"\n[agent]\nstate_dir = "st"\n'
+        'control_socket = "c.sock"\n[time]\nntp_servers = []\n[hardware]\ndriver = "sim"\n'
+        f'[firmware]\nca_file = "{ca_file}"\nupload_method = "post"\nrollback_after_s = 90\n'
+    )
+    s = Settings.from_config(load(path))
+    assert s.spool_dir == tmp_path / "st" / "firmware"
+    assert s.state_db == tmp_path / "st" / "evcp.db"
+    assert (s.charge_point_id, s.upload_method, s.rollback_after_s) == ("CP-9", "post", 90)
+    assert s.ca_file == str(ca_file) and s.allow_http is False
