@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--connector", type=int, default=1, help="connector id (0: the charger)")
     p.add_argument("--unit", choices=("A", "W"), default="A")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("firmware", help="firmware update state (works without the agent)")
+    p.add_argument("action", choices=("status",))
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("probe", help="talk to one configured device once (bring-up)")
     p.add_argument("device", choices=("meter", "evse"))
     with_config(p)
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "demo": cmd_demo,
             "probe": cmd_probe,
             "schedule": cmd_schedule,
+            "firmware": cmd_firmware,
         }[args.command]
         return handler(args)
     except ConfigError as exc:
@@ -306,6 +311,27 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     print(schedule_view.table(view))
     print()
     print(schedule_view.plot(view))
+    return 0
+
+
+def cmd_firmware(args: argparse.Namespace) -> int:
+    from agent.features.firmware.service import status_view
+
+    cfg = load(args.config)
+    view = status_view(cfg.firmware_dir, __version__)
+    if args.json:
+        print(json.dumps(view))
+        return 0
+    print(f"evcp {view['version']}: firmware {view['status']}")
+    pending = view["pending"]
+    if pending:
+        print(f"Pending  {pending['state']}: {pending['location']}"
+              f" (attempt {pending['attempt']} of {pending['attempts']})")  # fmt: skip
+        if pending.get("last_error"):
+            print(f"         last error: {pending['last_error']}")
+    else:
+        print("Pending  nothing")
+    print(f"Last     {view['last_result'] or '-'}")
     return 0
 
 

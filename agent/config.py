@@ -232,6 +232,34 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "timeout_s": Key((int, float), 1.0, _range(0.05, 30)),
         "fallback_current_a": Key(int, 6, _range(6, 80)),
     },
+    "firmware": {
+        "ca_file": Key(
+            str,
+            "",
+            doc="CA bundle for https:// and ftps:// firmware and diagnostics; empty: system store",
+        ),
+        "allow_http": Key(bool, False, doc="accept http:// and ftp:// (no TLS) locations"),
+        "install_command": Key(
+            str,
+            "",
+            doc="replaces the dpkg step, run by the installer as root; {file} is the update",
+        ),
+        "rollback_after_s": Key(
+            (int, float),
+            300,
+            _range(10, 86400),
+            doc="the new version must reach BootNotification Accepted within this, or it is rolled back",
+        ),
+        "spool_dir": Key(
+            str, "", doc="downloads and the installer's hand-over; empty: state_dir/firmware"
+        ),
+        "upload_method": Key(str, "put", _one_of("put", "post"), doc="HTTP(S) diagnostics upload"),
+        "default_retries": Key(
+            int, 3, _range(1, 100), doc="attempts when the CSMS gives no retries"
+        ),
+        "default_retry_interval_s": Key((int, float), 60, _range(1, 86400)),
+        "transfer_timeout_s": Key((int, float), 60, _range(1, 3600), doc="per network read"),
+    },
     "sim": {
         "time_scale": Key((int, float), 1.0, _range(0.01, 100000)),
         "ev_max_current_a": Key((int, float), 32, _range(0, 80)),
@@ -283,10 +311,17 @@ class Config:
     sim: Mapping[str, Any]
     ocpp: Mapping[str, Any] = field(default_factory=dict)
     security: Mapping[str, Any] = field(default_factory=dict)
+    firmware: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def state_dir(self) -> Path:
         return Path(self.agent["state_dir"])
+
+    @property
+    def firmware_dir(self) -> Path:
+        """Where firmware downloads, diagnostics bundles and the installer hand-over live."""
+        spool = self.firmware.get("spool_dir", "")
+        return Path(spool) if spool else self.state_dir / "firmware"
 
     @property
     def control_socket(self) -> Path:
@@ -380,6 +415,8 @@ def validate(data: Mapping[str, Any], path: Path) -> Config:
         ("agent", "stage_dir"),
         ("agent", "control_socket"),
         ("csms", "ca_file"),
+        ("firmware", "ca_file"),
+        ("firmware", "spool_dir"),
     ):
         raw = sections[section][key]
         if raw and not os.path.isabs(raw):
@@ -392,6 +429,11 @@ def validate(data: Mapping[str, Any], path: Path) -> Config:
         raise fail("[csms] reconnect_min_s", "must not exceed reconnect_max_s")
     if sections["csms"]["ca_file"] and not Path(sections["csms"]["ca_file"]).is_file():
         raise fail("[csms] ca_file", f"no such file: {sections['csms']['ca_file']}")
+    if sections["firmware"]["ca_file"] and not Path(sections["firmware"]["ca_file"]).is_file():
+        raise fail("[firmware] ca_file", f"no such file: {sections['firmware']['ca_file']}")
+    command = sections["firmware"]["install_command"]
+    if command and "{file}" not in command:
+        raise fail("[firmware] install_command", "must contain {file} (the downloaded update)")
     if sections["hardware"]["driver"] == "devices" and sections["hardware"]["connectors"] != 1:
         raise fail(
             "[hardware] connectors",

@@ -1,0 +1,1 @@
+"""Firmware Management profile: UpdateFirmware, GetDiagnostics and the installer hand-over."""
