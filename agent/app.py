@@ -28,6 +28,8 @@ from agent.config import Config
 from agent.control import Peer
 from agent.control import serve as serve_control
 from agent.core.config_keys import ConfigKeys
+from agent.features.firmware.keys import supported_protocols
+from agent.features.firmware.port import FirmwarePort
 from agent.features.registry import ConfigKeys as KeyRegistry
 from agent.features.registry import is_secret
 from agent.hardware import SimProcess, build
@@ -139,7 +141,12 @@ async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
         keys = KeyRegistry(
             stored=store.config_values(),
             overrides=dict(cfg.ocpp),
-            fixed={"NumberOfConnectors": str(len(cfg.connector_ids))},
+            fixed={
+                "NumberOfConnectors": str(len(cfg.connector_ids)),
+                "SupportedFileTransferProtocols": supported_protocols(
+                    bool(cfg.firmware["allow_http"])
+                ),
+            },
         )
     except ValueError as exc:
         from agent.config import ConfigError
@@ -197,6 +204,9 @@ async def _serve(cfg: Config, stop: asyncio.Event, live: Live, password: str) ->
     )
     station = charger.station
     session = Session(cfg=cfg, charger=charger, password=password)
+    firmware_port = charger.features.firmware.port
+    if isinstance(firmware_port, FirmwarePort):  # what a diagnostics bundle says of us
+        firmware_port.summary = lambda: snapshot(charger, session_info(live, session))
     restart_kind: str | None = None
     try:
         await charger.start()

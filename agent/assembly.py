@@ -15,11 +15,14 @@ from agent.chargepoint.station import Station
 from agent.config import Config
 from agent.core.config_keys import ConfigKeys
 from agent.features.core.service import Core
+from agent.features.firmware.port import FirmwarePort
+from agent.features.firmware.service import FirmwareService, Settings
 from agent.features.local_auth_list.authorizer import Authorizer
 from agent.features.remote_trigger.service import RemoteTrigger
 from agent.features.reservation.service import Reservations
 from agent.features.smart_charging.profiles import ChargingProfiles
 from agent.features.smart_charging.service import SmartCharging
+from agent.outbox import Outgoing
 from agent.store import Store
 
 
@@ -32,6 +35,7 @@ class Features:
     local_auth_list: Authorizer
     reservation: Reservations
     remote_trigger: RemoteTrigger
+    firmware: FirmwareService
 
 
 @dataclass(slots=True)
@@ -43,11 +47,18 @@ class ChargePoint:
     features: Features
 
     async def start(self) -> None:
-        """Load the profiles, start the hardware, reload the reservations."""
+        """Load the profiles, start the hardware, reload the reservations, carry on with a
+        firmware update or a diagnostics upload that was under way."""
         self.features.smart_charging.profiles.load()
         await self.station.start(before_first_status=self.features.reservation.load)
+        await self.features.firmware.start()
+
+    def boot_accepted(self) -> None:
+        """The CSMS accepted our BootNotification (the firmware's health proof)."""
+        self.features.firmware.on_boot_accepted()
 
     async def close(self) -> None:
+        await self.features.firmware.stop()
         self.features.reservation.close()
         await self.station.close()
 
@@ -93,11 +104,30 @@ def assemble(
         remote_problem=smart.remote_problem,
         queue_empty=lambda: store.queue_head() is None,
     )
+    trigger = RemoteTrigger(port=station)
+    firmware = FirmwareService(FirmwarePort(station), Settings.from_config(cfg))
+    for message, status in (
+        ("FirmwareStatusNotification", firmware.firmware_status),
+        ("DiagnosticsStatusNotification", firmware.diagnostics_status),
+    ):
+        trigger.register(message, _status_sender(station, message, status))
     features = Features(
         core=core,
         smart_charging=smart,
         local_auth_list=authorizer,
         reservation=reservations,
-        remote_trigger=RemoteTrigger(port=station),
+        remote_trigger=trigger,
+        firmware=firmware,
     )
     return ChargePoint(station, features)
+
+
+def _status_sender(
+    station: Station, action: str, status: Callable[[], str]
+) -> Callable[[int | None], None]:
+    """A TriggerMessage sender: the feature's current status, as a volatile message."""
+
+    def send(_connector_id: int | None) -> None:
+        station.outbox.send(Outgoing(action, {"status": status()}))
+
+    return send

@@ -83,6 +83,8 @@ class Connector:
     meter_failed: bool = False
     operative: bool = True
     charger_operative: bool = True  # connector 0's availability: the charger as a whole
+    #: No new transaction (a firmware update is installing): Unavailable until it ends.
+    blocked: bool = False
     pending_inoperative: bool | None = None  # Scheduled availability change
     tx: ActiveTx | None = None
     starting: bool = False  # a transaction is being started (authorizing, reading the meter)
@@ -110,8 +112,9 @@ class Connector:
 
     @property
     def usable(self) -> bool:
-        """Operative itself and as part of the charger (connector 0 Operative too)."""
-        return self.operative and self.charger_operative
+        """Operative itself and as part of the charger (connector 0 Operative too), and
+        not blocked (a firmware update is installing)."""
+        return self.operative and self.charger_operative and not self.blocked
 
     @property
     def can_start(self) -> bool:

@@ -101,6 +101,10 @@ class ChargePointPort(Protocol):
         """MeterValue entries for a TriggerMessage(MeterValues): now, or the last register."""
         ...
 
+    def block_charging(self, blocked: bool, reason: str = "") -> None:
+        """While ``blocked``, no new transaction starts (idle connectors Unavailable)."""
+        ...
+
     def when_idle(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once no transaction is running or starting (now if none is)."""
         ...

@@ -409,6 +409,18 @@ class Station:
         c.operative = operative
         self.store.put(f"availability.{c.id}", "Operative" if operative else "Inoperative")
 
+    def block_charging(self, blocked: bool, reason: str = "") -> None:
+        """While ``blocked``, no new transaction starts and idle connectors report
+        Unavailable (a firmware update installs); running ones go on."""
+        for c in self.connectors.values():
+            if c.blocked != blocked:
+                c.blocked = blocked
+                self.refresh_status(c)
+        if blocked:
+            log.warning("no new transactions: %s", reason or "charging blocked")
+        else:
+            log.info("new transactions allowed again")
+
     # ================================================================== idle
     def idle(self) -> bool:
         """No transaction is running or starting on any connector."""

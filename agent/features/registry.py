@@ -9,6 +9,7 @@ from __future__ import annotations
 from agent.core import config_keys
 from agent.core.config_keys import Access, KeySpec
 from agent.features.core import keys as core
+from agent.features.firmware import keys as firmware
 from agent.features.local_auth_list import keys as local_auth_list
 from agent.features.reservation import keys as reservation
 from agent.features.security import keys as security
@@ -21,6 +22,7 @@ FEATURE_PROFILES = (
     "RemoteTrigger",
     "LocalAuthListManagement",
     "Reservation",
+    firmware.FEATURE_PROFILE,
 )
 
 KEYS: tuple[KeySpec, ...] = (
@@ -29,6 +31,7 @@ KEYS: tuple[KeySpec, ...] = (
     *local_auth_list.KEYS,
     *reservation.KEYS,
     *security.KEYS,
+    *firmware.keys(allow_http=False),
 )
 
 SPECS: dict[str, KeySpec] = {spec.name: spec for spec in KEYS}

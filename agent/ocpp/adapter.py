@@ -40,6 +40,7 @@ from agent.features.registry import is_secret
 from agent.logs import add_secret
 from agent.ocpp.handlers import ConnectionControl
 from agent.ocpp.handlers.core import CoreHandlers
+from agent.ocpp.handlers.firmware import FirmwareHandlers
 from agent.ocpp.handlers.local_auth_list import LocalAuthListHandlers
 from agent.ocpp.handlers.remote_trigger import RemoteTriggerHandlers
 from agent.ocpp.handlers.reservation import ReservationHandlers
@@ -127,6 +128,7 @@ class OcppAdapter(
     LocalAuthListHandlers,
     ReservationHandlers,
     RemoteTriggerHandlers,
+    FirmwareHandlers,
     ChargePoint,
 ):
     """``ocpp.v16.ChargePoint`` bound to the feature profiles. One instance per connection.

@@ -56,12 +56,14 @@ class Sender:
         boot_payload: Callable[[], dict[str, Any]],
         tags: Remember,
         closing: asyncio.Event,
+        boot_accepted: Callable[[], None] = lambda: None,
     ) -> None:
         self.station = station
         self.keys = station.keys
         self.boot_payload = boot_payload
         self.tags = tags
         self.closing = closing
+        self.boot_accepted = boot_accepted
         self.registration: str | None = None  # last BootNotification status
         self.boot_due = 0.0
         self._heartbeat_due = 0.0
@@ -184,6 +186,7 @@ class Sender:
             self._heartbeat_due = loop.time() + self.keys.get_int("HeartbeatInterval")
             log.info("BootNotification accepted; heartbeat every %d s", interval)
             self.station.send_all_statuses()
+            self.boot_accepted()
             return
         retry = interval if interval > 0 else 60
         log.warning("BootNotification %s by the CSMS; retrying in %d s", status, retry)

@@ -51,6 +51,7 @@ class Session:
             boot_payload=charger.features.core.boot_payload,
             tags=charger.features.local_auth_list,
             closing=self._reconnect,
+            boot_accepted=charger.boot_accepted,
         )
         self.station.request_boot = self.sender.boot_now
         self.station.send_queue_now = self.sender.send_queue_now

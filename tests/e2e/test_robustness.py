@@ -127,7 +127,7 @@ BAD_FRAMES: list[tuple[str, str, object, set[str] | None]] = [
     ("unknown-action", '[2, "a-1", "FooBar", {}]', "a-1", {"NotImplemented", "NotSupported"}),
     (
         "unhandled-action",
-        '[2, "a-2", "GetDiagnostics", {"location": "ftp://x/"}]',
+        '[2, "a-2", "Heartbeat", {}]',  # an action the CSMS never sends a charger
         "a-2",
         {"NotImplemented", "NotSupported"},
     ),
