@@ -206,7 +206,10 @@ async def _serve(cfg: Config, stop: asyncio.Event, live: Live, password: str) ->
     session = Session(cfg=cfg, charger=charger, password=password)
     firmware_port = charger.features.firmware.port
     if isinstance(firmware_port, FirmwarePort):  # what a diagnostics bundle says of us
-        firmware_port.summary = lambda: snapshot(charger, session_info(live, session))
+        firmware_port.summary = lambda: {
+            **snapshot(charger, session_info(live, session)),
+            "database_integrity": live.store.integrity_check(),
+        }
     restart_kind: str | None = None
     try:
         await charger.start()

@@ -321,6 +321,17 @@ class Store:
     def active_transactions(self) -> list[TxRecord]:
         return self._transactions.active()
 
+    def integrity_check(self) -> str:
+        """``PRAGMA quick_check`` of the state file, through the agent's own connection
+        (it holds the file's lock): "ok", or what is wrong."""
+        if not self._database.on_disk:
+            return "not checked: the state is in memory (the disk refused writes)"
+        try:
+            rows = self._database.db.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.Error as exc:
+            return f"the check failed: {exc}"
+        return "; ".join(str(row[0]) for row in rows)
+
     def recent_transactions(self, count: int) -> list[dict[str, Any]]:
         """The last ``count`` transactions, newest first, for ``evcp tx``: each with
         whether the CSMS has all its messages (``delivered``)."""

@@ -98,7 +98,7 @@ def integrity(state_db: Path) -> str:
     if not state_db.exists():
         return f"no state database at {state_db}"
     try:
-        con = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=10)
+        con = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=1)
         try:
             rows = con.execute("PRAGMA integrity_check").fetchall()
         finally:
@@ -129,12 +129,19 @@ def build_bundle(
             status = status_json.read_text()
         except OSError as exc:
             status = json.dumps({"error": f"no status summary: {exc}"})
+        try:
+            checked = json.loads(status).get("database_integrity")
+        except (ValueError, AttributeError):
+            checked = None
+        # The agent holds the database's lock: it checks it itself and passes the result
+        # (opening it here would wait for the lock); the file is read here only without it.
+        integrity_text = f"{state_db}: {checked}" if checked else integrity(state_db)
         with tarfile.open(partial, "w:gz", compresslevel=6) as tar:
             tar.add(journal, arcname=f"{folder}/journal.txt")
             for name, text in (
                 ("config.json", _config(config)),
                 ("status.json", status),
-                ("integrity.txt", integrity(state_db) + "\n"),
+                ("integrity.txt", integrity_text + "\n"),
             ):
                 data = text.encode()
                 info = tarfile.TarInfo(f"{folder}/{name}")
