@@ -89,12 +89,10 @@ async def test_an_update_waits_for_the_transaction_and_blocks_new_ones(
     answer = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="TAG-2", connector_id=1))
     assert answer["status"] == "Rejected"
     actions = [m.action for m in csms.received[mark:]]
-    assert (
-        actions.index("StopTransaction")
-        < [
-            i for i, m in enumerate(csms.received[mark:]) if m.payload.get("status") == "Installing"
-        ][0]
+    installing = next(
+        i for i, m in enumerate(csms.received[mark:]) if m.payload.get("status") == "Installing"
     )
+    assert actions.index("StopTransaction") < installing
     assert csms.errors == []
 
 
