@@ -218,7 +218,8 @@ class Store:
             "on_disk": self._database.on_disk,
             "error": self.write_error,
             "stage": None if stage.file is None else str(stage.path),
-            "stage_filesystem": None if stage.file is None else stage.filesystem,
+            # where it really is: `evcp status` says "in RAM" only on a tmpfs
+            **({} if stage.file is None else {"stage_filesystem": stage.filesystem}),
         }
 
     # ------------------------------------------------------------------ the stage (RAM)
