@@ -7,23 +7,33 @@ per feature profile, and gives each what it may use. A new feature is built here
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
+from agent import __version__
 from agent.chargepoint.model import Clock, ConnectorHardware
 from agent.chargepoint.station import Station
 from agent.config import Config
 from agent.core.config_keys import ConfigKeys
+from agent.core.security import EventType
 from agent.features.core.service import Core
 from agent.features.firmware.port import FirmwarePort
 from agent.features.firmware.service import FirmwareService, Settings
 from agent.features.local_auth_list.authorizer import Authorizer
 from agent.features.remote_trigger.service import RemoteTrigger
 from agent.features.reservation.service import Reservations
+from agent.features.security.port import SecurityPort
+from agent.features.security.service import SecurityService
+from agent.features.security.service import build as build_security
 from agent.features.smart_charging.profiles import ChargingProfiles
 from agent.features.smart_charging.service import SmartCharging
 from agent.outbox import Outgoing
 from agent.store import Store
+
+#: How often the charge-point certificate's expiry is checked besides each connection.
+RENEWAL_CHECK_S = 86400
 
 
 @dataclass(slots=True)
@@ -36,6 +46,9 @@ class Features:
     reservation: Reservations
     remote_trigger: RemoteTrigger
     firmware: FirmwareService
+    security: SecurityService
+    #: Runs a feature's follow-up work in the background (the charge point's tasks).
+    spawn: Callable[[Coroutine[Any, Any, Any], str], object]
 
 
 @dataclass(slots=True)
@@ -52,10 +65,21 @@ class ChargePoint:
         self.features.smart_charging.profiles.load()
         await self.station.start(before_first_status=self.features.reservation.load)
         await self.features.firmware.start()
+        self.features.security.started()
+        self.station.spawn(self._renewal_checks(), "certificate-renewal")
+
+    async def _renewal_checks(self) -> None:
+        """Daily: a charge-point certificate near its expiry asks for a new one (also
+        checked at every connection)."""
+        while True:
+            await asyncio.sleep(RENEWAL_CHECK_S)
+            await self.features.security.check_renewal()
 
     def boot_accepted(self) -> None:
-        """The CSMS accepted our BootNotification (the firmware's health proof)."""
+        """The CSMS accepted our BootNotification: the firmware's health proof; the
+        security events kept meanwhile go out, the certificate's expiry is checked."""
         self.features.firmware.on_boot_accepted()
+        self.station.spawn(self.features.security.on_connected(), "security-connected")
 
     async def close(self) -> None:
         await self.features.firmware.stop()
@@ -106,6 +130,16 @@ def assemble(
     )
     trigger = RemoteTrigger(port=station)
     firmware = FirmwareService(FirmwarePort(station), Settings.from_config(cfg))
+    security_port = SecurityPort(station, store)
+    security = build_security(cfg, keys=keys, port=security_port)
+    security.events.send_now = security_port.send_now
+    firmware_port = firmware.port
+    if isinstance(firmware_port, FirmwarePort):
+        firmware_port.on_status = lambda status: (
+            security.raise_event(EventType.FIRMWARE_UPDATED, f"evcp {__version__} installed")
+            if status == "Installed"
+            else None
+        )
     for message, status in (
         ("FirmwareStatusNotification", firmware.firmware_status),
         ("DiagnosticsStatusNotification", firmware.diagnostics_status),
@@ -118,6 +152,8 @@ def assemble(
         reservation=reservations,
         remote_trigger=trigger,
         firmware=firmware,
+        security=security,
+        spawn=station.spawn,
     )
     return ChargePoint(station, features)
 

@@ -107,6 +107,7 @@ def snapshot(charger: ChargePoint, extra: Mapping[str, Any] | None = None) -> di
         "queue": {"pending": pending, "failed": failed, "dropped": store.queue_dropped()},
         "storage": store.storage_status(),
         "local_list_version": features.local_auth_list.list_version(),
+        "security": features.security.snapshot(),
         "reservations": features.reservation.snapshot(),
         "clock": {"now": iso(station.now())},
         "connectors": connectors,

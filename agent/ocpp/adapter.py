@@ -36,6 +36,7 @@ from websockets.exceptions import ConnectionClosed
 from agent.aio import raise_if_cancelling
 from agent.assembly import Features
 from agent.core.config_keys import ConfigKeys
+from agent.core.security import EventType
 from agent.features.registry import is_secret
 from agent.logs import add_secret
 from agent.ocpp.handlers import ConnectionControl
@@ -44,6 +45,7 @@ from agent.ocpp.handlers.firmware import FirmwareHandlers
 from agent.ocpp.handlers.local_auth_list import LocalAuthListHandlers
 from agent.ocpp.handlers.remote_trigger import RemoteTriggerHandlers
 from agent.ocpp.handlers.reservation import ReservationHandlers
+from agent.ocpp.handlers.security import SecurityHandlers
 from agent.ocpp.handlers.smart_charging import SmartChargingHandlers
 
 log = logging.getLogger("evcp.ocpp")
@@ -129,6 +131,7 @@ class OcppAdapter(
     ReservationHandlers,
     RemoteTriggerHandlers,
     FirmwareHandlers,
+    SecurityHandlers,
     ChargePoint,
 ):
     """``ocpp.v16.ChargePoint`` bound to the feature profiles. One instance per connection.
@@ -157,6 +160,7 @@ class OcppAdapter(
         self._handling: str | None = None
         self._answered = False
         self._changed_key: str | None = None
+        self._invalid_reported = False
 
     @property
     def answering(self) -> bool:
@@ -243,6 +247,9 @@ class OcppAdapter(
 
     async def _call_error(self, unique_id: str, code: str, description: str) -> None:
         log.warning("answering message %s with CALLERROR %s: %s", unique_id, code, description)
+        if code == "FormationViolation" and not self._invalid_reported:
+            self._invalid_reported = True  # once per connection: a flood is one event
+            self.features.security.raise_event(EventType.INVALID_MESSAGES, description)
         await self._send(json.dumps([4, unique_id, code, description, {}]))
 
     async def _send(self, message: str) -> None:

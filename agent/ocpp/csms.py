@@ -111,6 +111,32 @@ class _CsmsChargePoint(ChargePoint):
     def on_firmware_status(self, **_: Any) -> Any:
         return call_result.FirmwareStatusNotification()
 
+    # --- the OCPP 1.6 security extensions
+    @on(Action.security_event_notification)
+    def on_security_event(self, **_: Any) -> Any:
+        return call_result.SecurityEventNotification()
+
+    @on(Action.sign_certificate)
+    def on_sign_certificate(self, csr: str, **_: Any) -> Any:
+        self.csms.csrs.append(csr)
+        return call_result.SignCertificate(status="Accepted" if self.csms.sign_csr else "Rejected")
+
+    @on(Action.log_status_notification)
+    def on_log_status(self, **_: Any) -> Any:
+        return call_result.LogStatusNotification()
+
+    @on(Action.signed_firmware_status_notification)
+    def on_signed_firmware_status(self, **_: Any) -> Any:
+        return call_result.SignedFirmwareStatusNotification()
+
+
+def _client_cn(connection: ServerConnection) -> str | None:
+    """The CN of the client certificate the TLS layer verified, if one was sent."""
+    peer = connection.transport.get_extra_info("peercert") or {}
+    subject = dict(item[0] for item in peer.get("subject", ()))
+    cn = subject.get("commonName")
+    return str(cn) if cn else None
+
 
 @dataclass
 class Csms:
@@ -127,6 +153,11 @@ class Csms:
     connections: int = 0
     tx_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1001))
     port: int = 0
+    #: SignCertificate: the CSRs received, and whether to accept them.
+    csrs: list[str] = field(default_factory=list)
+    sign_csr: bool = True
+    #: Per accepted connection: the client certificate's CN (security profile 3), or None.
+    client_cns: list[str | None] = field(default_factory=list)
     #: Called with every message a charge point sends (the demo prints a timeline).
     listener: Callable[[Received], None] | None = None
     _server: Server | None = None
@@ -160,6 +191,8 @@ class Csms:
     # ------------------------------------------------------------------ server
     def _check_auth(self, connection: ServerConnection, request: Request) -> Response | None:
         cp_id = request.path.strip("/").split("/")[-1]
+        if _client_cn(connection) == cp_id:
+            return None  # security profile 3: a client certificate the TLS layer verified
         header = request.headers.get("Authorization", "")
         ok = False
         if header.startswith("Basic "):
@@ -179,6 +212,7 @@ class Csms:
             await ws.close(1002, "subprotocol ocpp1.6 required")
             return
         cp = _CsmsChargePoint(cp_id, ws, self)
+        self.client_cns.append(_client_cn(ws))
         self._cps[cp_id] = cp
         self.connections += 1
         await self._notify()

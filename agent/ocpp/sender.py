@@ -30,6 +30,8 @@ from agent.store import QueuedMessage, message_time
 
 log = logging.getLogger("evcp.session")
 
+#: CALLERROR codes that say the CSMS does not know or support the action at all.
+UNKNOWN_TO_CSMS = ("NotImplemented", "NotSupported")
 #: The longest wait before a transaction message that got no answer is sent again.
 UNANSWERED_MAX_WAIT_S = 600
 #: The longest interval a CSMS can set in BootNotification.conf (HeartbeatInterval's
@@ -268,6 +270,14 @@ class Sender:
             log.warning("%s (queue #%d) delivered, but %s", head.action, head.seq, exc)
             result = exc.payload
         except OCPPError as exc:
+            if head.tx_local_id is None and exc.code in UNKNOWN_TO_CSMS:
+                # A security event to a CSMS without the security extensions: retrying
+                # cannot help, and it must not hold the transaction messages behind it.
+                # (The charger's security log keeps it.)
+                log.warning("%s (queue #%d): the CSMS does not support it (%s); dropped",
+                            head.action, head.seq, exc.code)  # fmt: skip
+                store.queue_done(head.seq)
+                return
             self.queued_failed(head, exc)
             return
         except TimeoutError as exc:

@@ -19,9 +19,11 @@ from websockets.exceptions import ConnectionClosed
 from agent.aio import raise_if_cancelling
 from agent.assembly import ChargePoint
 from agent.config import Config
+from agent.features.security.port import SecurityPort
 from agent.ocpp.adapter import OcppAdapter
+from agent.ocpp.security_connect import ConnectSettings, NoCertificateError, connect_settings
 from agent.ocpp.sender import Sender
-from agent.ocpp.transport import backoff, classify, open_connection, tls_context
+from agent.ocpp.transport import backoff, classify, open_connection, security_event
 
 log = logging.getLogger("evcp.session")
 
@@ -45,7 +47,14 @@ class Session:
         self.password = password
         self._reconnect = asyncio.Event()
         self._reconnect_reason = ""
-        self._ssl = tls_context(cfg.csms["ca_file"] or None)
+        self.security = charger.features.security
+        #: A profile being tried (a SecurityProfile change, a new certificate) and the
+        #: future its first connect attempt resolves: True connected, False failed.
+        self._trial: tuple[int, asyncio.Future[bool]] | None = None
+        self._no_certificate_logged = False
+        port = self.security.port
+        if isinstance(port, SecurityPort):
+            port.reconnect_with = self.reconnect_with
         self.sender = Sender(
             station=self.station,
             boot_payload=charger.features.core.boot_payload,
@@ -75,6 +84,40 @@ class Session:
         elif key == "HeartbeatInterval":
             self.sender.heartbeat_interval_changed()
 
+    async def reconnect_with(self, profile: int) -> bool:
+        """Reconnect with security profile ``profile``: True once connected, False when
+        that attempt fails (the security service falls back then)."""
+        if self._trial is not None and not self._trial[1].done():
+            self._trial[1].set_result(False)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._trial = (profile, future)
+        self.request_reconnect(f"security profile {profile}")
+        try:
+            return await future
+        finally:
+            if self._trial is not None and self._trial[1] is future:
+                self._trial = None
+
+    def _settings(self) -> ConnectSettings:
+        """How to connect now: the profile being tried, else SecurityProfile; a profile 3
+        without a certificate falls back to 2 (it must never lock the charger out)."""
+        csms = self.cfg.csms
+        profile = self._trial[0] if self._trial else int(self.keys.raw("SecurityProfile"))
+        store = self.security.store
+        try:
+            return connect_settings(
+                profile, store=store, ca_file=csms["ca_file"], password=self.password
+            )
+        except NoCertificateError as exc:
+            if not self._no_certificate_logged:
+                log.error("%s: connecting with security profile 2 instead", exc)
+                self._no_certificate_logged = True
+            return connect_settings(2, store=store, ca_file=csms["ca_file"], password=self.password)
+
+    def _trial_over(self, connected: bool) -> None:
+        if self._trial is not None and not self._trial[1].done():
+            self._trial[1].set_result(connected)
+
     def request_reconnect(self, reason: str) -> None:
         self._reconnect_reason = reason
         self._reconnect.set()
@@ -96,12 +139,13 @@ class Session:
         csms = self.cfg.csms
         delays = backoff(initial_s=csms["reconnect_min_s"], maximum_s=csms["reconnect_max_s"])
         while True:
+            settings = self._settings()
             try:
                 ws = await open_connection(
                     url=csms["url"],
                     charge_point_id=csms["charge_point_id"],
-                    password=self.password,
-                    ssl_context=self._ssl,
+                    password=settings.password,
+                    ssl_context=settings.ssl_context,
                     ping_interval_s=self.keys.get_int("WebSocketPingInterval"),
                     proxy=csms["proxy"],
                 )
@@ -110,6 +154,10 @@ class Session:
             except Exception as exc:
                 raise_if_cancelling()  # a cancellation turned into an error by a library
                 failure = classify(exc)
+                self.security.connect_failed(
+                    security_event(exc, client_cert=settings.client_certificate), failure.detail
+                )
+                self._trial_over(False)
                 delay = next(delays)
                 self.station.last_connect_error = f"{failure.kind}: {failure.detail}"
                 log.warning(
@@ -121,6 +169,7 @@ class Session:
                 await asyncio.sleep(delay)
                 continue
             log.info("connected to %s as %s", csms["url"], csms["charge_point_id"])
+            self._trial_over(True)
             self.station.last_connect_error = None
             loop = asyncio.get_running_loop()
             opened = loop.time()

@@ -22,8 +22,11 @@ class FirmwarePort:
         self.port = port
         #: The status for a diagnostics bundle: set by the composition root (``agent.app``).
         self.summary: Callable[[], dict[str, Any]] = dict
+        #: Told every firmware status (the security log records an installed update).
+        self.on_status: Callable[[str], None] = lambda status: None
 
     async def send_firmware_status(self, status: str) -> None:
+        self.on_status(status)
         await self._send("FirmwareStatusNotification", status)
 
     async def send_diagnostics_status(self, status: str) -> None:

@@ -28,6 +28,10 @@ class RemoteTrigger:
     def register(self, message: str, sender: TriggerSender) -> None:
         self._senders[message] = sender
 
+    def send_log_status(self) -> None:
+        """ExtendedTriggerMessage(LogStatusNotification): no log upload is under way."""
+        self.port.outbox.send(Outgoing("LogStatusNotification", {"status": "Idle"}))
+
     def trigger(self, message: str, connector_id: int | None) -> str:
         port = self.port
         known = connector_id is None or connector_id in port.connectors

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -114,6 +114,9 @@ class SecurityEvents:
         self.log = log
         self.queue = queue
         self._pending: deque[dict[str, Any]] = deque(maxlen=pending_max)
+        #: Sends a non-critical notification now if the CSMS can be reached (True: sent
+        #: or on its way); when it cannot, the notification waits for the next connect.
+        self.send_now: Callable[[dict[str, Any]], bool] = lambda payload: False
 
     def raise_event(self, event: EventType, when: datetime, info: str = "") -> None:
         info = tech_info(info)
@@ -123,7 +126,7 @@ class SecurityEvents:
             payload["techInfo"] = info
         if is_critical(event):
             self.queue.enqueue_durable(ACTION, payload)
-        else:
+        elif not self.send_now(payload):
             self._pending.append(payload)
 
     def take_pending(self) -> list[dict[str, Any]]:

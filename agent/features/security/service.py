@@ -132,6 +132,15 @@ class SecurityService:
     def _event(self, event: EventType, info: str = "") -> None:
         self.events.raise_event(event, self.port.now(), info)
 
+    def started(self) -> None:
+        """The agent started (StartupOfTheDevice)."""
+        self._event(EventType.STARTUP_OF_THE_DEVICE)
+
+    def raise_event(self, event: EventType, info: str = "") -> None:
+        """A security event another part of the agent saw (a Reset, a firmware update,
+        a refused message, a clock change)."""
+        self._event(event, info)
+
     @property
     def profile(self) -> int:
         return int(self.keys.raw("SecurityProfile"))

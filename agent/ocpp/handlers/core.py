@@ -14,6 +14,7 @@ from ocpp.routing import after, on
 from ocpp.v16 import call_result
 from ocpp.v16.enums import Action
 
+from agent.core.security import EventType
 from agent.features.registry import is_secret
 from agent.ocpp.handlers import Handlers
 
@@ -33,6 +34,12 @@ class CoreHandlers(Handlers):
 
     @on(Action.change_configuration)
     def on_change_configuration(self, key: str, value: str, **_: Any) -> Any:
+        if key == "SecurityProfile":
+            # Upgrade only, with its prerequisites; persisted once the new profile has
+            # connected (the security service), never through the generic path.
+            status = self.features.security.change_security_profile(value)
+            self._changed_key = key if status == "Accepted" else None
+            return call_result.ChangeConfiguration(status=status)
         result = self.keys.change_configuration(key, value)
         shown = "<redacted>" if is_secret(key) else repr(value)
         log.info("ChangeConfiguration %s = %s: %s", key, shown, result.value)
@@ -45,6 +52,10 @@ class CoreHandlers(Handlers):
         # short) must not become the password, or the CSMS would lock the charger out.
         changed, self._changed_key = self._changed_key, None
         if changed != key:
+            return
+        if key == "SecurityProfile":
+            security = self.features.security
+            self.features.spawn(security.apply_security_profile(), "security-profile")
             return
         self.control.apply_change(key, value)
 
@@ -90,6 +101,7 @@ class CoreHandlers(Handlers):
 
     @after(Action.reset)
     def after_reset(self, type: str, **_: Any) -> None:
+        self.features.security.raise_event(EventType.RESET_OR_REBOOT, f"{type} reset by the CSMS")
         self.features.core.reset(type)
 
     @on(Action.unlock_connector)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ocpp.exceptions import PropertyConstraintViolationError
+from ocpp.exceptions import NotSupportedError, PropertyConstraintViolationError
 from ocpp.routing import on
 from ocpp.v16 import call_result
 from ocpp.v16.enums import Action
@@ -31,6 +31,10 @@ class FirmwareHandlers(Handlers):
     @on(Action.update_firmware)
     def on_update_firmware(self, location: str, retrieve_date: str, retries: int | None = None,
                            retry_interval: int | None = None, **_: Any) -> Any:  # fmt: skip
+        if not self.features.security.plain_update_allowed():
+            raise NotSupportedError(
+                description="SignedFirmwareOnly is true: use SignedUpdateFirmware"
+            )
         retrieve_at = _epoch(retrieve_date, "retrieveDate")
         assert retrieve_at is not None
         self.features.firmware.update_firmware(location, retrieve_at, retries, retry_interval)
