@@ -523,15 +523,22 @@ def composite(
         else zero_default
         for p in relevant
     ]
-    in_force: list[Period | None] = [None] * len(relevant)
+    #: Per profile: its period in force as (amperes, phases), None when none is.
+    in_force: list[tuple[float, int] | None] = [None] * len(relevant)
     heaps: list[list[tuple[int, int]]] = [[], [], [], []]
 
     def look(index: int, now: datetime) -> None:
         was = in_force[index]
-        period = in_force[index] = period_at(relevant[index], now, tx_start)
-        if period is not None and was is None:
+        profile = relevant[index]
+        period = period_at(profile, now, tx_start)
+        if period is None:
+            in_force[index] = None
+            return
+        amps = to_amps(period, profile.unit, voltage_v=voltage_v, phases=phases)
+        in_force[index] = (amps, phases_of(period, phases))
+        if was is None:
             # Highest stack level first; the first listed among equals (as _winner).
-            heapq.heappush(heaps[group_of[index]], (-relevant[index].stack_level, index))
+            heapq.heappush(heaps[group_of[index]], (-profile.stack_level, index))
 
     def top(group: int) -> int | None:
         heap = heaps[group]
@@ -547,11 +554,10 @@ def composite(
             index = top(group)
             if index is None:
                 return False
-            period = in_force[index]
-            assert period is not None
-            amps = to_amps(period, relevant[index].unit, voltage_v=voltage_v, phases=phases)
-            limit = min(limit, amps)
-            number_phases = min(number_phases, phases_of(period, phases))
+            found = in_force[index]
+            assert found is not None
+            limit = min(limit, found[0])
+            number_phases = min(number_phases, found[1])
             return True
 
         apply(cp_max)
