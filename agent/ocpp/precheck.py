@@ -74,7 +74,7 @@ DESCRIPTIONS = {
     "OccurenceConstraintViolation": "Payload for Action is syntactically correct but at least "
     "one of the fields violates occurence constraints",
     "TypeConstraintViolation": "Payload for Action is syntactically correct but at least one "
-    "of the fields violates data type constraints (e.g. \"somestring\": 12)",
+    'of the fields violates data type constraints (e.g. "somestring": 12)',
     "GenericError": "Any other error not covered by the previous ones",
 }
 

@@ -38,9 +38,7 @@ def raw_sets(draw: st.DrawFn) -> list[sc.Profile]:
     return out
 
 
-SETTINGS = settings(
-    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
@@ -98,8 +96,9 @@ def staggered(count: int) -> list[sc.Profile]:
                 "startSchedule": start.isoformat(),
                 "duration": 3600 + 13 * n,
                 "chargingSchedulePeriod": [
-                    {"startPeriod": 600 * k + n, "limit": 6.0 + (n + k) % 20} if k else
-                    {"startPeriod": 0, "limit": 6.0 + n % 20}
+                    {"startPeriod": 600 * k + n, "limit": 6.0 + (n + k) % 20}
+                    if k
+                    else {"startPeriod": 0, "limit": 6.0 + n % 20}
                     for k in range(12)
                 ],
             },
