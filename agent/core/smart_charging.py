@@ -567,7 +567,7 @@ def composite(
     #: None is always right; the period itself only for the profile on top of its group.
     in_force: list[tuple[float, int] | None] = [None] * count
     looked: list[int] = [-1] * count  # the offset a profile was last looked at
-    pending: list[bool] = [False] * count  # its next period start is in the queue
+    pending: list[int | None] = [None] * count  # the offset of its next period start
     heaps: list[list[tuple[int, int]]] = [[], [], [], []]
     tops: list[int | None] = [None] * 4
     activity, period_start = 0, 1
@@ -630,7 +630,7 @@ def composite(
         for heap in heaps:
             heap.clear()
         in_force[:] = [None] * count
-        pending[:] = [False] * count
+        pending[:] = [None] * count
         tops[:] = [None] * 4
         for index, profile in enumerate(relevant):
             look(index, window, window_start_at)
@@ -646,9 +646,9 @@ def composite(
                 if index < 0:
                     continue
                 if kind == period_start:
-                    pending[index] = False
-                    if tops[group_of[index]] != index:
-                        continue  # not on top: its period does not matter now
+                    if pending[index] != offset or tops[group_of[index]] != index:
+                        continue  # superseded, or not on top: its period does not matter
+                    pending[index] = None
                 if looked[index] != offset:
                     look(index, offset, now)
             for group in range(4):
@@ -657,11 +657,13 @@ def composite(
                     continue
                 if looked[first] != offset:
                     look(first, offset, now)  # (came on top: its period now)
-                if not pending[first]:
-                    at = next_period_start(relevant[first], now, tx_start)
-                    if at is not None and at < window_end_at:
-                        pending[first] = True
-                        add(math.ceil((at - start).total_seconds()), period_start, first)
+                # Its next period start (again: its schedule may have moved to a new cycle).
+                at = next_period_start(relevant[first], now, tx_start)
+                if at is not None and at < window_end_at:
+                    next_offset = math.ceil((at - start).total_seconds())
+                    if pending[first] != next_offset:
+                        pending[first] = next_offset
+                        add(next_offset, period_start, first)
             amps, number_phases = stacked()
             last = out[-1] if out else None
             if last and (last.limit_a, last.number_phases) == (amps, number_phases):

@@ -122,3 +122,32 @@ def test_the_sweep_matches_on_many_staggered_profiles() -> None:
     assert new == sc.composite_by_sampling(profiles, **arguments)
     # Every profile shows: the schedule changes well over once per profile.
     assert len(new.periods) > 60
+
+
+def test_a_recurrence_after_a_period_start_past_the_cycle() -> None:
+    """Found by the property above: a Daily profile with a period starting after 24 h (never
+    in force) must not hide the next cycle's own period starts."""
+    body = {
+        "chargingProfileId": 4,
+        "stackLevel": 1,
+        "chargingProfilePurpose": sc.CP_MAX,
+        "chargingProfileKind": "Recurring",
+        "recurrencyKind": "Daily",
+        "chargingSchedule": {
+            "chargingRateUnit": "A",
+            "startSchedule": (BASE - timedelta(seconds=3)).isoformat(),
+            "chargingSchedulePeriod": [
+                {"startPeriod": 0, "limit": 0.0},
+                {"startPeriod": 1, "limit": 0.1},
+                {"startPeriod": 86402, "limit": 0.0},
+            ],
+        },
+    }
+    profiles = [sc.parse_profile(0, body)]
+    arguments: dict[str, Any] = {
+        "connector_id": 0, "start": BASE, "duration_s": 86400, "tx": None,
+        "hardware_max_a": 16.0, "voltage_v": 230, "phases": 1,
+    }  # fmt: skip
+    periods = sc.composite(profiles, **arguments).periods
+    assert [(p.start_s, p.limit_a) for p in periods] == [(0, 0.1), (86397, 0.0), (86398, 0.1)]
+    assert sc.composite(profiles, **arguments) == sc.composite_by_sampling(profiles, **arguments)
