@@ -39,7 +39,9 @@ too large. Choices, each from the specification:
   this charge point has no handler for: ``NotSupported`` ("Requested Action is recognized
   but not supported by the receiver").
 * **SendLocalList over SendLocalListMaxLength**: a CALLRESULT ``{"status": "Failed"}``
-  (UpdateStatus Failed, "could not be updated"), before any entry is looked at. OCPP 1.6
+  (UpdateStatus Failed, "could not be updated"), before the frame is parsed (its
+  ``"idTag":`` keys are counted; an entry whose key is written with escapes is counted
+  after parsing, before any entry is looked at). OCPP 1.6
   sets no maximum in the PDU (localAuthorizationList is 0..*), so no occurrence constraint
   of the message is broken; SendLocalListMaxLength is a capability the CSMS reads, and
   Failed is what the agent already answered (tests/e2e/test_offline.py). OCPP 2.0.1 later
@@ -186,9 +188,9 @@ _DECODER = json.JSONDecoder(
     parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
 )
 #: ``[2, "<id>", "<action>"`` at the start of a frame (the id may hold escapes).
-_HEAD = re.compile(r'\s*\[\s*2\s*,\s*("(?:[^"\\]|\\.){1,220}")\s*,\s*"([A-Za-z0-9]{0,64})"')
-#: A JSON escape of a UTF-16 surrogate (only these can give a lone one after parsing).
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_HEAD = re.compile(r'\s*\[\s*2\s*,\s*("(?:[^"\\]|\\.){1,220}")\s*,\s*("(?:[^"\\]|\\.){0,120}")')
+#: An ``"idTag"`` key (a string value is never followed by a colon in JSON).
+_ID_TAG_KEY = re.compile(r'"idTag"\s*:')
 
 
 def _head(raw: str) -> tuple[str, str] | None:
@@ -197,12 +199,12 @@ def _head(raw: str) -> tuple[str, str] | None:
     if match is None:
         return None
     try:
-        unique_id = json.loads(match.group(1))
+        unique_id, action = json.loads(match.group(1)), json.loads(match.group(2))
     except ValueError:
         return None
     if not isinstance(unique_id, str) or not 0 < len(unique_id) <= 36:
         return None
-    return unique_id, match.group(2)
+    return unique_id, action
 
 
 #: What can leave a lone surrogate after parsing: its escape, or the character itself.
@@ -283,6 +285,14 @@ def _precheck(raw: str | bytes, handled: Collection[str], max_entries: int) -> D
             f"the frame has {len(raw)} characters; the limit is {limit}"
             f" (SendLocalListMaxLength {max_entries})",
         )
+    head = _head(raw)
+    if head is not None and head[1] == "SendLocalList":
+        # Counted before anything is parsed: a list over the limit costs no parsing (and
+        # leaves no parsed objects behind). Exact for every entry whose "idTag" key is
+        # written plainly; one written with escapes is counted after parsing instead.
+        keys = sum(1 for _ in _ID_TAG_KEY.finditer(raw))
+        if keys > max_entries:
+            return Answer(head[0], None, payload={"status": "Failed"})
     try:
         frame = _DECODER.decode(raw)
     except _Refused as exc:

@@ -64,6 +64,7 @@ CASES: list[tuple[str, str, str | None]] = [
     (f'[2, "a", "ClearCache", {{"x": -{BIG}}}]', "TypeConstraintViolation", None),
     ('[2, "a", "ClearCache", {"x": 9223372036854775808}]', "TypeConstraintViolation", "64"),
     ('[2, "a", "ClearCache", {"x": 9223372036854775807}]', "pass", None),
+    ('[2, "a", ":", 9223372036854775808]', "TypeConstraintViolation", None),  # any action
     ('[2, "a", "ClearCache", {"x": 1e400}]', "TypeConstraintViolation", "double"),
     ('[2, "a", "ClearCache", {"x": 1e308}]', "pass", None),  # a number, not a rate
     (
@@ -195,6 +196,22 @@ def test_the_frame_limit_holds_the_largest_list_allowed(max_list: int) -> None:
     assert json.loads(Answer("b", None, payload={"status": "Failed"}).to_json()) == [
         3, "b", {"status": "Failed"}
     ]  # fmt: skip
+
+
+def test_a_long_list_is_counted_before_parsing_and_after() -> None:
+    entries = [{"idTag": f"T{n}", "idTagInfo": {"status": "Accepted", "parentIdTag": "idTag"}}
+               for n in range(3)]  # fmt: skip
+    raw = json.dumps([2, "c", "SendLocalList", {"listVersion": 1, "updateType": "Full",
+                                                "localAuthorizationList": entries}])  # fmt: skip
+    assert isinstance(check(raw, 3), Pass)  # "idTag" as a value is not an entry
+    assert check(raw, 2) == Answer("c", None, payload={"status": "Failed"})
+    # Counted before parsing: the rest of the frame is never read.
+    broken = raw[:-2] + ", ]]"
+    assert check(broken, 2) == Answer("c", None, payload={"status": "Failed"})
+    assert isinstance(check(broken, 3), Drop)
+    # Keys written with escapes escape the first count, not the second.
+    escaped = raw.replace('"idTag"', '"\\u0069dTag"')
+    assert check(escaped, 2) == Answer("c", None, payload={"status": "Failed"})
 
 
 def test_an_oversized_frame_gets_a_call_error_naming_the_limit_when_its_id_is_readable() -> None:
