@@ -9,6 +9,18 @@ values wherever they appear, masks any ``AuthorizationKey`` value in a logged OC
 header values (websockets logs request headers at debug level), and reduces the data
 frames websockets logs at debug level to their size: it shows only their first and last
 bytes, so a key could leak in part, and evcp logs every frame itself, redacted.
+
+The secrets kept are bounded, whatever a CSMS sends: the configured ones
+(:func:`add_secret`: the password and proxy password from the configuration), the
+AuthorizationKey in use and the one before it (:func:`set_authorization_key`), and the
+value of the ChangeConfiguration(AuthorizationKey) being handled, before it is accepted or
+refused (:func:`candidate_secret`: one slot, the next candidate replaces it).
+
+A CSMS cannot forge or flood the log: every control character in a message (newline,
+carriage return, ESC, the other C0 and C1 codes, DEL, U+2028/U+2029) and every lone
+surrogate is escaped (:func:`safe`, applied to every record with the redaction), and
+:class:`RepeatFilter` on our handler lets a few warnings or errors of one kind through per
+minute, then one line saying how many more there were.
 """
 
 from __future__ import annotations
@@ -17,6 +29,9 @@ import logging
 import os
 import re
 import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 REDACTED = "<redacted>"
@@ -31,11 +46,64 @@ _FRAME_KEY_VALUE_FIRST = re.compile(rf"({_VALUE}){_QUOTED}(\s*,\s*{_KEY})")
 _AUTH_HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization\s*:\s*)(?:[A-Za-z]+\s+)?\S+")
 
 
+#: The AuthorizationKey in use and the one before it (newest last).
+_KEYS: list[str] = []
+#: The ChangeConfiguration(AuthorizationKey) value being handled, accepted or not yet.
+_CANDIDATE: list[str] = []
+
+
 def add_secret(value: str) -> None:
-    """Never let ``value`` appear in a log line from now on."""
+    """Never let ``value`` appear in a log line from now on.
+
+    For the secrets of the configuration (a handful, fixed at start): a value that can
+    change at a CSMS's will goes through :func:`set_authorization_key` or
+    :func:`candidate_secret`, which keep a bounded number.
+    """
     install()
     if len(value) >= 4:
         _SECRETS.add(value)
+
+
+def set_authorization_key(value: str) -> None:
+    """``value`` is the AuthorizationKey in use: it and the previous one stay redacted."""
+    install()
+    if len(value) < 4 or (_KEYS and _KEYS[-1] == value):
+        return
+    _KEYS.append(value)
+    del _KEYS[:-2]
+
+
+def candidate_secret(value: str) -> None:
+    """A ChangeConfiguration(AuthorizationKey) value about to be handled: redacted until
+    the next candidate (if it is accepted, :func:`set_authorization_key` keeps it)."""
+    install()
+    _CANDIDATE[:] = [value] if len(value) >= 4 else []
+
+
+def secrets() -> frozenset[str]:
+    """Every value redacted now (bounded: see the module's docstring)."""
+    return frozenset((*_SECRETS, *_KEYS, *_CANDIDATE))
+
+
+#: Control characters, C1 codes, line and paragraph separators, lone surrogates.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in "\n\r\t":
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe(text: str) -> str:
+    """``text`` with every control character escaped (``\\n``, ``\\x1b``, ``\\u2028``...),
+    so that text from outside cannot start a line of its own, forge a record or drive the
+    terminal."""
+    if _UNSAFE.search(text) is None:
+        return text
+    return _UNSAFE.sub(_escape, text)
 
 
 def redact(text: str) -> str:
@@ -44,7 +112,7 @@ def redact(text: str) -> str:
         lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}{m.group(2)}{m.group(4)}", text
     )
     text = _AUTH_HEADER.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
-    for secret in sorted(_SECRETS, key=len, reverse=True):
+    for secret in sorted(secrets(), key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text
@@ -72,7 +140,7 @@ def clean_record(record: logging.LogRecord) -> None:
         message = record.getMessage()
     except Exception:
         return  # a bad format string: logging reports it when the record is emitted
-    clean = redact(message)
+    clean = safe(redact(message))
     if clean != message:
         record.msg, record.args = clean, None
     if record.exc_info and not record.exc_text:
@@ -112,6 +180,93 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         clean_record(record)
         return True
+
+
+class RepeatFilter(logging.Filter):
+    """At most ``burst`` warnings or errors of one kind per ``window_s`` seconds.
+
+    A kind is the logger, the level and the message's format string (so "answering message
+    %s with CALLERROR %s" is one kind whatever the CSMS sent). Past the burst, records of
+    that kind are held back and counted; when the window ends (checked on every record,
+    and by :meth:`flush`), one line reports them: ``<the last one> [repeated 312 times in
+    60 s]``. At most ``max_kinds`` kinds are tracked (the oldest window is reported and
+    forgotten first). Info and debug records pass untouched.
+    """
+
+    def __init__(
+        self,
+        *,
+        burst: int = 5,
+        window_s: float = 60.0,
+        max_kinds: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.burst, self.window_s, self.max_kinds, self.clock = burst, window_s, max_kinds, clock
+        #: kind -> [window start, records seen in the window, the last held back]
+        self._kinds: dict[tuple[str, int, str], list[Any]] = {}
+        self._next_expiry = float("inf")
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_evcp_summary", False):
+            return True
+        now = self.clock()
+        due: list[tuple[tuple[str, int, str], list[Any]]] = []
+        with self._lock:
+            if now >= self._next_expiry:
+                due = self._expire(now)
+            if record.levelno < logging.WARNING:
+                passed = True
+            else:
+                kind = (record.name, record.levelno, str(record.msg))
+                state = self._kinds.get(kind)
+                if state is None:
+                    if len(self._kinds) >= self.max_kinds:
+                        oldest = next(iter(self._kinds))
+                        due.append((oldest, self._kinds.pop(oldest)))
+                    state = self._kinds[kind] = [now, 0, None]
+                    self._next_expiry = min(self._next_expiry, now + self.window_s)
+                state[1] += 1
+                passed = state[1] <= self.burst
+                if not passed:
+                    state[2] = record
+        for kind, state in due:
+            self._report(kind, state)
+        return passed
+
+    def flush(self) -> None:
+        """Report every kind held back now (at exit)."""
+        with self._lock:
+            due = list(self._kinds.items())
+            self._kinds.clear()
+            self._next_expiry = float("inf")
+        for kind, state in due:
+            self._report(kind, state)
+
+    def _expire(self, now: float) -> list[tuple[tuple[str, int, str], list[Any]]]:
+        due = [(k, s) for k, s in self._kinds.items() if now - s[0] >= self.window_s]
+        for kind, _state in due:
+            del self._kinds[kind]
+        self._next_expiry = min(
+            (s[0] + self.window_s for s in self._kinds.values()), default=float("inf")
+        )
+        return due
+
+    def _report(self, kind: tuple[str, int, str], state: list[Any]) -> None:
+        held = state[1] - self.burst
+        last: logging.LogRecord | None = state[2]
+        if held <= 0 or last is None:
+            return
+        logger = logging.getLogger(kind[0])
+        logger.log(
+            kind[1],
+            "%s [repeated %d times in %d s]",
+            last.getMessage(),
+            held,
+            round(self.window_s),
+            extra={"_evcp_summary": True},
+        )
 
 
 #: logging level -> syslog priority (sd-daemon(3) "<N>" line prefixes).
@@ -167,6 +322,7 @@ def setup(level: str = "info", target: str = "auto") -> None:
                 logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
             )
     handler.addFilter(RedactingFilter())
+    handler.addFilter(RepeatFilter())
     handler._evcp = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))

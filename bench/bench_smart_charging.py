@@ -19,6 +19,12 @@
    time per GetCompositeSchedule computation over 24 h, and per limit computation (what
    every actuation and period boundary costs).
 
+3. GetCompositeSchedule with 20, 100 and 500 *staggered* profiles (48 periods each, no two
+   boundaries at the same instant; all purposes, connector 1 during a transaction), 24 h:
+   mean and longest single call of the sweep (``sc.composite``, what the agent runs, with
+   its 1,000-period cap), and of the quadratic reference (``sc.composite_by_sampling``) for
+   comparison. A call runs on the event loop: the target is 50 ms at the limits.
+
 Usage: python bench/bench_smart_charging.py [--changes 1000]
 """
 
@@ -256,10 +262,67 @@ def bench_composite(iterations: int) -> None:
     print(f"  limit now, for actuation:        {per_limit * 1e6:.1f} us each")
 
 
+def staggered_profiles(count: int, now: datetime) -> list[sc.Profile]:
+    """``count`` profiles whose 48 boundaries each fall at instants of their own."""
+    out = []
+    for n in range(count):
+        purpose, connector = [
+            (sc.CP_MAX, 0), (sc.TX_DEFAULT, 0), (sc.TX_DEFAULT, 1), (sc.TX, 1),
+        ][n % 4]  # fmt: skip
+        body = {
+            "chargingProfileId": n + 1,
+            "stackLevel": n // 4,
+            "chargingProfilePurpose": purpose,
+            "chargingProfileKind": "Absolute",
+            "chargingSchedule": {
+                "chargingRateUnit": "A",
+                "startSchedule": (now + timedelta(seconds=37 * n + 1)).isoformat(),
+                "duration": 20 * 3600 + 13 * n,
+                "chargingSchedulePeriod": [
+                    {"startPeriod": 0 if k == 0 else 1500 * k + n, "limit": 6.0 + (n + k) % 26}
+                    for k in range(48)
+                ],
+            },
+        }
+        out.append(sc.parse_profile(connector, body))
+    return out
+
+
+def bench_staggered(iterations: int) -> None:
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    tx = sc.Tx(1234, now - timedelta(minutes=20))
+    print("GetCompositeSchedule, 24 h, staggered profiles of 48 periods (connector 1, during a")
+    print("transaction; cap 1,000 periods as the agent):")
+    for count in (20, 100, 500):
+        profiles = staggered_profiles(count, now)
+        arguments: dict[str, Any] = {
+            "connector_id": 1, "start": now, "duration_s": 86400, "tx": tx,
+            "hardware_max_a": 32, "voltage_v": 230, "phases": 3, "max_periods": 1000,
+        }  # fmt: skip
+        rows = []
+        for name, fn, runs in (
+            ("sweep", sc.composite, iterations),
+            ("reference", sc.composite_by_sampling, 1 if count == 500 else max(1, iterations // 5)),
+        ):
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                result = fn(profiles, **arguments)
+                times.append(time.perf_counter() - t0)
+            rows.append((name, statistics.mean(times), max(times), len(result.periods)))
+        for name, mean, longest, periods in rows:
+            print(f"  {count:3d} profiles, {name:9s}: mean {mean * 1000:8.2f} ms, longest call"
+                  f" {longest * 1000:8.2f} ms ({periods} periods)")  # fmt: skip
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--changes", type=int, default=1000)
     parser.add_argument("--composites", type=int, default=50)
+    parser.add_argument("--only-composite", action="store_true",
+                        help="skip the end-to-end SetChargingProfile part")  # fmt: skip
     args = parser.parse_args()
-    asyncio.run(bench_set_profile(args.changes))
+    if not args.only_composite:
+        asyncio.run(bench_set_profile(args.changes))
     bench_composite(args.composites)
+    bench_staggered(max(5, args.composites // 5))

@@ -37,6 +37,7 @@ Choices where the specification is loose:
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -485,6 +486,43 @@ class Composite:
 _WINDOW_S = 86400
 
 
+def activity_edges(
+    profile: Profile, start: datetime, end: datetime, tx_start: datetime | None
+) -> Iterator[datetime]:
+    """The instants in (``start``, ``end``) where ``profile`` may start or stop being in
+    force: :func:`edges` without the starts of periods after the first."""
+    for edge in (profile.valid_from, profile.valid_to):
+        if edge is not None and start < edge < end:
+            yield edge
+    base = schedule_start(profile, start, tx_start)
+    if base is None:
+        return
+    cycle = profile.cycle
+    while base < end:
+        if start < base:
+            yield base
+        if profile.duration_s is not None:
+            at = base + timedelta(seconds=profile.duration_s)
+            if start < at < end:
+                yield at
+        if cycle is None:
+            return
+        base += cycle
+
+
+def next_period_start(
+    profile: Profile, now: datetime, tx_start: datetime | None
+) -> datetime | None:
+    """The first start of a period (after the first) of ``profile`` after ``now``."""
+    base = schedule_start(profile, now, tx_start)
+    if base is None or now < base:
+        return None
+    index = bisect.bisect_right(profile.starts, (now - base).total_seconds())
+    if index >= len(profile.starts):
+        return None
+    return base + timedelta(seconds=profile.starts[index])
+
+
 def composite(
     profiles: Iterable[Profile],
     *,
@@ -498,6 +536,165 @@ def composite(
     max_periods: int | None = None,
 ) -> Composite:
     """The composite schedule of ``connector_id`` from ``start`` for ``duration_s`` seconds.
+
+    Periods start at whole seconds from ``start`` (a fractional edge takes effect at the
+    next whole second), each differs from the one before, and the first starts at 0. Without
+    a transaction, Relative profiles count from ``start``. With ``max_periods``, the schedule
+    ends before the period that would exceed it (its duration says where).
+
+    A sweep, near-linear in the number of profiles: each stacking group
+    (ChargePointMaxProfile, TxProfile, the connector's TxDefaultProfile, connector 0's)
+    keeps the profiles in force in a heap by stack level, updated only where a profile
+    starts or stops being in force (:func:`activity_edges`: a few per profile); the starts
+    of periods are visited only for the profile on top of its group, the only one whose
+    period matters. Same result as :func:`composite_by_sampling`, which re-stacks every
+    profile at every edge of every profile (quadratic: seconds with 500 staggered
+    profiles); tests/agent/test_composite_sweep.py checks that they agree.
+    """
+    relevant = applicable(profiles, connector_id, tx)
+    tx_start = tx.start if tx is not None else start
+    # The groups in the order :func:`evaluate` stacks them.
+    cp_max, tx_group, own_default, zero_default = 0, 1, 2, 3
+    group_of = [
+        cp_max
+        if p.purpose == CP_MAX
+        else tx_group
+        if p.purpose == TX
+        else own_default
+        if p.connector_id == connector_id
+        else zero_default
+        for p in relevant
+    ]
+    count = len(relevant)
+    #: Per profile: (amperes, phases) of its period, None when not in force. Whether it is
+    #: None is always right; the period itself only for the profile on top of its group.
+    in_force: list[tuple[float, int] | None] = [None] * count
+    looked: list[int] = [-1] * count  # the offset a profile was last looked at
+    pending: list[int | None] = [None] * count  # the offset of its next period start
+    heaps: list[list[tuple[int, int]]] = [[], [], [], []]
+    tops: list[int | None] = [None] * 4
+    activity, period_start = 0, 1
+    queue: list[int] = []  # offsets with events (a heap)
+    events: dict[int, list[tuple[int, int]]] = {}
+
+    def add(offset: int, kind: int, index: int) -> None:
+        if offset not in events:
+            events[offset] = []
+            heapq.heappush(queue, offset)
+        events[offset].append((kind, index))
+
+    def look(index: int, offset: int, now: datetime) -> None:
+        was = in_force[index]
+        profile = relevant[index]
+        looked[index] = offset
+        period = period_at(profile, now, tx_start)
+        if period is None:
+            in_force[index] = None
+            return
+        amps = to_amps(period, profile.unit, voltage_v=voltage_v, phases=phases)
+        in_force[index] = (amps, phases_of(period, phases))
+        if was is None:
+            # Highest stack level first; the first listed among equals (as _winner).
+            heapq.heappush(heaps[group_of[index]], (-profile.stack_level, index))
+
+    def top(group: int) -> int | None:
+        heap = heaps[group]
+        while heap and in_force[heap[0][1]] is None:
+            heapq.heappop(heap)  # no longer in force (lazy removal)
+        return heap[0][1] if heap else None
+
+    def stacked() -> tuple[float, int]:
+        limit, number_phases = hardware_max_a, phases
+
+        def apply(group: int) -> bool:
+            nonlocal limit, number_phases
+            index = tops[group]
+            if index is None:
+                return False
+            found = in_force[index]
+            assert found is not None
+            limit = min(limit, found[0])
+            number_phases = min(number_phases, found[1])
+            return True
+
+        apply(cp_max)
+        if connector_id != 0 and not apply(tx_group) and not apply(own_default):
+            apply(zero_default)
+        return max(0.0, limit), number_phases
+
+    out: list[CompositePeriod] = []
+    window = 0
+    while True:
+        window_end = min(duration_s, window + _WINDOW_S)
+        window_start_at = start + timedelta(seconds=window)
+        window_end_at = start + timedelta(seconds=window_end)
+        queue.clear()
+        events.clear()
+        for heap in heaps:
+            heap.clear()
+        in_force[:] = [None] * count
+        pending[:] = [None] * count
+        tops[:] = [None] * 4
+        for index, profile in enumerate(relevant):
+            look(index, window, window_start_at)
+            for edge in activity_edges(profile, window_start_at, window_end_at, tx_start):
+                add(math.ceil((edge - start).total_seconds()), activity, index)
+        add(window, activity, -1)  # (the window's start: everything was just looked at)
+        while queue:
+            offset = heapq.heappop(queue)
+            if offset >= window_end and offset != 0:
+                break  # (the next window starts there)
+            now = start + timedelta(seconds=offset)
+            for kind, index in events.pop(offset):
+                if index < 0:
+                    continue
+                if kind == period_start:
+                    if pending[index] != offset or tops[group_of[index]] != index:
+                        continue  # superseded, or not on top: its period does not matter
+                    pending[index] = None
+                if looked[index] != offset:
+                    look(index, offset, now)
+            for group in range(4):
+                first = tops[group] = top(group)
+                if first is None:
+                    continue
+                if looked[first] != offset:
+                    look(first, offset, now)  # (came on top: its period now)
+                # Its next period start (again: its schedule may have moved to a new cycle).
+                at = next_period_start(relevant[first], now, tx_start)
+                if at is not None and at < window_end_at:
+                    next_offset = math.ceil((at - start).total_seconds())
+                    if pending[first] != next_offset:
+                        pending[first] = next_offset
+                        add(next_offset, period_start, first)
+            amps, number_phases = stacked()
+            last = out[-1] if out else None
+            if last and (last.limit_a, last.number_phases) == (amps, number_phases):
+                continue
+            if max_periods is not None and len(out) >= max_periods:
+                return Composite(out, offset)
+            out.append(CompositePeriod(offset, amps, number_phases))
+        if window_end >= duration_s:
+            return Composite(out, duration_s)
+        window = window_end
+
+
+def composite_by_sampling(
+    profiles: Iterable[Profile],
+    *,
+    connector_id: int,
+    start: datetime,
+    duration_s: int,
+    tx: Tx | None,
+    hardware_max_a: float,
+    voltage_v: float,
+    phases: int,
+    max_periods: int | None = None,
+) -> Composite:
+    """The reference composite schedule: :func:`evaluate` at every edge of every profile.
+
+    Quadratic (every edge re-stacks every profile): kept as the executable specification
+    :func:`composite` is checked against (tests/agent/test_composite_sweep.py).
 
     Periods start at whole seconds from ``start`` (a fractional edge takes effect at the
     next whole second), each differs from the one before, and the first starts at 0. Without

@@ -1,0 +1,237 @@
+"""Hostile and large CSMS input: figures (prints, never asserts). Issue 18.
+
+1. Hostile frames per second and the agent's RSS over ``--frames`` (100,000) frames: the
+   agent runs as ``python -m agent run`` (its own process, so its RSS is its own) on the
+   simulated hardware against a local WSS CSMS, which sends the frames of
+   tests/e2e/test_hostile.py (unknown and unsupported actions, 5,000-digit integers,
+   NaN/Infinity, limits of 1e308, lone surrogates, control characters, reused ids) in
+   chunks of 500, each followed by a GetConfiguration whose answer says the chunk was
+   handled. RSS before, highest while, and after.
+2. SendLocalList of 1,000 and 10,000 entries (SendLocalListMaxLength 1,000: the second is
+   refused), to the same process: time to the answer, what the answer was, RSS after.
+3. The event loop's longest stall: the agent in this process (``app.run``), a 1 ms sleeper
+   timing how late it wakes, while (a) 5,000 hostile frames, (b) each SendLocalList, and
+   (c) 500 staggered profiles and a GetCompositeSchedule are handled. (The CSMS shares the
+   loop; its frames are serialised before the clock starts.) Target: 50 ms.
+
+Usage: PYTHONPATH=. python bench/bench_hostile.py [--frames 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trustme
+from ocpp.v16 import call
+
+from agent.ocpp import csms as csms_module
+from agent.ocpp.csms import Csms
+from tests.conftest import (
+    CP_ID,
+    PASSWORD,
+    RunningAgent,
+    server_context,
+    start_charging,
+    write_config,
+)
+from tests.e2e.test_hostile import KINDS, StallMonitor, hostile_frame, rss_kib, staggered_profile
+from tests.e2e.test_powerloss import AgentProcess
+
+
+class Answers:
+    """Ids the agent answered (recorded in the CSMS's router), and when."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[float, Any]] = {}
+        self.event = asyncio.Event()
+        original = csms_module._CsmsChargePoint.route_message
+
+        async def route_message(cp: Any, raw: str) -> None:
+            frame = json.loads(raw)
+            if isinstance(frame, list) and len(frame) > 2 and frame[0] in (3, 4):
+                self.seen[str(frame[1])] = (time.perf_counter(), frame)
+                self.event.set()
+            await original(cp, raw)
+
+        csms_module._CsmsChargePoint.route_message = route_message  # type: ignore[method-assign]
+
+    async def wait(self, unique_id: str, timeout_s: float) -> tuple[float, Any] | None:
+        deadline = time.perf_counter() + timeout_s
+        while unique_id not in self.seen:
+            self.event.clear()
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.event.wait(), left)
+        return self.seen.pop(unique_id)
+
+
+def forget_raw_answers(csms: Csms) -> None:
+    cp = csms._cps.get(CP_ID)
+    if cp is not None:
+        while not cp._response_queue.empty():
+            cp._response_queue.get_nowait()
+
+
+def local_list(count: int) -> str:
+    entries = [{"idTag": f"L{n:07d}", "idTagInfo": {"status": "Accepted"}} for n in range(count)]
+    payload = {"listVersion": count, "updateType": "Full", "localAuthorizationList": entries}
+    return json.dumps([2, f"list-{count}", "SendLocalList", payload], separators=(",", ":"))
+
+
+def describe(answer: tuple[float, Any] | None) -> str:
+    if answer is None:
+        return "no answer"
+    frame = answer[1]
+    return f"CALLERROR {frame[2]}" if frame[0] == 4 else f"CALLRESULT {frame[2]}"
+
+
+async def probe(csms: Csms, answers: Answers, tag: str) -> bool:
+    await csms.call_raw(CP_ID, json.dumps([2, tag, "GetConfiguration", {"key": []}]))
+    found = await answers.wait(tag, 120)
+    forget_raw_answers(csms)
+    return found is not None
+
+
+async def bench_process(
+    work: Path, csms: Csms, ca_file: Path, frames: int, answers: Answers
+) -> None:
+    config = write_config(work, url=f"wss://localhost:{csms.port}/ocpp", ca_file=ca_file)
+    config.write_text(config.read_text().replace('log_level = "debug"', 'log_level = "info"'))
+    agent = AgentProcess(config, work / "agent.log")
+    await agent.start()
+    try:
+        await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1, timeout_s=60)
+        assert agent.proc is not None
+        pid = agent.proc.pid
+        await probe(csms, answers, "warm")
+        before = rss_kib(pid)
+        highest = before
+        rng = random.Random(18)
+        t0 = time.perf_counter()
+        sent = 0
+        while sent < frames:
+            for n in range(min(500, frames - sent)):
+                kind = rng.choice([k for k in KINDS if k != "long_local_list"])
+                frame, _ = hostile_frame(kind, f"b{sent + n}", rng.getrandbits(20))
+                await csms.call_raw(CP_ID, frame)
+            sent += min(500, frames - sent)
+            if not await probe(csms, answers, f"probe-{sent}"):
+                print(f"  the agent stopped answering after {sent} frames")
+                break
+            answers.seen.clear()
+            highest = max(highest, rss_kib(pid))
+        elapsed = time.perf_counter() - t0
+        after = rss_kib(pid)
+        print(f"1. {sent} hostile frames in {elapsed:.1f} s: {sent / elapsed:,.0f} frames/s")
+        print(f"   agent RSS: {before / 1024:.1f} MiB before, {highest / 1024:.1f} MiB at most"
+              f" while, {after / 1024:.1f} MiB after ({(after - before) / 1024:+.2f} MiB)")  # fmt: skip
+        print("2. SendLocalList (SendLocalListMaxLength 1000), to the same process:")
+        for count in (1000, 10_000):
+            frame = local_list(count)
+            t0 = time.perf_counter()
+            await csms.call_raw(CP_ID, frame)
+            answer = await answers.wait(f"list-{count}", 60)
+            took = (answer[0] if answer else time.perf_counter()) - t0
+            forget_raw_answers(csms)
+            await asyncio.sleep(0)
+            print(f"   {count:6d} entries ({len(frame) / 1024:.0f} KiB): {describe(answer)}"
+                  f" in {took * 1000:.0f} ms; RSS after {rss_kib(pid) / 1024:.1f} MiB")  # fmt: skip
+    finally:
+        await agent.terminate()
+
+
+async def stalls(work: Path, csms: Csms, ca_file: Path, answers: Answers) -> None:
+    config = write_config(
+        work, url=f"wss://localhost:{csms.port}/ocpp", ca_file=ca_file, connectors=2,
+        ocpp={"MaxChargingProfilesInstalled": 500, "ChargeProfileMaxStackLevel": 100},
+    )  # fmt: skip
+    config.write_text(config.read_text().replace('log_level = "debug"', 'log_level = "warning"'))
+    agent = await RunningAgent(config).start()
+    try:
+        await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 2, timeout_s=60)
+        await start_charging(agent, csms)
+        print("3. The event loop's longest stall (agent in this process; target 50 ms):")
+
+        async def measured(what: str, work_: Callable[[], Awaitable[None]]) -> None:
+            async with StallMonitor().watching() as monitor:
+                await work_()
+            print(f"   {what}: {monitor.longest * 1000:.1f} ms")
+
+        rng = random.Random(7)
+        kinds = [k for k in KINDS if k != "long_local_list"]
+        frames = [
+            hostile_frame(rng.choice(kinds), f"s{n}", rng.getrandbits(20))[0] for n in range(5000)
+        ]
+
+        async def hostile() -> None:
+            for n, frame in enumerate(frames):
+                await csms.call_raw(CP_ID, frame)
+                if n % 500 == 499:
+                    await probe(csms, answers, f"stall-{n}")
+
+        await measured("5,000 hostile frames", hostile)
+        for count in (1000, 10_000):
+            frame = local_list(count)
+
+            async def send_list(frame: str = frame, count: int = count) -> None:
+                await csms.call_raw(CP_ID, frame)
+                await answers.wait(f"list-{count}", 60)
+                forget_raw_answers(csms)
+
+            await measured(f"SendLocalList of {count} entries", send_list)
+        now = datetime.now(UTC).replace(microsecond=0)
+        bodies = [staggered_profile(n, now) for n in range(500)]
+
+        async def profiles() -> None:
+            for connector, body in bodies:
+                await csms.call(CP_ID, call.SetChargingProfile(connector_id=connector,
+                                                               cs_charging_profiles=body))  # fmt: skip
+
+        await measured("500 staggered SetChargingProfile", profiles)
+
+        async def composite() -> None:
+            await csms.call(CP_ID, call.GetCompositeSchedule(connector_id=1, duration=86400))
+
+        await measured("GetCompositeSchedule over them (24 h)", composite)
+    finally:
+        await agent.stop()
+
+
+async def main(frames: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="evcp-bench-hostile-"))
+    ca = trustme.CA()
+    ca_file = work / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    answers = Answers()
+    csms = Csms(passwords={CP_ID: PASSWORD})
+    await csms.start(server_context(ca))
+    try:
+        (work / "process").mkdir()
+        await bench_process(work / "process", csms, ca_file, frames, answers)
+        (work / "inproc").mkdir()
+        await stalls(work / "inproc", csms, ca_file, answers)
+    finally:
+        await csms.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--frames", type=int, default=100_000)
+    args = parser.parse_args()
+    asyncio.run(main(args.frames))
+    sys.exit(0)
