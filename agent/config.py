@@ -432,10 +432,9 @@ def load(path: str | os.PathLike[str]) -> Config:
     return validate(data, p.resolve())
 
 
-#: The identity the shipped example config (etc/evcp.toml, the package's
-#: /etc/evcp/evcp.toml) carries: a charger must not contact a CSMS with it.
+#: The identity and password the shipped example config (etc/evcp.toml, the package's
+#: /etc/evcp/evcp.toml) carries: a charger must not contact a CSMS with them.
 PLACEHOLDERS: dict[str, str] = {
-    "url": "wss://csms.example.com/ocpp",
     "charge_point_id": "EVCP-000123",
     "password": "change-me-16-chars-min",
 }
@@ -448,6 +447,6 @@ def check_placeholders(cfg: Config) -> None:
     if left:
         raise ConfigError(
             f"{cfg.path}: [csms] {', '.join(left)}: still the shipped example value"
-            f"{'s' if len(left) > 1 else ''}: set this charger's CSMS url, charge_point_id"
-            " and password (the initial AuthorizationKey) before starting the agent"
+            f"{'s' if len(left) > 1 else ''}: set this charger's charge_point_id and password"
+            " (the initial AuthorizationKey), and the CSMS url, before starting the agent"
         )

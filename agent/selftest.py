@@ -251,7 +251,7 @@ def check_disk(cfg: Config) -> Check:
                  + ("" if ok else f" (needs {MIN_FREE_BYTES // 2**20} MiB)"))  # fmt: skip
 
 
-def check_database(cfg: Config) -> Check:
+def check_database(cfg: Config, *, agent_running: bool = False) -> Check:
     path = cfg.state_dir / "evcp.db"
     if not path.exists():
         return Check("database", True, True, f"{path}: none yet (made at the agent's first start)")
@@ -262,6 +262,11 @@ def check_database(cfg: Config) -> Check:
         finally:
             db.close()
     except sqlite3.Error as exc:
+        if agent_running and "locked" in str(exc):
+            # The agent holds the file exclusively; it ran PRAGMA quick_check on opening it
+            # (a corrupt file is moved aside and logged then).
+            return Check("database", True, True, f"{path}: held by the running agent, which"
+                         " checked it (quick_check) when it opened it")  # fmt: skip
         return Check("database", False, True, f"{path}: cannot be read: {exc}")
     ok = result == ["ok"]
     return Check("database", ok, True, f"{path}: " + ("ok" if ok else "; ".join(result[:3])))
@@ -287,7 +292,7 @@ def run(cfg: Config, *, offline: bool, status: dict[str, Any] | None) -> dict[st
                        for n in ("csms-tls", "csms-auth")]  # fmt: skip
     checks += check_devices(cfg, status)
     checks.append(check_disk(cfg))
-    checks.append(check_database(cfg))
+    checks.append(check_database(cfg, agent_running=status is not None))
     passed = all(c.passed for c in checks if c.required)
     return {"passed": passed, "checks": [asdict(c) for c in checks]}
 
