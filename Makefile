@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench lock clean system-deps deb lock-hashes package-test
+.PHONY: demo test lint typecheck pytest bench lock clean system-deps deb lock-hashes package-test bench-package
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -64,6 +64,7 @@ bench: $(STAMP) $(RUNTIME_VENV)/.installed
 	@echo "== bench/bench_agent.py (agent in $(RUNTIME_VENV))"
 	@$(BIN)/python bench/bench_agent.py --python $(RUNTIME_VENV)/bin/python
 	@for b in bench/bench_*.py; do [ $$b = bench/bench_agent.py ] && continue; \
+		[ $$b = bench/bench_package.py ] && continue; \
 		echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lock:
@@ -98,3 +99,7 @@ lock-hashes:
 # purge, and under systemd-nspawn READY and a watchdog restart. Needs root.
 package-test: $(STAMP)
 	$(BIN)/pytest -q tests/package
+
+# Package size, installed size, apt-get install to READY on the nspawn root, exposure (root).
+bench-package: $(STAMP)
+	$(BIN)/python bench/bench_package.py

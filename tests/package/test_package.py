@@ -133,9 +133,8 @@ def debs() -> tuple[Path, Path]:
     return first, next((WORK / "v2").glob("evcp_*.deb"))
 
 
-@pytest.fixture(scope="module")
-def pristine() -> Path:
-    """A minimal bookworm root as a tarball, made once and kept in CACHE."""
+def ensure_pristine() -> Path | str:
+    """A minimal bookworm root as a tarball, made once and kept in CACHE; or why not."""
     if not PRISTINE.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = CACHE / "root.build"
@@ -147,19 +146,31 @@ def pristine() -> Path:
         )  # fmt: skip
         if done.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            pytest.skip(f"debootstrap from {mirror()} failed: {done.stderr.strip()[-300:]}")
+            return f"debootstrap from {mirror()} failed: {done.stderr.strip()[-300:]}"
         sh("tar", "-C", tmp, "--numeric-owner", "-cf", f"{PRISTINE}.part", ".")
         os.replace(f"{PRISTINE}.part", PRISTINE)
         shutil.rmtree(tmp)
     return PRISTINE
 
 
-@pytest.fixture
-def root(pristine: Path) -> Iterator[Path]:
-    path = WORK / "root"
+def unpack_root(pristine: Path, path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     sh("tar", "-C", path, "--numeric-owner", "-xf", pristine)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pristine() -> Path:
+    made = ensure_pristine()
+    if isinstance(made, str):
+        pytest.skip(made)
+    return made
+
+
+@pytest.fixture
+def root(pristine: Path) -> Iterator[Path]:
+    path = unpack_root(pristine, WORK / "root")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
