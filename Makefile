@@ -28,11 +28,13 @@ demo: $(STAMP)
 	$(BIN)/evcp demo
 
 # chrony serves NTP on loopback for the clock tests (it is started by the tests, with -x).
+# Installed only in CI (CI=true, .ci/run): on a developer's machine it would replace
+# systemd-timesyncd, so there it is only suggested.
 system-deps:
 	@command -v chronyd >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		if [ "$${CI:-}" = true ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chrony; \
-		else echo "note: chrony is not installed; the NTP tests will be skipped (sudo apt-get install chrony)"; fi; }
+		else echo "note: chrony is not installed; the NTP tests will be skipped (sudo apt-get install chrony: it replaces systemd-timesyncd)"; fi; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
