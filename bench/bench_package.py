@@ -29,10 +29,41 @@ from tests.package.test_package import (  # noqa: E402
 )
 
 
+def compare_builds() -> None:
+    """Two builds of this tree in different directories: identical .deb files, or the
+    files inside that differ (diffoscope, where installed, says how)."""
+    debs = []
+    for directory in ("build/deb", "build/deb-again"):
+        started = time.monotonic()
+        sh("make", "-C", REPO, "deb", f"DEB_DIR={directory}")
+        print(f"build              {directory}: {time.monotonic() - started:.0f} s")
+        debs.append(next((REPO / directory).glob("evcp_*.deb")))
+    digests = [sh("sha256sum", deb).split()[0] for deb in debs]
+    if digests[0] == digests[1]:
+        print(f"reproducible       yes: both builds are {digests[0][:16]}...")
+        return
+    print("reproducible       NO: the files below differ")
+    if shutil.which("diffoscope"):
+        print(sh("diffoscope", "--text", "-", *debs, check=False)[-4000:])
+        return
+    trees = [WORK / "unpacked-a", WORK / "unpacked-b"]
+    for deb, tree in zip(debs, trees, strict=True):
+        shutil.rmtree(tree, ignore_errors=True)
+        sh("dpkg-deb", "-R", deb, tree)
+    print(sh("diff", "-rq", "--no-dereference", *trees, check=False))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deb", type=Path, help="the package (default: make deb)")
+    parser.add_argument(
+        "--reproducible",
+        action="store_true",
+        help="build a second time (make deb DEB_DIR=build/deb-again) and compare",
+    )
     args = parser.parse_args()
+    if args.reproducible:
+        compare_builds()
     deb = args.deb
     if deb is None:
         sh("make", "-C", REPO, "deb")
