@@ -62,7 +62,7 @@ $(RUNTIME_VENV)/.installed: requirements-runtime.txt pyproject.toml
 # As the Debian package does (debian/rules): packaging/slim-venv after installing.
 bench: $(STAMP) $(RUNTIME_VENV)/.installed
 	$(RUNTIME_VENV)/bin/pip install -q --no-deps --force-reinstall .
-	packaging/slim-venv $(RUNTIME_VENV)
+	SLIM_KEEP_PIP=1 packaging/slim-venv $(RUNTIME_VENV)
 	@echo "== bench/bench_agent.py (agent in $(RUNTIME_VENV))"
 	@$(BIN)/python bench/bench_agent.py --python $(RUNTIME_VENV)/bin/python
 	@for b in bench/bench_*.py; do [ $$b = bench/bench_agent.py ] && continue; \
