@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench lock clean system-deps deb
+.PHONY: demo test lint typecheck pytest bench lock clean system-deps deb lock-hashes package-test bench-package
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -28,11 +28,13 @@ demo: $(STAMP)
 	$(BIN)/evcp demo
 
 # chrony serves NTP on loopback for the clock tests (it is started by the tests, with -x).
+# Installed only in CI (CI=true, .ci/run): on a developer's machine it would replace
+# systemd-timesyncd, so there it is only suggested.
 system-deps:
 	@command -v chronyd >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		if [ "$${CI:-}" = true ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chrony; \
-		else echo "note: chrony is not installed; the NTP tests will be skipped (sudo apt-get install chrony)"; fi; }
+		else echo "note: chrony is not installed; the NTP tests will be skipped (sudo apt-get install chrony: it replaces systemd-timesyncd)"; fi; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -60,10 +62,11 @@ $(RUNTIME_VENV)/.installed: requirements-runtime.txt pyproject.toml
 # As the Debian package does (debian/rules): packaging/slim-venv after installing.
 bench: $(STAMP) $(RUNTIME_VENV)/.installed
 	$(RUNTIME_VENV)/bin/pip install -q --no-deps --force-reinstall .
-	packaging/slim-venv $(RUNTIME_VENV)
+	SLIM_KEEP_PIP=1 packaging/slim-venv $(RUNTIME_VENV)
 	@echo "== bench/bench_agent.py (agent in $(RUNTIME_VENV))"
 	@$(BIN)/python bench/bench_agent.py --python $(RUNTIME_VENV)/bin/python
 	@for b in bench/bench_*.py; do [ $$b = bench/bench_agent.py ] && continue; \
+		[ $$b = bench/bench_package.py ] && continue; \
 		echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lock:
@@ -75,12 +78,30 @@ lock:
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
 
-# The Debian package (dh-virtualenv): build/deb/evcp_*.deb. Needs: apt-get install
-# debhelper dh-virtualenv python3-venv python3-dev libsystemd-dev pkg-config build-essential
+# The Debian package (dh-virtualenv): $(DEB_DIR)/evcp_*.deb, from the committed tree plus
+# uncommitted edits of tracked files (git stash create). Needs: apt-get install debhelper
+# dh-virtualenv python3-venv python3-dev libsystemd-dev pkg-config build-essential
+# The build is hermetic: pip installs only files hashed in packaging/*.hashes.
+DEB_DIR ?= build/deb
 deb:
-	rm -rf build/deb && mkdir -p build/deb/src
-	git archive HEAD | tar -x -C build/deb/src
-	cp -r packaging/debian build/deb/src/debian
-	cp packaging/evcp.service build/deb/src/debian/evcp.service
-	cd build/deb/src && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
-	ls -l build/deb/*.deb
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
+	rev=$$(git stash create); git archive $${rev:-HEAD} | tar -x -C $(DEB_DIR)/src
+	cp -r packaging/debian $(DEB_DIR)/src/debian
+	cp packaging/evcp.service $(DEB_DIR)/src/debian/evcp.service
+	cd $(DEB_DIR)/src && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
+	ls -l $(DEB_DIR)/*.deb
+
+# The hashed locks the package build installs from (pip --require-hashes), for this machine's
+# architecture and aarch64/armv7l wheels: run after changing requirements-runtime.txt.
+lock-hashes:
+	$(PYTHON) packaging/hash-lock packaging/requirements-runtime.hashes requirements-runtime.txt
+	$(PYTHON) packaging/hash-lock packaging/requirements-build.hashes packaging/requirements-build.txt
+
+# The package on a debootstrapped bookworm root (tests/package/): build, install, upgrade,
+# purge, and under systemd-nspawn READY and a watchdog restart. Needs root.
+package-test: $(STAMP)
+	$(BIN)/pytest -q tests/package
+
+# Package size, installed size, apt-get install to READY on the nspawn root, exposure (root).
+bench-package: $(STAMP)
+	$(BIN)/python bench/bench_package.py

@@ -10,12 +10,14 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 from typing import Any
 
 from agent import __version__, deferred
-from agent.config import Config, ConfigError, check_meter_map, load
+from agent.config import Config, ConfigError, check_meter_map, check_placeholders, load
 from agent.control import ControlError, request
 
 DEFAULT_CONFIG = "/etc/evcp/evcp.toml"
@@ -40,19 +42,40 @@ SIM_COMMANDS = {
 }
 
 
+EXIT_STATUS = """exit status:
+  0    success
+  1    a runtime failure: the agent is not running, a device does not answer, a
+       selftest check failed, the state file is in use by another agent
+  2    a usage or configuration error (the message names the file and key)
+  130  interrupted (Ctrl-C)"""
+
+
 class UsageError(Exception):
     pass
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="evcp", description="OCPP 1.6J charge-point agent for Linux EV chargers."
+        prog="evcp",
+        description="OCPP 1.6J charge-point agent for Linux EV chargers.",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"evcp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.setdefault("epilog", EXIT_STATUS)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        return subparsers(name, **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (TOML)")
+        p.add_argument(
+            "--config", default=DEFAULT_CONFIG, help="config file (TOML; default: %(default)s)"
+        )
 
     p = sub.add_parser("run", help="run the agent in the foreground")
     with_config(p)
@@ -68,9 +91,9 @@ def _parser() -> argparse.ArgumentParser:
         + "; ".join(f"{name} {' '.join(a)}: {h}" for name, (a, h) in SIM_COMMANDS.items()),
     )
     with_config(p)
-    p.add_argument("action", choices=sorted(SIM_COMMANDS))
-    p.add_argument("args", nargs="*")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("action", choices=sorted(SIM_COMMANDS), help="what to simulate (see above)")
+    p.add_argument("args", nargs="*", help="the action's arguments (see above)")
+    p.add_argument("--json", action="store_true", help="print the simulator's answer as JSON")
     p = sub.add_parser(
         "queue",
         help="transaction messages given up on; 'retry' sends them again",
@@ -79,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
         " their place, and sends them again.",
     )
     with_config(p)
-    p.add_argument("action", nargs="?", choices=("list", "retry"), default="list")
+    p.add_argument("action", nargs="?", choices=("list", "retry"), default="list",
+                   help="list the failed messages (default) or send them again")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("demo", help="run a whole charging session against a local CSMS")
     p.add_argument("--time-scale", type=float, default=60.0,
@@ -89,20 +113,61 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schedule", help="the composite charging schedule for the next 24 h")
     with_config(p)
     p.add_argument("--connector", type=int, default=1, help="connector id (0: the charger)")
-    p.add_argument("--unit", choices=("A", "W"), default="A")
+    p.add_argument("--unit", choices=("A", "W"), default="A",
+                   help="limits in amperes (default) or watts")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("firmware", help="firmware update state (works without the agent)")
     p.add_argument("action", choices=("status",))
     with_config(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("probe", help="talk to one configured device once (bring-up)")
-    p.add_argument("device", choices=("meter", "evse"))
+    p.add_argument("device", choices=("meter", "evse"), help="the meter or the EVSE controller")
     with_config(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser(
+        "logs",
+        help="the service's journal (journalctl -u evcp), filtered",
+        description="Show the evcp service's log from the journal (root or the"
+        " systemd-journal/adm group can read it).",
+    )
+    p.add_argument("--tx", metavar="ID", help="only lines about this transaction id")
+    p.add_argument("--since", metavar="WHEN",
+                   help='from this time on, as journalctl takes it ("1h ago", "today", ...)')  # fmt: skip
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    p.add_argument("--json", action="store_true", help="one JSON object per line (journal fields)")
+    p.add_argument("--unit", default="evcp.service", help="systemd unit (default: %(default)s)")
+    p = sub.add_parser(
+        "selftest",
+        help="the commissioning checklist: clock, DNS, TLS, Basic Auth, meter, controller,"
+        " disk, state database",
+        description="Run every check and print a pass/fail table; exit 0 only when every"
+        " required check passed.",
+    )
+    with_config(p)
+    p.add_argument("--offline", action="store_true",
+                   help="skip the network checks (dns, csms-tls, csms-auth): not required")  # fmt: skip
+    p.add_argument("--json", action="store_true",
+                   help='print {"passed": bool, "checks": [{"name", "passed", "required",'
+                   ' "detail"}]}')  # fmt: skip
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Output to a pipe closed early (``evcp status | head -1``) ends the
+    command quietly with status 0: the reader had what it wanted."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the failed flush at exit: stdout goes nowhere from now on.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     deferred.defer_unused()  # before argparse and websockets import them: less memory
     args = _parser().parse_args(argv)
     if args.command is None:
@@ -119,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             "probe": cmd_probe,
             "schedule": cmd_schedule,
             "firmware": cmd_firmware,
+            "logs": cmd_logs,
+            "selftest": cmd_selftest,
         }[args.command]
         return handler(args)
     except ConfigError as exc:
@@ -137,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     check_meter_map(cfg)
+    check_placeholders(cfg)
     print(f"{cfg.path}: OK")
     return 0
 
@@ -144,9 +212,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from agent import app, logs
     from agent.hardware import HardwareError
+    from agent.store import StoreInUse
 
     cfg = load(args.config)
     check_meter_map(cfg)
+    check_placeholders(cfg)
+    # The state (and the AuthorizationKey in it) is the agent's: 0750 directories, 0640
+    # files, whatever umask the agent was started with (the unit sets UMask=0027 too).
+    os.umask(os.umask(0o027) | 0o027)
     logs.setup(cfg.agent["log_level"], cfg.agent["log_target"])
     log = logging.getLogger("evcp")
     while True:
@@ -154,6 +227,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             kind = asyncio.run(app.run(cfg))
         except HardwareError as exc:
             print(f"evcp: hardware: {exc}", file=sys.stderr)
+            return 1
+        except StoreInUse as exc:
+            print(f"evcp: {exc}", file=sys.stderr)
             return 1
         if kind is None:
             return 0
@@ -264,6 +340,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
         usage = " ".join(f"[{n[:-1]}]" if n.endswith("?") else n.upper() for n in names)
         raise UsageError(f"usage: evcp sim {args.action} {usage}")
     values = dict(zip([n.rstrip("?") for n in names], args.args, strict=False))
+    if "connector" in values:
+        _check_connector(cfg, _int_arg(values["connector"], "connector"), zero=False)
+    if args.action == "fault":
+        _check_fault(values["code"])
     if args.action == "swipe":
         payload: dict[str, Any] = {"cmd": "swipe", "tag": values["tag"]}
         if "connector" in values:
@@ -291,6 +371,24 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_connector(cfg: Config, connector: int, *, zero: bool) -> None:
+    count = int(cfg.hardware["connectors"])
+    if not (0 if zero else 1) <= connector <= count:
+        allowed = f"{0 if zero else 1} to {count}" if count > 1 or zero else "1"
+        raise UsageError(
+            f"connector {connector}: {cfg.path} has {count} connector(s): use {allowed}"
+        )
+
+
+def _check_fault(code: str) -> None:
+    from agent.app import SIM_FAULTS
+    from drivers.base import FaultCode
+
+    accepted = [*SIM_FAULTS, *(f.value for f in FaultCode)]
+    if code not in accepted:
+        raise UsageError(f"unknown fault {code!r}: use one of {', '.join(accepted)}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.ocpp.demo import run_demo
 
@@ -301,6 +399,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from agent import schedule_view
 
     cfg = load(args.config)
+    _check_connector(cfg, args.connector, zero=True)
     answer = _control(
         cfg, {"cmd": "schedule", "connector": args.connector, "unit": args.unit, "hours": 24}
     )
@@ -341,6 +440,49 @@ def cmd_probe(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     check_meter_map(cfg)
     return int(probe(cfg, args.device, as_json=args.json))
+
+
+def journalctl_command(args: argparse.Namespace) -> list[str]:
+    """The journalctl invocation for ``evcp logs``."""
+    cmd = ["journalctl", "--unit", args.unit, "--no-pager"]
+    if args.since:
+        cmd += ["--since", args.since]
+    if args.follow:
+        cmd.append("--follow")
+    cmd += ["--output", "json" if args.json else "short-iso"]
+    if args.tx:
+        if not args.tx.isdigit():
+            raise UsageError(f"--tx {args.tx!r}: a transaction id is a whole number")
+        # The agent names a transaction "transaction N" (the CSMS's id) or "local N".
+        cmd += ["--grep", rf"(transaction|tx|local)[ #=]*{args.tx}\b", "--case-sensitive=false"]
+    return cmd
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    cmd = journalctl_command(args)
+    if shutil.which("journalctl") is None:
+        raise ControlError(
+            "journalctl is not installed here (systemd's journal): the agent's log is"
+            ' wherever its stderr goes (run it with log_target = "stderr")'
+        )
+    try:
+        return subprocess.run(cmd, check=False).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from agent import selftest
+
+    cfg = load(args.config)
+    check_meter_map(cfg)
+    try:
+        status: dict[str, Any] | None = _control(cfg, {"cmd": "status"})
+    except ControlError:
+        status = None
+    result = selftest.run(cfg, offline=args.offline, status=status)
+    print(json.dumps(result, indent=2) if args.json else selftest.table(result))
+    return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":

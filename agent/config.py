@@ -495,3 +495,23 @@ def load(path: str | os.PathLike[str]) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     return validate(data, p.resolve())
+
+
+#: The identity and password the shipped example config (etc/evcp.toml, the package's
+#: /etc/evcp/evcp.toml) carries: a charger must not contact a CSMS with them.
+PLACEHOLDERS: dict[str, str] = {
+    "charge_point_id": "EVCP-000123",
+    "password": "change-me-16-chars-min",
+}
+
+
+def check_placeholders(cfg: Config) -> None:
+    """Refuse the example's placeholder CSMS URL, charge point id and password, naming
+    every one still to be set (``run`` and ``check-config`` call it: exit status 2)."""
+    left = [key for key, value in PLACEHOLDERS.items() if cfg.csms[key] == value]
+    if left:
+        raise ConfigError(
+            f"{cfg.path}: [csms] {', '.join(left)}: still the shipped example value"
+            f"{'s' if len(left) > 1 else ''}: set this charger's charge_point_id and password"
+            " (the initial AuthorizationKey), and the CSMS url, before starting the agent"
+        )

@@ -331,3 +331,96 @@ def setup(level: str = "info", target: str = "auto") -> None:
         logging.getLogger(name).setLevel(
             logging.DEBUG if level == "debug" and name != "pymodbus" else logging.WARNING
         )
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class FailureLog:
+    """Log a failing device or link once when it fails, a reminder at most every
+    ``remind_s`` while it stays failed, and once when it recovers -- not on every poll.
+
+    Time is an argument (seconds, monotonic): call :meth:`failed` on every failed attempt
+    and :meth:`ok` on every good one. ``fields`` are journald fields (upper case, e.g.
+    ``{"EVCP_CONNECTOR": "1"}``) added to every line; with the journal handler
+    (systemd-python) they are searchable with ``journalctl EVCP_CONNECTOR=1``::
+
+        meter_log = FailureLog(log, "connector 1: meter", fields={"EVCP_CONNECTOR": "1"})
+        ...
+        try:
+            reading = await meter.read()
+        except DriverError as exc:
+            meter_log.failed(time.monotonic(), str(exc))
+        else:
+            meter_log.ok(time.monotonic())
+
+    A different reason while failing is logged at once (the fault changed), then reminded
+    as before. Each method returns whether it wrote a line.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        *,
+        remind_s: float = 600.0,
+        level: int = logging.ERROR,
+        fields: dict[str, str] | None = None,
+    ) -> None:
+        if remind_s <= 0:
+            raise ValueError("remind_s must be positive")
+        self.logger, self.what, self.remind_s, self.level = logger, what, remind_s, level
+        self.fields = dict(fields or {})
+        self._since: float | None = None  # when the failure began
+        self._last_logged = 0.0
+        self._reason = ""
+        self._count = 0
+
+    @property
+    def failing(self) -> bool:
+        return self._since is not None
+
+    def failed(self, now: float, reason: str) -> bool:
+        if self._since is None:
+            self._since, self._count, self._reason = now, 1, reason
+            return self._emit(now, self.level, "%s failed: %s", self.what, reason)
+        self._count += 1
+        if reason != self._reason:
+            self._reason = reason
+            return self._emit(now, self.level, "%s still failing, now: %s", self.what, reason)
+        if now - self._last_logged >= self.remind_s:
+            return self._emit(
+                now,
+                self.level,
+                "%s still failing for %s (%d failed attempts): %s",
+                self.what,
+                _duration(now - self._since),
+                self._count,
+                reason,
+            )
+        return False
+
+    def ok(self, now: float) -> bool:
+        if self._since is None:
+            return False
+        since, count = self._since, self._count
+        self._since, self._count, self._reason = None, 0, ""
+        return self._emit(
+            now,
+            logging.WARNING if self.level >= logging.WARNING else self.level,
+            "%s recovered after %s (%d failed attempts)",
+            self.what,
+            _duration(now - since),
+            count,
+        )
+
+    def _emit(self, now: float, level: int, message: str, *args: Any) -> bool:
+        self._last_logged = now
+        self.logger.log(level, message, *args, extra=self.fields or None)
+        return True

@@ -55,9 +55,10 @@ async def _probe(cfg: Config, device: str) -> dict[str, Any]:
             await sim.stop()
 
 
-def probe(cfg: Config, device: str, *, as_json: bool) -> int:
+def probe_once(cfg: Config, device: str) -> dict[str, Any]:
+    """Read ``device`` ("meter" or "evse") once; raise DriverError or HardwareError."""
     # The drivers' and pymodbus' retry warnings would otherwise reach stderr through
-    # logging's last-resort handler: the failure is reported in the one line below.
+    # logging's last-resort handler: the caller reports the failure in one line.
     root = logging.getLogger()
     quiet = logging.NullHandler()
     if not root.handlers:
@@ -66,12 +67,17 @@ def probe(cfg: Config, device: str, *, as_json: bool) -> int:
         with tempfile.TemporaryDirectory(prefix="evcp-probe-") as scratch:
             if cfg.hardware["driver"] == "sim":
                 cfg = dataclasses.replace(cfg, agent={**cfg.agent, "state_dir": scratch})
-            result = asyncio.run(_probe(cfg, device))
+            return asyncio.run(_probe(cfg, device))
+    finally:
+        root.removeHandler(quiet)
+
+
+def probe(cfg: Config, device: str, *, as_json: bool) -> int:
+    try:
+        result = probe_once(cfg, device)
     except (DriverError, HardwareError) as exc:
         print(f"evcp: probe {device} failed: {exc}", file=sys.stderr)
         return 1
-    finally:
-        root.removeHandler(quiet)
     if as_json:
         print(json.dumps(result))
     else:

@@ -34,4 +34,78 @@ def test_the_package_ships_the_unit_in_packaging() -> None:
     """One unit file: debian/ has none of its own, `make deb` copies packaging/evcp.service."""
     assert not (ROOT / "packaging" / "debian" / "evcp.service").exists()
     makefile = (ROOT / "Makefile").read_text()
-    assert "cp packaging/evcp.service build/deb/src/debian/evcp.service" in makefile
+    assert "cp packaging/evcp.service $(DEB_DIR)/src/debian/evcp.service" in makefile
+
+
+def test_one_version_for_the_command_the_package_and_the_metadata() -> None:
+    """`evcp --version`, the installed metadata and debian/changelog say the same version
+    (debian/rules refuses to build otherwise)."""
+    import re
+
+    from agent import __version__
+
+    changelog = (ROOT / "packaging" / "debian" / "changelog").read_text()
+    match = re.match(r"evcp \(([^)]+)\)", changelog)
+    assert match and match.group(1) == __version__
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "--version"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.stdout.strip() == f"evcp {__version__}"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject
+    assert 'version = { attr = "agent.__version__" }' in pyproject
+
+
+def test_the_unit_orders_after_targets_it_does_not_pull_in() -> None:
+    unit = (ROOT / "packaging" / "evcp.service").read_text()
+    lines = [line.strip() for line in unit.splitlines() if not line.startswith("#")]
+    assert "After=time-sync.target network-online.target" in lines
+    assert not [line for line in lines if line.startswith(("Wants=", "Requires="))]
+    for directive in (
+        "RestartPreventExitStatus=2",
+        "StateDirectoryMode=0750",
+        "UMask=0027",
+        "DevicePolicy=closed",
+        "DeviceAllow=char-ttyUSB rw",
+        "AmbientCapabilities=CAP_SYS_TIME",
+        "SystemCallFilter=@system-service @clock",
+    ):
+        assert directive in lines, directive
+
+
+def test_the_unit_exposure_is_at_most_2_3() -> None:
+    import re
+    import shutil
+
+    import pytest
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(ROOT / "packaging" / "evcp.service")],
+        capture_output=True,
+        text=True,
+    )
+    match = re.search(r"Overall exposure level for evcp.service: ([\d.]+)", done.stdout)
+    if match is None:
+        pytest.skip(f"systemd-analyze security --offline not supported: {done.stderr[-200:]}")
+    assert float(match.group(1)) <= 2.3, done.stdout[-2000:]
+
+
+def test_the_hashed_lock_pins_every_runtime_requirement() -> None:
+    """packaging/requirements-runtime.hashes (make lock-hashes) has every line of
+    requirements-runtime.txt, each with at least one sha256."""
+    wanted = {
+        line.split("#")[0].strip().lower()
+        for line in (ROOT / "requirements-runtime.txt").read_text().splitlines()
+        if line.split("#")[0].strip()
+    }
+    hashed = (ROOT / "packaging" / "requirements-runtime.hashes").read_text()
+    entries = [e for e in hashed.split("\n") if e and not e.startswith((" ", "#"))]
+    pins = {e.split()[0].lower() for e in entries}
+    assert pins == wanted
+    for block in hashed.split("\n")[2:]:
+        if block and not block.startswith(" "):
+            assert block.endswith("\\"), block  # a hash follows every pin
+    build = (ROOT / "packaging" / "requirements-build.hashes").read_text()
+    assert "setuptools==" in build and "--hash=sha256:" in build

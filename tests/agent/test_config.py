@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load
+from agent.config import PLACEHOLDERS, load
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -304,7 +304,18 @@ def test_meter_values_are_staged_in_run_for_10_s_by_default(tmp_path: Path) -> N
     assert loaded.agent["stage_dir"] == "/run/evcp"
 
 
-def test_the_shipped_example_config_is_valid() -> None:
+def test_the_shipped_example_config_is_valid_but_its_placeholders_are_refused() -> None:
+    """Every key of the example is valid; only its CSMS identity and password are
+    placeholders, which check-config (and run) refuse in one line naming all three."""
+    example = load(ROOT / "etc" / "evcp.toml")
+    assert example.agent["queue_flush_s"] == 10
+    assert {key: example.csms[key] for key in PLACEHOLDERS} == PLACEHOLDERS
     result = check_config(ROOT / "etc" / "evcp.toml")
-    assert result.returncode == 0, result.stderr
-    assert load(ROOT / "etc" / "evcp.toml").agent["queue_flush_s"] == 10
+    assert_refused(result, ROOT / "etc" / "evcp.toml", "[csms] charge_point_id, password")
+
+
+def test_one_placeholder_left_is_named(tmp_path: Path) -> None:
+    text = VALID.replace('charge_point_id = "CP-1"', 'charge_point_id = "EVCP-000123"')
+    assert text != VALID
+    result = check_config(write(tmp_path, text))
+    assert_refused(result, tmp_path / "evcp.toml", "[csms] charge_point_id: still the shipped")

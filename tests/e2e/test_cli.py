@@ -313,11 +313,13 @@ async def test_sim_bad_usage(booted: RunningAgent) -> None:
     result.assert_clean_error(2, "usage")
     result = await evcp("sim", "--config", config, "ev-max-current", "1", "lots")
     result.assert_clean_error(2, "current_a")
-    # Well-formed but refused by the agent or the simulator: exit 1, the reason.
+    # A connector the config does not have, a fault name nobody knows: usage errors (2),
+    # checked before the agent is asked; every accepted fault name is listed.
     result = await evcp("sim", "--config", config, "plug", "9")
-    result.assert_clean_error(1, "no connector 9")
+    result.assert_clean_error(2, "connector 9", "1 connector(s)")
     result = await evcp("sim", "--config", config, "fault", "1", "Meltdown")
-    result.assert_clean_error(1, "Meltdown")
+    result.assert_clean_error(2, "Meltdown", "GroundFailure", "OtherError", "ground_fault", "other")
+    # Refused by the agent: exit 1, the reason.
     result = await evcp("sim", "--config", config, "swipe", "T" * 30)
     result.assert_clean_error(1, "idTag")
     # Nothing happened to the connector.
