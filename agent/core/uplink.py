@@ -223,7 +223,7 @@ class Uplinks:
 
     def hold_of(self, name: str) -> float:
         """The time this link must stay up before the agent moves back to it."""
-        factor = min(2 ** self.links[name].flaps, self.rules.max_hold_factor)
+        factor: int = min(2 ** self.links[name].flaps, self.rules.max_hold_factor)
         return self.rules.hold_s * factor
 
     def probe_delay(self, name: str) -> float:
