@@ -1,0 +1,83 @@
+"""Link state from netlink (``pyroute2``): is the interface there, up, with carrier and an
+address? One dump of links and addresses per call: cheap enough to poll a few times a second.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pyroute2 import AsyncIPRoute
+
+__all__ = ["LinkInfo", "read_links"]
+
+IFF_UP = 0x1
+IFF_LOWER_UP = 0x10000
+IFA_F_TENTATIVE = 0x40
+IFA_F_DADFAILED = 0x08
+RT_SCOPE_UNIVERSE = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LinkInfo:
+    interface: str
+    exists: bool = False
+    up: bool = False
+    carrier: bool = False
+    addresses: tuple[str, ...] = ()
+    index: int = 0
+
+    @property
+    def usable(self) -> bool:
+        """Up, with carrier and at least one global address."""
+        return self.exists and self.up and self.carrier and bool(self.addresses)
+
+    @property
+    def why_not(self) -> str:
+        """Why the link is not usable ("" when it is)."""
+        if not self.exists:
+            return f"interface {self.interface} does not exist"
+        if not self.up:
+            return f"{self.interface} is administratively down"
+        if not self.carrier:
+            return f"{self.interface} has no carrier"
+        if not self.addresses:
+            return f"{self.interface} has no address"
+        return ""
+
+
+async def read_links(interfaces: Iterable[str]) -> dict[str, LinkInfo]:
+    """The state of each named interface (a missing one has ``exists=False``)."""
+    wanted = set(interfaces)
+    found: dict[int, tuple[str, int]] = {}
+    addresses: dict[int, list[str]] = {}
+    async with AsyncIPRoute() as ipr:
+        async for msg in await ipr.link("dump"):
+            name = msg.get("ifname")
+            if name in wanted:
+                flags = int(msg.get("flags") or 0)
+                carrier = msg.get("carrier")
+                lower = bool(flags & IFF_LOWER_UP) if carrier is None else bool(carrier)
+                found[int(msg["index"])] = (name, (flags & IFF_UP) | (IFF_LOWER_UP if lower else 0))
+        async for msg in await ipr.addr("dump"):
+            index = int(msg["index"])
+            if index not in found:
+                continue
+            flags = int(msg.get("flags") or 0)
+            if msg.get("scope") != RT_SCOPE_UNIVERSE or flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+                continue
+            if msg.get("family") not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            addresses.setdefault(index, []).append(str(msg.get("address")))
+    result = {name: LinkInfo(name) for name in wanted}
+    for index, (name, bits) in found.items():
+        result[name] = LinkInfo(
+            interface=name,
+            exists=True,
+            up=bool(bits & IFF_UP),
+            carrier=bool(bits & IFF_LOWER_UP),
+            addresses=tuple(addresses.get(index, ())),
+            index=index,
+        )
+    return result
