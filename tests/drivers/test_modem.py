@@ -85,7 +85,7 @@ async def test_a_silent_modem_is_a_clear_error_not_a_hang(modem: SimModem) -> No
     modem.silent = True
     at = AtModem(modem.path, timeout_s=0.3)
     try:
-        with pytest.raises(ModemError, match="AT\\+CSQ: no answer within 0.3 s"):
+        with pytest.raises(ModemError, match=r"AT\+CSQ: no answer within 0\.3 s"):
             await asyncio.to_thread(at.command, "AT+CSQ")
         # query() degrades to "unknown", it does not raise for a quiet modem
         info = await asyncio.to_thread(at.query)
