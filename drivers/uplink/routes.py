@@ -91,9 +91,12 @@ class RouteBackend:
 
     @staticmethod
     async def _index(ipr: Any, interface: str) -> int:
-        async for msg in await ipr.link("dump"):
-            if msg.get("ifname") == interface:
-                return int(msg["index"])
+        found = None
+        async for msg in await ipr.link("dump"):  # read to the end: a dump left half-read
+            if msg.get("ifname") == interface:  # makes the next request fail with EBUSY
+                found = int(msg["index"])
+        if found is not None:
+            return found
         raise BackendError(f"route back-end: no interface named {interface}")
 
     async def _apply_family(self, ipr: Any, family: int, index: int, interface: str) -> int:
