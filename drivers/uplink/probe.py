@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 import time
@@ -82,7 +83,7 @@ class Prober:
             except ssl.SSLError as exc:
                 detail = f"TLS handshake failed: {exc.reason or exc}"
             except OSError as exc:
-                detail = exc.strerror or str(exc)
+                detail = os.strerror(exc.errno) if exc.errno else str(exc)
         return ProbeResult(False, detail, time.monotonic() - start)
 
     async def _connect(self, interface: str, family: int, address: tuple[str, int]) -> None:
