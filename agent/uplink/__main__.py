@@ -115,7 +115,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.uplink")
     parser.add_argument("--config", required=True)
     parser.add_argument("--status-file")
-    parser.add_argument("--link-poll-s", type=float, default=0.25)
+    parser.add_argument("--link-poll-s", type=float, default=0.5)
     parser.add_argument("--modem-poll-s", type=float, default=60.0)
     args = parser.parse_args()
     logging.basicConfig(

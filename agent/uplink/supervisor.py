@@ -33,7 +33,7 @@ from agent.config import UplinkConfig
 from agent.core.uplink import LinkSpec, Rules, Switch, Uplinks, seconds_until
 from drivers.uplink import BackendError
 from drivers.uplink.modem import AtModem, ModemError, ModemInfo
-from drivers.uplink.netlink import LinkInfo, read_links
+from drivers.uplink.netlink import LinkInfo, LinkMonitor
 from drivers.uplink.probe import Prober, ProbeResult
 
 __all__ = ["Backend", "SessionPort", "UplinkSupervisor", "make_backend"]
@@ -93,12 +93,12 @@ class UplinkSupervisor:
         session: SessionPort | None = None,
         backend: Backend | None = None,
         tls: ssl.SSLContext | None = None,
-        link_poll_s: float = 0.25,
+        link_poll_s: float = 0.5,
         modem_poll_s: float = 60.0,
         reconcile_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
-        links_reader: Callable[[list[str]], Awaitable[dict[str, LinkInfo]]] = read_links,
+        links_reader: Callable[[list[str]], Awaitable[dict[str, LinkInfo]]] | None = None,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -122,7 +122,8 @@ class UplinkSupervisor:
         self.reconcile_s = reconcile_s
         self.clock = clock
         self.wall = wall
-        self.links_reader = links_reader
+        self._monitor = LinkMonitor()
+        self.links_reader = links_reader or self._monitor.read
         self.on_change = on_change
         self.last_switch: _SwitchRecord | None = None
         self.backend_error: str | None = None
@@ -259,6 +260,7 @@ class UplinkSupervisor:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self._monitor.close()
             if self._at is not None:
                 self._at.close()
             if self.rules.active is not None:
@@ -311,7 +313,8 @@ class UplinkSupervisor:
                 self._probes[name] = result
                 self.rules.observe_probe(name, result.ok, self.clock(), result.detail)
                 await self._evaluate()
-                delay = self.rules.probe_delay(name)
+                # a fixed cadence: a probe that timed out does not stretch the interval
+                delay = max(0.0, self.rules.probe_delay(name) - result.elapsed_s)
             else:
                 delay = 3600.0  # absent: wait for netlink to say it is back
             with contextlib.suppress(TimeoutError):

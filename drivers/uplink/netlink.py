@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pyroute2 import AsyncIPRoute
 
-__all__ = ["LinkInfo", "read_links"]
+__all__ = ["LinkInfo", "LinkMonitor", "read_links"]
 
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
@@ -48,28 +48,54 @@ class LinkInfo:
 
 
 async def read_links(interfaces: Iterable[str]) -> dict[str, LinkInfo]:
-    """The state of each named interface (a missing one has ``exists=False``)."""
+    """The state of each named interface (a missing one has ``exists=False``); opens and
+    closes a netlink socket. :class:`LinkMonitor` keeps one open for polling."""
+    async with AsyncIPRoute() as ipr:
+        return await _read(ipr, interfaces)
+
+
+class LinkMonitor:
+    """Reads link state over one netlink socket kept open (reopened after an error)."""
+
+    def __init__(self) -> None:
+        self._ipr: AsyncIPRoute | None = None
+
+    async def read(self, interfaces: Iterable[str]) -> dict[str, LinkInfo]:
+        if self._ipr is None:
+            self._ipr = AsyncIPRoute()
+        try:
+            return await _read(self._ipr, interfaces)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+
+async def _read(ipr: AsyncIPRoute, interfaces: Iterable[str]) -> dict[str, LinkInfo]:
     wanted = set(interfaces)
     found: dict[int, tuple[str, int]] = {}
     addresses: dict[int, list[str]] = {}
-    async with AsyncIPRoute() as ipr:
-        async for msg in await ipr.link("dump"):
-            name = msg.get("ifname")
-            if name in wanted:
-                flags = int(msg.get("flags") or 0)
-                carrier = msg.get("carrier")
-                lower = bool(flags & IFF_LOWER_UP) if carrier is None else bool(carrier)
-                found[int(msg["index"])] = (name, (flags & IFF_UP) | (IFF_LOWER_UP if lower else 0))
-        async for msg in await ipr.addr("dump"):
-            index = int(msg["index"])
-            if index not in found:
-                continue
+    async for msg in await ipr.link("dump"):
+        name = msg.get("ifname")
+        if name in wanted:
             flags = int(msg.get("flags") or 0)
-            if msg.get("scope") != RT_SCOPE_UNIVERSE or flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
-                continue
-            if msg.get("family") not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            addresses.setdefault(index, []).append(str(msg.get("address")))
+            carrier = msg.get("carrier")
+            lower = bool(flags & IFF_LOWER_UP) if carrier is None else bool(carrier)
+            found[int(msg["index"])] = (name, (flags & IFF_UP) | (IFF_LOWER_UP if lower else 0))
+    async for msg in await ipr.addr("dump"):
+        index = int(msg["index"])
+        if index not in found:
+            continue
+        flags = int(msg.get("flags") or 0)
+        if msg.get("scope") != RT_SCOPE_UNIVERSE or flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+            continue
+        if msg.get("family") not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        addresses.setdefault(index, []).append(str(msg.get("address")))
     result = {name: LinkInfo(name) for name in wanted}
     for index, (name, bits) in found.items():
         result[name] = LinkInfo(
