@@ -19,12 +19,15 @@ name (also when :meth:`Topology.up` fails half-way).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -186,3 +189,44 @@ def start_tls_server(
         proc.kill()
         raise RuntimeError("the TLS server in the csms namespace did not start")
     return proc
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def socket_in_netns(
+    ns: str, host: str, port: int, kind: socket.SocketKind = socket.SOCK_STREAM
+) -> socket.socket:
+    """A listening TCP socket bound to ``host:port`` *inside* namespace ``ns``, usable from
+    this process. A namespace is per thread on Linux: a short-lived thread enters ``ns``,
+    makes the socket and exits; the socket stays in ``ns``. This lets an in-process server
+    -- the test CSMS (websockets ``serve(sock=...)``), asyncio ``start_server(sock=...)`` --
+    answer the agent running in the charger namespace, with the test asserting on it
+    directly."""
+    result: list[socket.socket | BaseException] = []
+
+    def enter() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
+            finally:
+                os.close(fd)
+            sock = socket.socket(socket.AF_INET, kind)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            if kind == socket.SOCK_STREAM:
+                sock.listen(64)
+            sock.setblocking(False)
+            result.append(sock)
+        except BaseException as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=enter, name=f"netns-{ns}")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import subprocess
 import sys
 import time
@@ -23,7 +24,13 @@ import pytest
 import trustme
 
 from drivers.sim.modem import SimModem
-from tests.e2e.netns import CSMS_ADDR, Topology, netns_unavailable, start_tls_server
+from tests.e2e.netns import (
+    CSMS_ADDR,
+    Topology,
+    netns_unavailable,
+    socket_in_netns,
+    start_tls_server,
+)
 
 pytestmark = pytest.mark.skipif((reason := netns_unavailable()) is not None, reason=str(reason))
 
@@ -360,3 +367,44 @@ def test_a_missing_interface_is_one_warning_and_the_link_counts_as_down(
     ch.wait_active("gsm", "gsm0")
     warnings = [line for line in ch.log().splitlines() if "eth7 does not exist" in line]
     assert len(warnings) == 1, ch.log()
+
+
+async def test_an_in_process_server_can_listen_in_the_csms_namespace(
+    topo: Topology, tmp_path: Path
+) -> None:
+    """The helper for the OCPP-over-a-switch test: a server of this test process (here a
+    TLS echo, there the test CSMS) answers a client in the charger namespace over the
+    link the charger's kernel picks."""
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(CSMS_ADDR).configure_cert(ctx)
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    peers: list[str] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername")[0])
+        writer.close()
+
+    server = await asyncio.start_server(
+        handle, sock=socket_in_netns(topo.csms, CSMS_ADDR, 9443), ssl=ctx
+    )
+    client = (
+        "import socket, ssl, sys\n"
+        "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
+        f"with socket.create_connection(('{CSMS_ADDR}', 9443), timeout=10) as s:\n"
+        f"    ctx.wrap_socket(s, server_hostname='{CSMS_ADDR}').close()\n"
+    )
+    try:
+        for fault, source in ((None, "10.1.0.2"), ("wifi", "10.2.0.2")):
+            if fault:  # without a supervisor: make gsm win by hand, as the back-end would
+                topo.ip(topo.charger, "route", "add", "default", "via", "10.2.0.1", "metric", "10")
+            proc = await asyncio.create_subprocess_exec(
+                *topo.exec_argv(
+                    topo.charger, [sys.executable, "-c", client, str(tmp_path / "ca.pem")]
+                )
+            )
+            assert await proc.wait() == 0
+            assert peers[-1] == source
+    finally:
+        server.close()
+        await server.wait_closed()
