@@ -73,20 +73,22 @@ class Prober:
             return ProbeResult(False, f"cannot resolve {self.host}: {exc}", 0.0)
         detail = "no address"
         for family, address in addresses:
+            stage = ["connect"]
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    await self._connect(interface, family, address)
+                    await self._connect(interface, family, address, stage)
                 return ProbeResult(True, "", time.monotonic() - start)
             except TimeoutError:
-                step = "TLS handshake" if self.tls is not None else "connect"
-                detail = f"{step} timed out after {self.timeout_s:g} s"
+                detail = f"{stage[0]} timed out after {self.timeout_s:g} s"
             except ssl.SSLError as exc:
                 detail = f"TLS handshake failed: {exc.reason or exc}"
             except OSError as exc:
                 detail = os.strerror(exc.errno) if exc.errno else str(exc)
         return ProbeResult(False, detail, time.monotonic() - start)
 
-    async def _connect(self, interface: str, family: int, address: tuple[str, int]) -> None:
+    async def _connect(
+        self, interface: str, family: int, address: tuple[str, int], stage: list[str]
+    ) -> None:
         loop = asyncio.get_running_loop()
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -95,6 +97,7 @@ class Prober:
             await loop.sock_connect(sock, address)
             if self.tls is None:
                 return
+            stage[0] = "TLS handshake"
             reader, writer = await asyncio.open_connection(
                 sock=sock, ssl=self.tls, server_hostname=self.host
             )

@@ -79,3 +79,23 @@ async def test_networkmanager_without_dbus_is_one_clear_error(
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/evcp-test-bus")
     with pytest.raises(BackendError, match="cannot reach the D-Bus system bus"):
         await NetworkManagerBackend(["wifi0", "gsm0"]).apply("wifi0")
+
+
+async def test_a_server_that_never_answers_tls_is_a_handshake_timeout(ca: trustme.CA) -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepts TCP, never says a word
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        result = await Prober("127.0.0.1", port, timeout_s=0.3, tls=client_ctx(ca)).probe("lo")
+        plain = await Prober("127.0.0.1", port, timeout_s=0.3).probe("lo")
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert (result.ok, result.detail) == (False, "TLS handshake timed out after 0.3 s")
+    assert plain.ok  # a TCP-only probe is content with the connect
