@@ -3,8 +3,8 @@ makes the chosen link's default route win and tells the OCPP session to reconnec
 
 Tasks (all in :meth:`UplinkSupervisor.run`):
 
-* netlink: carrier, up and addresses of every link's interface, read every ``link_poll_s``;
-  losing any of them is "down" at once (an interface that does not exist is one warning at
+* netlink: carrier, up and addresses of every link's interface, read on every netlink
+  link/address event (else every ``link_poll_s``); losing any of them is "down" at once (an interface that does not exist is one warning at
   start, and the link counts as down until it appears);
 * one probe loop per link, paced by the rules (sparse on a steady gsm link), woken at once
   when the link (re)appears;
@@ -33,7 +33,7 @@ from agent.config import UplinkConfig
 from agent.core.uplink import LinkSpec, Rules, Switch, Uplinks, seconds_until
 from drivers.uplink import BackendError
 from drivers.uplink.modem import AtModem, ModemError, ModemInfo
-from drivers.uplink.netlink import LinkInfo, LinkMonitor
+from drivers.uplink.netlink import LinkEvents, LinkInfo, LinkMonitor
 from drivers.uplink.probe import Prober, ProbeResult
 
 __all__ = ["Backend", "SessionPort", "UplinkSupervisor", "make_backend"]
@@ -118,6 +118,8 @@ class UplinkSupervisor:
             ),
         )
         self.link_poll_s = link_poll_s
+        #: With netlink events, the link state is read on each event and at least this often.
+        self.event_fallback_s = 5.0
         self.modem_poll_s = modem_poll_s
         self.reconcile_s = reconcile_s
         self.clock = clock
@@ -272,6 +274,19 @@ class UplinkSupervisor:
             self.on_change()
 
     async def _netlink_loop(self) -> None:
+        events: LinkEvents | None = LinkEvents()
+        try:
+            await events.open()  # type: ignore[union-attr]
+        except Exception as exc:  # no multicast netlink here: poll instead
+            log.warning("uplink: no netlink events (%s); polling every %g s", exc, self.link_poll_s)
+            events = None
+        try:
+            await self._netlink_reads(events)
+        finally:
+            if events is not None:
+                events.close()
+
+    async def _netlink_reads(self, events: LinkEvents | None) -> None:
         names = [link.interface for link in self.cfg.links]
         last_reconcile = self.clock()
         while True:
@@ -302,7 +317,13 @@ class UplinkSupervisor:
             elif self.rules.active and now - last_reconcile >= self.reconcile_s:
                 last_reconcile = now  # DHCP may have replaced the route: re-apply
                 await self._apply(self.cfg.link(self.rules.active).interface)
-            await asyncio.sleep(self.link_poll_s)
+            if events is None:
+                await asyncio.sleep(self.link_poll_s)
+                continue
+            # woken by the kernel on a change; a slow read anyway, in case one was missed
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.event_fallback_s):
+                    await events.next()
 
     async def _probe_loop(self, name: str, interface: str) -> None:
         kick = self._kick[name]

@@ -9,8 +9,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
 
-__all__ = ["LinkInfo", "LinkMonitor", "read_links"]
+__all__ = ["LinkEvents", "LinkInfo", "LinkMonitor", "read_links"]
 
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
@@ -68,6 +69,34 @@ class LinkMonitor:
         except BaseException:
             self.close()
             raise
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+
+class LinkEvents:
+    """Wakes up on any link or address change (the kernel's netlink multicast groups), so
+    that a carrier loss is seen at once without polling."""
+
+    def __init__(self) -> None:
+        self._ipr: AsyncIPRoute | None = None
+
+    async def open(self) -> None:
+        ipr = AsyncIPRoute()
+        try:
+            await ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
+        except BaseException:
+            ipr.close()
+            raise
+        self._ipr = ipr
+
+    async def next(self) -> None:
+        """Return once at least one change has been announced."""
+        assert self._ipr is not None, "open() first"
+        async for _msg in self._ipr.get():
+            pass
 
     def close(self) -> None:
         if self._ipr is not None:
