@@ -295,6 +295,76 @@ SCHEMA: dict[str, dict[str, Key]] = {
 #: Sections whose keys are free-form: initial values of OCPP configuration keys.
 FREE_SECTIONS = {"ocpp"}
 
+#: ``[uplink]``: optional. Without it the agent uses whatever route the OS picks (as before).
+UPLINK_KEYS: dict[str, Key] = {
+    "backend": Key(str, "route", _one_of("route", "networkmanager")),
+    "hold_s": Key(
+        (int, float),
+        60,
+        _range(1, 86400),
+        doc="a better link must be healthy this long before the agent moves back to it",
+    ),
+    "probe_interval_s": Key((int, float), 2, _range(0.2, 3600)),
+    "probe_timeout_s": Key((int, float), 1.5, _range(0.1, 60)),
+    "failures_to_down": Key(int, 3, _range(1, 100)),
+    "successes_to_up": Key(int, 3, _range(1, 100)),
+    "gsm_probe_interval_s": Key(
+        (int, float), 300, _range(1, 86400), doc="steady-state probing of gsm links (costs data)"
+    ),
+    "gsm_ping_interval_s": Key(
+        (int, float), 240, _range(0, 86400), doc="WebSocket ping interval over gsm; 0: none"
+    ),
+    "probe_tls": Key(bool, False, doc="probe with a TLS handshake, not only a TCP connect"),
+    "links": Key(list, REQUIRED),
+}
+
+UPLINK_LINK_KEYS: dict[str, Key] = {
+    "name": Key(str, REQUIRED),
+    "interface": Key(str, REQUIRED),
+    "kind": Key(str, REQUIRED, _one_of("wifi", "gsm", "ethernet")),
+    "priority": Key(int, REQUIRED, _range(1, 1000)),
+    "at_port": Key(str, "", doc="the modem's AT command port (gsm), e.g. /dev/ttyUSB2"),
+    "at_baudrate": Key(int, 115200, _range(300, 921600)),
+}
+
+_LINK_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+#: Linux interface names: 1-15 bytes, no '/', ':' or whitespace.
+_IFNAME = re.compile(r"^[^/:\s]{1,15}$")
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkLink:
+    """One ``[[uplink.links]]`` entry. A lower ``priority`` number is preferred."""
+
+    name: str
+    interface: str
+    kind: str
+    priority: int
+    at_port: str = ""
+    at_baudrate: int = 115200
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkConfig:
+    """The validated ``[uplink]`` section."""
+
+    backend: str
+    hold_s: float
+    probe_interval_s: float
+    probe_timeout_s: float
+    failures_to_down: int
+    successes_to_up: int
+    gsm_probe_interval_s: float
+    gsm_ping_interval_s: float
+    probe_tls: bool
+    links: tuple[UplinkLink, ...]
+
+    def link(self, name: str) -> UplinkLink:
+        for link in self.links:
+            if link.name == name:
+                return link
+        raise KeyError(name)
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -312,6 +382,8 @@ class Config:
     ocpp: Mapping[str, Any] = field(default_factory=dict)
     security: Mapping[str, Any] = field(default_factory=dict)
     firmware: Mapping[str, Any] = field(default_factory=dict)
+    #: None: no ``[uplink]`` section, the OS's routing is left alone.
+    uplink: UplinkConfig | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -365,8 +437,8 @@ def validate(data: Mapping[str, Any], path: Path) -> Config:
         return ConfigError(f"{path}: {where}: {message}")
 
     for section in data:
-        if section not in SCHEMA and section not in FREE_SECTIONS:
-            known = ", ".join(f"[{s}]" for s in [*SCHEMA, *sorted(FREE_SECTIONS)])
+        if section not in SCHEMA and section not in FREE_SECTIONS and section != "uplink":
+            known = ", ".join(f"[{s}]" for s in [*SCHEMA, *sorted(FREE_SECTIONS), "uplink"])
             raise fail(f"[{section}]", f"unknown section (known: {known})")
     sections: dict[str, dict[str, Any]] = {}
     for section, keys in SCHEMA.items():
@@ -459,7 +531,74 @@ def validate(data: Mapping[str, Any], path: Path) -> Config:
         raise fail(
             "[agent] control_socket", f"path longer than {MAX_SOCKET_PATH} bytes (a Unix limit)"
         )
-    return Config(path=path, ocpp=dict(ocpp_keys), **sections)
+    uplink = _uplink(data["uplink"], fail) if "uplink" in data else None
+    return Config(path=path, ocpp=dict(ocpp_keys), uplink=uplink, **sections)
+
+
+def _check_table(
+    given: Any, keys: Mapping[str, Key], where: str, fail: Callable[[str, str], ConfigError]
+) -> dict[str, Any]:
+    """Validate one table against ``keys`` (types, checks, defaults); ``where`` names it."""
+    if not isinstance(given, dict):
+        raise fail(where, "must be a table")
+    for key in given:
+        if key not in keys:
+            raise fail(f"{where} {key}", f"unknown key (known: {', '.join(keys)})")
+    values: dict[str, Any] = {}
+    for key, spec in keys.items():
+        if key not in given:
+            if spec.default is REQUIRED:
+                raise fail(f"{where} {key}", "missing value (this key is required)")
+            values[key] = spec.default
+            continue
+        value = given[key]
+        if not _is_type(value, spec.type):
+            raise fail(
+                f"{where} {key}",
+                f"must be {_type_name(spec.type)}, not {type(value).__name__} {value!r}",
+            )
+        if spec.check is not None and (problem := spec.check(value)) is not None:
+            raise fail(f"{where} {key}", problem)
+        values[key] = value
+    return values
+
+
+def _uplink(given: Any, fail: Callable[[str, str], ConfigError]) -> UplinkConfig:
+    values = _check_table(given, UPLINK_KEYS, "[uplink]", fail)
+    raw_links = values.pop("links")
+    if not raw_links:
+        raise fail("[uplink] links", "needs at least one [[uplink.links]] entry")
+    links: list[UplinkLink] = []
+    for index, raw in enumerate(raw_links):
+        where = f"[[uplink.links]] #{index + 1}"
+        link = _check_table(raw, UPLINK_LINK_KEYS, where, fail)
+        if not _LINK_NAME.match(link["name"]):
+            raise fail(f"{where} name", "must be 1-32 letters, digits, '-' or '_'")
+        if not _IFNAME.match(link["interface"]):
+            raise fail(f"{where} interface", "must be a Linux interface name (1-15 characters)")
+        for other in links:
+            for key in ("name", "interface", "priority"):
+                if link[key] == getattr(other, key):
+                    raise fail(
+                        f"{where} {key}", f"{link[key]!r} is already used by link {other.name!r}"
+                    )
+        if link["at_port"] and link["kind"] != "gsm":
+            raise fail(f"{where} at_port", 'only a kind = "gsm" link has a modem AT port')
+        links.append(UplinkLink(**link))
+    if values["probe_timeout_s"] >= values["probe_interval_s"]:
+        raise fail("[uplink] probe_timeout_s", "must be shorter than probe_interval_s")
+    return UplinkConfig(
+        backend=values["backend"],
+        hold_s=float(values["hold_s"]),
+        probe_interval_s=float(values["probe_interval_s"]),
+        probe_timeout_s=float(values["probe_timeout_s"]),
+        failures_to_down=values["failures_to_down"],
+        successes_to_up=values["successes_to_up"],
+        gsm_probe_interval_s=float(values["gsm_probe_interval_s"]),
+        gsm_ping_interval_s=float(values["gsm_ping_interval_s"]),
+        probe_tls=values["probe_tls"],
+        links=tuple(sorted(links, key=lambda link: link.priority)),
+    )
 
 
 def check_meter_map(cfg: Config) -> None:

@@ -1,0 +1,1 @@
+"""Uplink failover (WiFi / GSM / Ethernet): see :mod:`agent.uplink.supervisor`."""
