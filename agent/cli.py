@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from typing import Any
@@ -460,6 +459,8 @@ def journalctl_command(args: argparse.Namespace) -> list[str]:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     cmd = journalctl_command(args)
+    import shutil  # (here: shutil imports bz2 and lzma, see agent.deferred)
+
     if shutil.which("journalctl") is None:
         raise ControlError(
             "journalctl is not installed here (systemd's journal): the agent's log is"
