@@ -116,7 +116,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="limits in amperes (default) or watts")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("firmware", help="firmware update state (works without the agent)")
-    p.add_argument("action", choices=("status",))
+    p.add_argument(
+        "action", choices=("status",), help="status: version, pending update, last result"
+    )
     with_config(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("probe", help="talk to one configured device once (bring-up)")
