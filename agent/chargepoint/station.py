@@ -90,6 +90,9 @@ class Station:
         self.send_queue_now: Callable[[], None] = lambda: None
         #: The agent is stopping: controllers are paused and stay paused.
         self.stopping = False
+        #: start() has closed what a power loss left open: a plug-in may start a transaction
+        #: (before, a car already plugged in would open a second one beside the old).
+        self.ready = False
         self.max_current_a = float(cfg.hardware["max_current_a"])
         self.voltage_v = float(cfg.hardware["nominal_voltage_v"])
         self.phases = int(cfg.hardware["phases"])
@@ -146,6 +149,7 @@ class Station:
                 log.error("connector %d: meter unavailable: %s", c.id, exc)
         self.transactions.recover()
         before_first_status()
+        self.ready = True
         for c in self.connectors.values():
             await self.actuate(c)
             self.refresh_status(c)
@@ -248,6 +252,8 @@ class Station:
         self.refresh_status(c)
 
     def _on_plugged(self, c: Connector) -> None:
+        if not self.ready:
+            return  # (start() looks at every connector once it is ready)
         if c.waiting_tag is not None and c.tx is None:
             tag, parent = c.waiting_tag
             profile = c.waiting_profile

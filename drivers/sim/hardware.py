@@ -76,21 +76,27 @@ class SimHardware:
         return {"connectors": out}
 
     def save(self, path: Path) -> None:
-        """Persist the energy registers (a real meter keeps its register across reboots)."""
+        """Persist the energy registers (a real meter keeps its register across reboots)
+        and which cars are plugged in (a power cut does not unplug a car)."""
         data = {str(cid): c.energy_now_wh() for cid, c in self.connectors.items()}
+        plugged = {str(cid): c.ev.plugged for cid, c in self.connectors.items()}
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"energy_wh": data}))
+        tmp.write_text(json.dumps({"energy_wh": data, "plugged": plugged}))
         os.replace(tmp, path)
 
     def load(self, path: Path) -> None:
         try:
-            data = json.loads(path.read_text())["energy_wh"]
-        except (OSError, ValueError, KeyError, TypeError):
+            saved = json.loads(path.read_text())
+            data = saved["energy_wh"]
+            plugged = saved.get("plugged", {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return
         for cid, c in self.connectors.items():
             value = data.get(str(cid))
             if isinstance(value, int | float) and value >= 0:
                 c.energy_wh = float(value)
+            if isinstance(plugged, dict) and plugged.get(str(cid)) is True:
+                c.ev.plugged = True
 
     def command(self, request: dict[str, Any]) -> dict[str, Any]:
         """Apply one control command; raise ValueError with a message on bad input."""

@@ -255,3 +255,7 @@ async def test_free_vend_resumes_charging_after_a_restart_with_the_car_still_plu
     await csms.wait_message("StopTransaction", after=mark)
     await csms.wait_for(lambda: len(csms.messages("StartTransaction")) == 2)
     assert csms.messages("StartTransaction")[-1]["idTag"] == "HOME"
+    # The new transaction runs: only the old one was closed (a plug-in seen while the
+    # agent starts must not open a transaction that the restart then closes too).
+    await agent.wait_status(lambda s: s["connectors"][0]["transaction_id"] is not None)
+    assert [m["reason"] for m in csms.messages("StopTransaction")] == ["PowerLoss"]
