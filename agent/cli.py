@@ -137,6 +137,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line (journal fields)")
     p.add_argument("--unit", default="evcp.service", help="systemd unit (default: %(default)s)")
     p = sub.add_parser(
+        "config",
+        help="the OCPP configuration keys of the running agent: get, or set (root)",
+        description="Read the OCPP configuration keys through the running agent, as"
+        " GetConfiguration answers them (AuthorizationKey is write-only), or change one with"
+        " the same validation as ChangeConfiguration (root only).",
+    )
+    config_sub = p.add_subparsers(dest="config_action", metavar="ACTION", required=True)
+    q = config_sub.add_parser("get", help="print keys (all when none is named)")
+    with_config(q)
+    q.add_argument("keys", nargs="*", metavar="KEY", help="key names (default: every key)")
+    q.add_argument("--json", action="store_true", help='print {"KEY": "value", ...}')
+    q = config_sub.add_parser("set", help="change one key (root only)")
+    with_config(q)
+    q.add_argument("key", metavar="KEY", help="key name, e.g. HeartbeatInterval")
+    q.add_argument("value", metavar="VALUE", help="the new value, as ChangeConfiguration takes it")
+    q.add_argument("--json", action="store_true", help='print {"key", "status"}')
+    p = sub.add_parser(
+        "tx",
+        help="recent transactions: energy, reason, whether the CSMS has them",
+        description="The most recent transactions, newest first, with their energy, stop"
+        " reason and whether the CSMS acknowledged every message of them (delivered).",
+    )
+    with_config(p)
+    p.add_argument("--last", type=int, default=10, metavar="N",
+                   help="how many (1 to 10000; default: %(default)s)")  # fmt: skip
+    p.add_argument("--json", action="store_true",
+                   help='print a list of {"transaction_id", "local_id", "connector_id",'
+                   ' "id_tag", "meter_start_wh", "meter_stop_wh", "energy_wh", "started",'
+                   ' "stopped", "reason", "running", "delivered"}')  # fmt: skip
+    p = sub.add_parser(
         "selftest",
         help="the commissioning checklist: clock, DNS, TLS, Basic Auth, meter, controller,"
         " disk, state database",
@@ -186,6 +216,8 @@ def _main(argv: list[str] | None = None) -> int:
             "firmware": cmd_firmware,
             "logs": cmd_logs,
             "selftest": cmd_selftest,
+            "config": cmd_config,
+            "tx": cmd_tx,
         }[args.command]
         return handler(args)
     except ConfigError as exc:
@@ -469,6 +501,76 @@ def cmd_logs(args: argparse.Namespace) -> int:
         return subprocess.run(cmd, check=False).returncode
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    if args.config_action == "set":
+        return _config_set(cfg, args)
+    answer = request(cfg.control_socket, {"cmd": "config-get", "keys": args.keys or None})
+    if answer.get("unknown"):
+        # A key name the agent does not know is a usage error; the rest are not printed.
+        names = ", ".join(str(n) for n in answer["unknown"])
+        raise UsageError(f"unknown configuration key(s): {names} (evcp config get: every key)")
+    if not answer.get("ok"):
+        raise ControlError(str(answer.get("error", "the agent refused the request")))
+    values: dict[str, Any] = answer["keys"]
+    if args.json:
+        print(json.dumps(values, indent=2))
+        return 0
+    readonly = set(answer.get("readonly", []))
+    width = max((len(k) for k in values), default=3)
+    for key, value in values.items():
+        shown = "(not set)" if value is None else str(value)
+        print(f"{key:<{width}}  {shown}" + ("  (read-only)" if key in readonly else ""))
+    return 0
+
+
+def _config_set(cfg: Config, args: argparse.Namespace) -> int:
+    answer = request(cfg.control_socket, {"cmd": "config-set", "key": args.key,
+                                          "value": args.value})  # fmt: skip
+    status = answer.get("status")
+    if not answer.get("ok"):
+        error = str(answer.get("error", "the agent refused the request"))
+        if status in ("Rejected", "NotSupported"):
+            # The value (or key) is wrong: a usage error, nothing was changed.
+            raise UsageError(f"config set refused: {error}")
+        raise ControlError(error)
+    if args.json:
+        print(json.dumps({"key": args.key, "status": status}))
+    elif status == "RebootRequired":
+        print(f"{args.key} set: takes effect when the agent restarts (RebootRequired)")
+    else:
+        print(f"{args.key} set ({status})")
+    return 0
+
+
+def cmd_tx(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    if not 1 <= args.last <= 10_000:
+        raise UsageError(f"--last {args.last}: use a number from 1 to 10000")
+    answer = _control(cfg, {"cmd": "tx", "last": args.last})
+    rows: list[dict[str, Any]] = answer["transactions"]
+    for row in rows:
+        start, stop = row.get("meter_start_wh"), row.get("meter_stop_wh")
+        row["energy_wh"] = stop - start if start is not None and stop is not None else None
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no transactions yet")
+        return 0
+    print(f"{'transaction':>11} {'local':>6} {'#':>2}  {'idTag':<20} {'started':<20}"
+          f" {'energy':>10}  {'reason':<14} CSMS has it")  # fmt: skip
+    for row in rows:
+        csms_id = "-" if row["transaction_id"] is None else str(row["transaction_id"])
+        energy = "-" if row["energy_wh"] is None else f"{row['energy_wh'] / 1000:.3f} kWh"
+        reason = "(running)" if row.get("running") else str(row["reason"] or "-")
+        delivered = "yes" if row["delivered"] else "no" if not row.get("running") else "-"
+        print(f"{csms_id:>11} {row.get('local_id', '-')!s:>6} {row['connector_id']:>2}"
+              f"  {row['id_tag']:<20} {row.get('started') or '-':<20} {energy:>10}"
+              f"  {reason:<14} {delivered}")  # fmt: skip
+    return 0
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:

@@ -1,0 +1,162 @@
+"""``evcp config get/set`` and ``evcp tx`` as a field engineer runs them over SSH: separate
+processes against a running agent (the test CSMS, simulated hardware), with the JSON
+contracts outside checks rely on, the tables, and the errors."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from ocpp.v16 import call
+
+from agent.ocpp.csms import Csms
+from tests.conftest import CP_ID, PASSWORD, RunningAgent, start_charging, status_is
+from tests.e2e.test_cli import config_of, evcp, offline_config
+
+TX_FIELDS = {
+    "transaction_id",
+    "connector_id",
+    "id_tag",
+    "meter_start_wh",
+    "meter_stop_wh",
+    "reason",
+    "delivered",
+}
+
+
+async def test_config_get_prints_the_keys_as_json(booted: RunningAgent) -> None:
+    config = config_of(booted)
+    one = await evcp("config", "get", "--config", config, "--json", "HeartbeatInterval")
+    assert one.code == 0, one
+    value = one.json()
+    assert list(value) == ["HeartbeatInterval"] and isinstance(value["HeartbeatInterval"], str)
+    assert int(value["HeartbeatInterval"]) > 0
+
+    two = await evcp("config", "get", "--config", config, "--json",
+                     "HeartbeatInterval", "MeterValueSampleInterval")  # fmt: skip
+    assert set(two.json()) == {"HeartbeatInterval", "MeterValueSampleInterval"}, two
+
+    every = await evcp("config", "get", "--config", config, "--json")
+    keys = every.json()
+    assert len(keys) > 20 and "NumberOfConnectors" in keys
+    assert "AuthorizationKey" not in keys  # write-only
+    assert PASSWORD not in every.out
+
+    table = await evcp("config", "get", "--config", config)
+    assert table.code == 0, table
+    line = next(x for x in table.out.splitlines() if x.startswith("NumberOfConnectors "))
+    assert line.split()[1] == "1" and "(read-only)" in line
+
+
+async def test_config_get_of_an_unknown_key_is_a_usage_error(booted: RunningAgent) -> None:
+    result = await evcp("config", "get", "--config", config_of(booted), "NoSuchKey")
+    result.assert_clean_error(2, "NoSuchKey")
+
+
+async def test_config_set_changes_a_key_like_change_configuration(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    config = config_of(booted)
+    result = await evcp("config", "set", "--config", config, "MeterValueSampleInterval", "37")
+    assert result.code == 0, result
+    assert "MeterValueSampleInterval set (Accepted)" in result.out
+    got = await evcp("config", "get", "--config", config, "--json", "MeterValueSampleInterval")
+    assert got.json() == {"MeterValueSampleInterval": "37"}
+    # The CSMS sees the same value.
+    answer = await csms.call(CP_ID, call.GetConfiguration(key=["MeterValueSampleInterval"]))
+    assert answer["configurationKey"][0]["value"] == "37"
+
+
+async def test_config_set_refuses_a_bad_value_and_keeps_the_old(booted: RunningAgent) -> None:
+    config = config_of(booted)
+    before = (await evcp("config", "get", "--config", config, "--json", "HeartbeatInterval")).json()
+    bad = await evcp("config", "set", "--config", config, "HeartbeatInterval", "soon")
+    bad.assert_clean_error(2, "HeartbeatInterval", "Rejected")
+    readonly = await evcp("config", "set", "--config", config, "NumberOfConnectors", "4")
+    readonly.assert_clean_error(2, "NumberOfConnectors")
+    unknown = await evcp("config", "set", "--config", config, "NoSuchKey", "1")
+    unknown.assert_clean_error(2, "NoSuchKey", "NotSupported")
+    after = (await evcp("config", "get", "--config", config, "--json", "HeartbeatInterval")).json()
+    assert after == before
+
+
+async def test_config_set_of_the_authorization_key_is_write_only(booted: RunningAgent) -> None:
+    config = config_of(booted)
+    new_key = "a-new-key-of-twenty-chars"
+    result = await evcp("config", "set", "--config", config, "AuthorizationKey", new_key)
+    assert result.code == 0, result
+    assert new_key not in result.out + result.err
+    every = await evcp("config", "get", "--config", config, "--json")
+    assert "AuthorizationKey" not in every.json() and new_key not in every.out
+    got = await evcp("config", "get", "--config", config, "AuthorizationKey")
+    got.assert_clean_error(2, "AuthorizationKey")
+
+
+async def test_tx_lists_transactions_with_energy_reason_and_delivery(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    config = config_of(booted)
+    empty = await evcp("tx", "--config", config, "--json")
+    assert (empty.code, empty.json()) == (0, []), empty
+    assert "no transactions" in (await evcp("tx", "--config", config)).out
+
+    csms_id = await start_charging(booted, csms, tag="TX-TAG")
+    running = (await evcp("tx", "--config", config, "--json")).json()
+    assert len(running) == 1 and running[0]["running"] is True
+    assert running[0]["delivered"] is False and running[0]["meter_stop_wh"] is None
+
+    # The simulated meter runs at the config's time scale: let some energy flow.
+    await booted.wait_status(lambda s: (s["connectors"][0]["session_energy_wh"] or 0) > 0)
+    mark = len(csms.received)
+    await booted.sim("unplug")
+    await csms.wait_message("StopTransaction", after=mark)
+    await csms.wait_message("StatusNotification", status_is(1, "Available"), after=mark)
+
+    async def delivered() -> list[dict[str, object]]:
+        while True:
+            result = await evcp("tx", "--config", config, "--json", "--last", "5")
+            assert result.code == 0, result
+            rows: list[dict[str, object]] = result.json()
+            if rows and rows[0]["delivered"]:
+                return rows
+            await asyncio.sleep(0.1)
+
+    rows = await asyncio.wait_for(delivered(), 30)
+    assert len(rows) == 1
+    row = rows[0]
+    assert TX_FIELDS <= set(row)
+    stop = next(m for m in csms.received if m.action == "StopTransaction")
+    start = next(m for m in csms.received if m.action == "StartTransaction")
+    assert row["transaction_id"] == csms_id == stop.payload["transactionId"]
+    assert row["connector_id"] == 1 and row["id_tag"] == "TX-TAG"
+    assert row["meter_start_wh"] == start.payload["meterStart"]
+    assert row["meter_stop_wh"] == stop.payload["meterStop"]
+    assert row["reason"] == stop.payload.get("reason", "Local") == "EVDisconnected"
+    assert row["delivered"] is True and row["running"] is False
+    assert row["energy_wh"] == stop.payload["meterStop"] - start.payload["meterStart"] > 0
+
+    table = await evcp("tx", "--config", config)
+    line = table.out.splitlines()[1]
+    assert line.split()[0] == str(csms_id)
+    assert "TX-TAG" in line and "EVDisconnected" in line and "kWh" in line
+    assert line.rstrip().endswith("yes")
+
+
+async def test_tx_last_must_be_a_sensible_number(booted: RunningAgent) -> None:
+    result = await evcp("tx", "--config", config_of(booted), "--last", "0")
+    result.assert_clean_error(2, "--last")
+
+
+async def test_field_commands_say_when_the_agent_is_not_running(
+    tmp_path: Path, ca_file: Path
+) -> None:
+    config = str(offline_config(tmp_path / "cfg", ca_file))
+    for args in (
+        ["config", "get", "--json", "HeartbeatInterval"],
+        ["config", "set", "HeartbeatInterval", "60"],
+        ["tx", "--json"],
+        ["tx"],
+    ):
+        result = await evcp(*args, "--config", config)
+        result.assert_clean_error(1, "not running")
+        assert result.out == ""
