@@ -296,37 +296,127 @@ def cmd_status(args: argparse.Namespace) -> int:
     answer = _control(cfg, {"cmd": "status"})
     if _printed_json(answer, args):
         return 0
+    print("\n".join(status_table(answer)))
+    return 0
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 172800:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+def _seconds_between(earlier: str, later: str) -> float | None:
+    from datetime import datetime
+
+    try:
+        a = datetime.fromisoformat(earlier.replace("Z", "+00:00"))
+        b = datetime.fromisoformat(later.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        return None
+    return (b - a).total_seconds()
+
+
+def _stage_line(storage: dict[str, Any]) -> str | None:
+    stage = storage.get("stage")
+    if not stage:
+        return None
+    fs = storage.get("stage_filesystem")
+    if fs in ("tmpfs", "ramfs"):
+        return f"Storage  MeterValues staged in RAM ({stage}) until written to disk"
+    where = f" on {fs}" if fs else ""
+    return (f"Storage  MeterValues staged in {stage}{where}, not in RAM (stage_dir on a tmpfs"
+            " such as /run/evcp saves the disk writes)")  # fmt: skip
+
+
+def status_table(answer: dict[str, Any]) -> list[str]:
+    """``evcp status`` without ``--json``: what the snapshot says, for a person."""
+    out: list[str] = []
+    phase = answer.get("phase", "running")
+    head = f"evcp {answer['version']} (pid {answer['pid']})"
+    if phase != "running":
+        head += f": {phase}"
+    if answer.get("uptime_s") is not None:
+        head += f", up {_ago(float(answer['uptime_s']))}"
+    out.append(head)
     csms = answer["csms"]
     state = "connected" if csms["connected"] else "not connected"
     if csms["connected"] and not csms["registered"]:
         state += " (not yet accepted)"
-    print(f"evcp {answer['version']} (pid {answer['pid']})")
-    print(f"CSMS     {csms['url']} as {csms['charge_point_id']}: {state}")
+    registration = csms.get("registration")
+    if registration and registration != "Accepted":
+        state += f" (BootNotification: {registration})"
+    out.append(f"CSMS     {csms['url']} as {csms['charge_point_id']}: {state}")
+    clock = answer.get("clock") or {}
+    heartbeat = csms.get("last_heartbeat")
+    if heartbeat:
+        ago = _seconds_between(heartbeat, clock.get("now", ""))
+        out.append(f"         last heartbeat {heartbeat}"
+                   + ("" if ago is None else f" ({_ago(ago)} ago)"))  # fmt: skip
+    elif csms["connected"]:
+        out.append("         no heartbeat yet")
     if csms.get("last_error"):
-        print(f"         last error: {csms['last_error']}")
+        out.append(f"         last error: {csms['last_error']}")
+    if "synchronized" in clock:
+        servers = ", ".join(clock.get("ntp_servers") or [])
+        if not servers:
+            line = "system clock trusted (NTP off: [time] ntp_servers is empty)"
+        elif clock["synchronized"]:
+            age = clock.get("last_sync_age_s")
+            since = "" if age is None else f", last sync {_ago(float(age))} ago"
+            line = f"synchronised (offset {float(clock.get('offset_s') or 0):+.3f} s{since})"
+        else:
+            line = "NOT synchronised: timestamps may be wrong"
+        if servers:
+            line += f"; NTP: {servers}"
+        out.append(f"Clock    {clock.get('now', '')} {line}".replace("  ", " "))
     queue = answer["queue"]
     dropped = queue.get("dropped", 0)
-    print(
+    out.append(
         f"Queue    {queue['pending']} pending, {queue['failed']} failed"
         + (f", {dropped} MeterValues thinned" if dropped else "")
     )
     storage = answer.get("storage")
     if isinstance(storage, dict) and storage.get("on_disk") is False:
-        print("Storage  WARNING: the state file cannot be written; keeping state in memory")
-    if isinstance(storage, dict) and storage.get("stage"):
-        print(f"Storage  MeterValues staged in RAM ({storage['stage']}) until written to disk")
-    print()
-    header = f"{'#':>2}  {'status':<14} {'vehicle':<11} {'offered':>8} {'power':>9} "
-    header += f"{'energy':>11}  transaction"
-    print(header)
-    for c in answer["connectors"]:
+        out.append("Storage  WARNING: the state file cannot be written; keeping state in memory")
+    stage_line = _stage_line(storage) if isinstance(storage, dict) else None
+    if stage_line:
+        out.append(stage_line)
+    connectors = answer.get("connectors") or []
+    if not connectors:
+        if phase != "running":
+            out.append("")
+            out.append(f"Connectors: not yet known ({phase})")
+        return out
+    rows = []
+    for c in connectors:
         status = c["status"] + ("" if c["error_code"] == "NoError" else f" ({c['error_code']})")
-        tx = "-" if c["transaction_id"] is None else str(c["transaction_id"])
-        print(
-            f"{c['id']:>2}  {status:<14} {c['vehicle']:<11} {c['offered_current_a']:>6.1f} A"
-            f" {c['power_w']:>7.0f} W {c['energy_wh']:>8.0f} Wh  {tx}"
+        tx = "-"
+        if c.get("transaction_id") is not None:
+            tx = str(c["transaction_id"])
+            if c.get("transaction_local_id") is not None:
+                tx += f" (local {c['transaction_local_id']})"
+        elif c.get("transaction_local_id") is not None:
+            tx = f"local {c['transaction_local_id']} (no CSMS id yet)"
+        session = c.get("session_energy_wh")
+        rows.append((c, status, tx, "-" if session is None else f"{session / 1000:.3f} kWh"))
+    width = max(6, *(len(r[1]) for r in rows))
+    out.append("")
+    out.append(f"{'#':>2}  {'status':<{width}}  {'vehicle':<11} {'offered':>8} {'power':>9}"
+               f" {'session':>11} {'meter':>12}  transaction")  # fmt: skip
+    for c, status, tx, session in rows:
+        out.append(
+            f"{c['id']:>2}  {status:<{width}}  {c['vehicle']:<11} {c['offered_current_a']:>6.1f} A"
+            f" {c['power_w']:>7.0f} W {session:>11} {c['energy_wh'] / 1000:>8.3f} kWh  {tx}"
         )
-    return 0
+        if c.get("fault"):
+            out.append(f"{'':>2}  why: {c['fault']}")
+    return out
 
 
 def cmd_queue(args: argparse.Namespace) -> int:

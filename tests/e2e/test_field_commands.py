@@ -160,3 +160,70 @@ async def test_field_commands_say_when_the_agent_is_not_running(
         result = await evcp(*args, "--config", config)
         result.assert_clean_error(1, "not running")
         assert result.out == ""
+
+
+# ------------------------------------------------------------------------ evcp status
+
+
+def table_row(out: str, connector: int) -> str:
+    return next(line for line in out.splitlines() if line.split()[:1] == [str(connector)])
+
+
+async def test_status_table_keeps_its_columns_and_says_why_a_connector_is_faulted(
+    booted: RunningAgent,
+) -> None:
+    config = config_of(booted)
+    plain = await evcp("status", "--config", config)
+    header = plain.out.splitlines()[plain.out.splitlines().index("") + 1]
+    await booted.sim("fault", code="GroundFailure")
+    await booted.wait_status(lambda s: s["connectors"][0]["status"] == "Faulted")
+    table = await evcp("status", "--config", config)
+    assert table.code == 0, table
+    lines = table.out.splitlines()
+    header = lines[lines.index("") + 1]
+    row = table_row(table.out, 1)
+    assert "Faulted (GroundFailure)" in row
+    # The columns stay under their headers, however long the status is.
+    vehicle = (await booted.status())["connectors"][0]["vehicle"]
+    assert row[header.index("vehicle") :].split()[0] == vehicle, (header, row)
+    for column, unit in (("offered", "A"), ("power", "W"), ("meter", "kWh")):
+        end = header.index(column) + len(column)
+        assert row[end - len(unit) - 1 : end] == f" {unit}", (column, header, row)
+    why = lines[lines.index(row) + 1]
+    assert why.strip().startswith("why:") and "GroundFailure" in why
+
+    await booted.sim("clear-fault")
+    await booted.sim("meter-silent")
+    await booted.wait_status(lambda s: s["connectors"][0]["status"] == "Faulted")
+    table = await evcp("status", "--config", config)
+    lines = table.out.splitlines()
+    why = lines[lines.index(table_row(table.out, 1)) + 1]
+    assert "meter does not answer" in why, table.out
+
+
+async def test_status_table_shows_uptime_clock_heartbeat_and_session_energy(
+    booted: RunningAgent, csms: Csms
+) -> None:
+    config = config_of(booted)
+    interval = await evcp("config", "set", "--config", config, "HeartbeatInterval", "1")
+    assert interval.code == 0, interval
+    csms_id = await start_charging(booted, csms)
+    status = await booted.wait_status(
+        lambda s: (s["connectors"][0]["session_energy_wh"] or 0) > 0
+        and s["csms"]["last_heartbeat"] is not None
+    )
+    table = await evcp("status", "--config", config)
+    assert table.code == 0, table
+    first = table.out.splitlines()[0]
+    assert ", up " in first
+    assert "last heartbeat " + status["csms"]["last_heartbeat"] in table.out
+    clock = next(line for line in table.out.splitlines() if line.startswith("Clock "))
+    # The test agent has no NTP servers: it trusts the system clock and says so.
+    assert "system clock trusted" in clock and status["clock"]["ntp_servers"] == []
+    row = table_row(table.out, 1)
+    local = status["connectors"][0]["transaction_local_id"]
+    assert f"{csms_id} (local {local})" in row
+    # The session's own energy in its column, and the meter's register beside it.
+    session_col = row.split(" W ")[1].split()
+    assert session_col[1] == "kWh" and float(session_col[0]) > 0
+    assert session_col[3] == "kWh" and float(session_col[0]) <= float(session_col[2])
