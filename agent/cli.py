@@ -130,12 +130,17 @@ def _parser() -> argparse.ArgumentParser:
         description="Show the evcp service's log from the journal (root or the"
         " systemd-journal/adm group can read it).",
     )
-    p.add_argument("--tx", metavar="ID", help="only lines about this transaction id")
+    p.add_argument("--tx", metavar="ID",
+                   help="only lines about this transaction: the CSMS's transactionId, or"
+                   " local:N for the agent's own id (evcp tx shows both); matched on the"
+                   " journal fields EVCP_CSMS_TRANSACTION / EVCP_TRANSACTION")  # fmt: skip
     p.add_argument("--since", metavar="WHEN",
                    help='from this time on, as journalctl takes it ("1h ago", "today", ...)')  # fmt: skip
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
     p.add_argument("--json", action="store_true", help="one JSON object per line (journal fields)")
-    p.add_argument("--unit", default="evcp.service", help="systemd unit (default: %(default)s)")
+    p.add_argument("--unit", default="evcp.service",
+                   help='systemd unit (default: %(default)s); "" for the lines evcp logged'
+                   " itself, whatever started it (SYSLOG_IDENTIFIER=evcp)")  # fmt: skip
     p = sub.add_parser(
         "config",
         help="the OCPP configuration keys of the running agent: get, or set (root)",
@@ -564,29 +569,71 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return int(probe(cfg, args.device, as_json=args.json))
 
 
-def journalctl_command(args: argparse.Namespace) -> list[str]:
-    """The journalctl invocation for ``evcp logs``."""
-    cmd = ["journalctl", "--unit", args.unit, "--no-pager"]
+def parse_tx(value: str) -> tuple[str, int]:
+    """``evcp logs --tx``: ``N`` (the CSMS's transactionId) or ``local:N`` (the agent's)."""
+    kind, _, number = value.rpartition(":")
+    if kind not in ("", "local") or not number.isdigit():
+        raise UsageError(
+            f"--tx {value!r}: give the CSMS's transaction id (a whole number) or local:N"
+        )
+    return ("local" if kind else "csms"), int(number)
+
+
+def journalctl_command(args: argparse.Namespace, local_id: int | None = None) -> list[str]:
+    """The journalctl invocation for ``evcp logs``; with ``--tx``, the lines whose journal
+    fields name the transaction: ``local_id`` (every line about a transaction carries
+    EVCP_TRANSACTION, its local id, also those logged before the CSMS gave its id), else
+    the CSMS's id (EVCP_CSMS_TRANSACTION)."""
+    cmd = ["journalctl", *_journal_source(args), "--no-pager"]
     if args.since:
         cmd += ["--since", args.since]
     if args.follow:
         cmd.append("--follow")
     cmd += ["--output", "json" if args.json else "short-iso"]
     if args.tx:
-        if not args.tx.isdigit():
-            raise UsageError(f"--tx {args.tx!r}: a transaction id is a whole number")
-        # The agent names a transaction "transaction N" (the CSMS's id) or "local N".
-        cmd += ["--grep", rf"(transaction|tx|local)[ #=]*{args.tx}\b", "--case-sensitive=false"]
+        kind, number = parse_tx(args.tx)
+        if kind == "local" or local_id is not None:
+            cmd.append(f"EVCP_TRANSACTION={number if kind == 'local' else local_id}")
+        else:
+            cmd.append(f"EVCP_CSMS_TRANSACTION={number}")
     return cmd
 
 
+def _journal_source(args: argparse.Namespace) -> list[str]:
+    return ["--unit", args.unit] if args.unit else ["--identifier", "evcp"]
+
+
+def local_id_of(args: argparse.Namespace, csms_id: int) -> int | None:
+    """The local id of the CSMS's transaction ``csms_id``, from the newest journal line
+    that names both (None when no line does)."""
+    cmd = ["journalctl", *_journal_source(args), "--no-pager", "--output", "json",
+           "--reverse", "--lines", "1", f"EVCP_CSMS_TRANSACTION={csms_id}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        try:
+            value = json.loads(line).get("EVCP_TRANSACTION")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+    return None
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
-    cmd = journalctl_command(args)
+    cmd = journalctl_command(args)  # (checks --tx first: a usage error needs no journal)
     if shutil.which("journalctl") is None:
         raise ControlError(
             "journalctl is not installed here (systemd's journal): the agent's log is"
             ' wherever its stderr goes (run it with log_target = "stderr")'
         )
+    if args.tx:
+        kind, number = parse_tx(args.tx)
+        if kind == "csms":
+            local_id = local_id_of(args, number)
+            if local_id is None:
+                print(f"evcp: no journal line names the CSMS's transaction {number} (yet);"
+                      " showing the lines that will", file=sys.stderr)  # fmt: skip
+            cmd = journalctl_command(args, local_id)
     try:
         return subprocess.run(cmd, check=False).returncode
     except KeyboardInterrupt:
