@@ -124,7 +124,7 @@ async def test_tx_lists_transactions_with_energy_reason_and_delivery(
     rows = await asyncio.wait_for(delivered(), 30)
     assert len(rows) == 1
     row = rows[0]
-    assert TX_FIELDS <= set(row)
+    assert set(row) >= TX_FIELDS
     stop = next(m for m in csms.received if m.action == "StopTransaction")
     start = next(m for m in csms.received if m.action == "StartTransaction")
     assert row["transaction_id"] == csms_id == stop.payload["transactionId"]
@@ -209,8 +209,10 @@ async def test_status_table_shows_uptime_clock_heartbeat_and_session_energy(
     assert interval.code == 0, interval
     csms_id = await start_charging(booted, csms)
     status = await booted.wait_status(
-        lambda s: (s["connectors"][0]["session_energy_wh"] or 0) > 0
-        and s["csms"]["last_heartbeat"] is not None
+        lambda s: (
+            (s["connectors"][0]["session_energy_wh"] or 0) > 0
+            and s["csms"]["last_heartbeat"] is not None
+        )
     )
     table = await evcp("status", "--config", config)
     assert table.code == 0, table
