@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--time-scale", type=float, default=60.0,
                    help="simulated seconds per real second for the meter (default 60)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the demo's state directory")
+    p.add_argument("--serve", action="store_true",
+                   help="play nothing: keep the CSMS and the agent up (drive them with evcp"
+                   " sim and evcp status --config PRINTED-PATH) until Ctrl-C")  # fmt: skip
     p.add_argument("--verbose", action="store_true", help="show the agent's log")
     p = sub.add_parser("schedule", help="the composite charging schedule for the next 24 h")
     with_config(p)
@@ -519,7 +522,9 @@ def _check_fault(code: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.ocpp.demo import run_demo
 
-    return run_demo(time_scale=args.time_scale, keep=args.keep, verbose=args.verbose)
+    return run_demo(
+        time_scale=args.time_scale, keep=args.keep, verbose=args.verbose, serve=args.serve
+    )
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
