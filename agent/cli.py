@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="limits in amperes (default) or watts")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("firmware", help="firmware update state (works without the agent)")
-    p.add_argument("action", choices=("status",))
+    p.add_argument("action", choices=("status",), help="status: the update's state")
     with_config(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("probe", help="talk to one configured device once (bring-up)")
@@ -151,12 +151,23 @@ def _parser() -> argparse.ArgumentParser:
         " GetConfiguration answers them (AuthorizationKey is write-only), or change one with"
         " the same validation as ChangeConfiguration (root only).",
     )
-    config_sub = p.add_subparsers(dest="config_action", metavar="ACTION", required=True)
-    q = config_sub.add_parser("get", help="print keys (all when none is named)")
+    config_sub = p.add_subparsers(dest="config_action", metavar="ACTION", required=True,
+                                  help="get or set")  # fmt: skip
+    q = config_sub.add_parser(
+        "get",
+        help="print keys (all when none is named)",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     with_config(q)
     q.add_argument("keys", nargs="*", metavar="KEY", help="key names (default: every key)")
     q.add_argument("--json", action="store_true", help='print {"KEY": "value", ...}')
-    q = config_sub.add_parser("set", help="change one key (root only)")
+    q = config_sub.add_parser(
+        "set",
+        help="change one key (root only)",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     with_config(q)
     q.add_argument("key", metavar="KEY", help="key name, e.g. HeartbeatInterval")
     q.add_argument("value", metavar="VALUE", help="the new value, as ChangeConfiguration takes it")

@@ -98,8 +98,8 @@ async def test_help_shows_the_default_config_and_the_exit_statuses() -> None:
     for needle in ("exit status:", "2    a usage or configuration error", "selftest", "logs"):
         assert needle in top.out, top.out
     for command in ("run", "status", "check-config", "sim", "queue", "schedule", "probe",
-                    "selftest"):  # fmt: skip
-        result = await evcp(command, "--help")
+                    "selftest", "tx", "config get", "config set"):  # fmt: skip
+        result = await evcp(*command.split(), "--help")
         assert result.code == 0, result
         assert "default: /etc/evcp/evcp.toml" in " ".join(result.out.split()), result.out
         assert "exit status:" in result.out
@@ -127,7 +127,8 @@ def test_the_man_page_is_made_from_the_parser() -> None:
 
     page = render(_parser(), "2026-12-06")
     assert page.startswith('.TH EVCP 1 "2026-12-06"')
-    for needle in (".SS evcp selftest", "\\-\\-offline", ".SH EXIT STATUS", "/etc/evcp/evcp.toml"):
+    for needle in (".SS evcp selftest", "\\-\\-offline", ".SH EXIT STATUS", "/etc/evcp/evcp.toml",
+                   ".SS evcp config get", ".SS evcp tx"):  # fmt: skip
         assert needle in page
     done = subprocess.run(["man", "-l", "-"], input=page, capture_output=True, text=True)
     if done.returncode == 0:  # man-db installed: the page renders
