@@ -5,13 +5,26 @@ contracts outside checks rely on, the tables, and the errors."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+import pytest
 from ocpp.v16 import call
 
 from agent.ocpp.csms import Csms
-from tests.conftest import CP_ID, PASSWORD, RunningAgent, start_charging, status_is
-from tests.e2e.test_cli import config_of, evcp, offline_config
+from tests.conftest import (
+    CP_ID,
+    PASSWORD,
+    RunningAgent,
+    start_charging,
+    status_is,
+    write_config,
+)
+from tests.e2e.test_cli import REPO, Result, config_of, evcp, offline_config
 
 TX_FIELDS = {
     "transaction_id",
@@ -229,3 +242,51 @@ async def test_status_table_shows_uptime_clock_heartbeat_and_session_energy(
     session_col = row.split(" W ")[1].split()
     assert session_col[1] == "kWh" and float(session_col[0]) > 0
     assert session_col[3] == "kWh" and float(session_col[0]) <= float(session_col[2])
+
+
+# ------------------------------------------------------------------ another user's request
+
+
+def as_nobody(*args: str) -> Result:
+    done = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         sys.executable, "-m", "agent", *args],
+        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+    )  # fmt: skip
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+async def test_config_set_by_another_user_is_refused_with_the_agents_word(
+    csms: Csms, ca_file: Path
+) -> None:
+    """The agent decides who may change things (SO_PEERCRED): a member of the evcp group
+    may read keys, only root (or the agent's user) may set them. The socket is opened to
+    everyone here to stand in for the group; the user is nobody."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the command as another user")
+    if as_nobody("--version").code != 0:
+        pytest.skip("this Python cannot be run by nobody here")
+    base = Path(tempfile.mkdtemp(prefix="evcp-test-peer-"))
+    agent = None
+    try:
+        base.chmod(0o755)
+        shutil.copy(ca_file, base / "ca.pem")
+        config = write_config(base, url=f"wss://localhost:{csms.port}/ocpp",
+                              ca_file=base / "ca.pem")  # fmt: skip
+        config.chmod(0o644)
+        agent = await RunningAgent(config).start()
+        agent.socket.chmod(0o666)
+        got = await asyncio.to_thread(
+            as_nobody, "config", "get", "--config", str(config), "--json", "HeartbeatInterval"
+        )
+        assert got.code == 0 and list(got.json()) == ["HeartbeatInterval"], got
+        refused = await asyncio.to_thread(
+            as_nobody, "config", "set", "--config", str(config), "HeartbeatInterval", "77"
+        )
+        refused.assert_clean_error(1, "only root may config-set")
+        after = await evcp("config", "get", "--config", str(config), "--json", "HeartbeatInterval")
+        assert after.json()["HeartbeatInterval"] != "77"
+    finally:
+        if agent is not None:
+            await agent.stop()
+        shutil.rmtree(base, ignore_errors=True)
