@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from typing import Any
@@ -120,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="limits in amperes (default) or watts")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("firmware", help="firmware update state (works without the agent)")
-    p.add_argument("action", choices=("status",), help="status: the update's state")
+    p.add_argument(
+        "action", choices=("status",), help="status: version, pending update, last result"
+    )
     with_config(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("probe", help="talk to one configured device once (bring-up)")
@@ -637,6 +638,8 @@ def local_id_of(args: argparse.Namespace, csms_id: int) -> int | None:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     cmd = journalctl_command(args)  # (checks --tx first: a usage error needs no journal)
+    import shutil  # (here: shutil imports bz2 and lzma, see agent.deferred)
+
     if shutil.which("journalctl") is None:
         raise ControlError(
             "journalctl is not installed here (systemd's journal): the agent's log is"
