@@ -5,6 +5,7 @@ contracts outside checks rely on, the tables, and the errors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -290,3 +291,33 @@ async def test_config_set_by_another_user_is_refused_with_the_agents_word(
         if agent is not None:
             await agent.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_status_while_the_agent_waits_for_the_clock_says_so(
+    tmp_path: Path, csms: Csms, ca_file: Path
+) -> None:
+    """No NTP server answers (port 9): the agent waits for the clock before its first TLS
+    connection, and ``evcp status`` says that rather than "not running"."""
+    config = write_config(tmp_path, url=f"wss://localhost:{csms.port}/ocpp", ca_file=ca_file)
+    text = config.read_text().replace("ntp_servers = []", 'ntp_servers = ["127.0.0.1:9"]')
+    config.write_text(text.replace("[time]", "[time]\nsync_attempts = 50\ntimeout_s = 1"))
+    agent = RunningAgent(config)
+    task = asyncio.get_running_loop().create_task(agent.start())
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                result = await evcp("status", "--config", str(config))
+                if result.code == 0:
+                    break
+                assert "not running" in result.err, result
+                await asyncio.sleep(0.1)
+        first = result.out.splitlines()[0]
+        assert "waiting for the clock" in first, result.out
+        assert "Connectors: not yet known (waiting for the clock" in result.out
+        as_json = (await evcp("status", "--config", str(config), "--json")).json()
+        assert as_json["phase"].startswith("waiting for the clock")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await task
+        await agent.stop()
