@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--time-scale", type=float, default=60.0,
                    help="simulated seconds per real second for the meter (default 60)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the demo's state directory")
+    p.add_argument("--serve", action="store_true",
+                   help="play nothing: keep the CSMS and the agent up (drive them with evcp"
+                   " sim and evcp status --config PRINTED-PATH) until Ctrl-C")  # fmt: skip
     p.add_argument("--verbose", action="store_true", help="show the agent's log")
     p = sub.add_parser("schedule", help="the composite charging schedule for the next 24 h")
     with_config(p)
@@ -131,12 +134,58 @@ def _parser() -> argparse.ArgumentParser:
         description="Show the evcp service's log from the journal (root or the"
         " systemd-journal/adm group can read it).",
     )
-    p.add_argument("--tx", metavar="ID", help="only lines about this transaction id")
+    p.add_argument("--tx", metavar="ID",
+                   help="only lines about this transaction: the CSMS's transactionId, or"
+                   " local:N for the agent's own id (evcp tx shows both); matched on the"
+                   " journal fields EVCP_CSMS_TRANSACTION / EVCP_TRANSACTION")  # fmt: skip
     p.add_argument("--since", metavar="WHEN",
                    help='from this time on, as journalctl takes it ("1h ago", "today", ...)')  # fmt: skip
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
     p.add_argument("--json", action="store_true", help="one JSON object per line (journal fields)")
-    p.add_argument("--unit", default="evcp.service", help="systemd unit (default: %(default)s)")
+    p.add_argument("--unit", default="evcp.service",
+                   help='systemd unit (default: %(default)s); "" for the lines evcp logged'
+                   " itself, whatever started it (SYSLOG_IDENTIFIER=evcp)")  # fmt: skip
+    p = sub.add_parser(
+        "config",
+        help="the OCPP configuration keys of the running agent: get, or set (root)",
+        description="Read the OCPP configuration keys through the running agent, as"
+        " GetConfiguration answers them (AuthorizationKey is write-only), or change one with"
+        " the same validation as ChangeConfiguration (root only).",
+    )
+    config_sub = p.add_subparsers(dest="config_action", metavar="ACTION", required=True,
+                                  help="get or set")  # fmt: skip
+    q = config_sub.add_parser(
+        "get",
+        help="print keys (all when none is named)",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    with_config(q)
+    q.add_argument("keys", nargs="*", metavar="KEY", help="key names (default: every key)")
+    q.add_argument("--json", action="store_true", help='print {"KEY": "value", ...}')
+    q = config_sub.add_parser(
+        "set",
+        help="change one key (root only)",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    with_config(q)
+    q.add_argument("key", metavar="KEY", help="key name, e.g. HeartbeatInterval")
+    q.add_argument("value", metavar="VALUE", help="the new value, as ChangeConfiguration takes it")
+    q.add_argument("--json", action="store_true", help='print {"key", "status"}')
+    p = sub.add_parser(
+        "tx",
+        help="recent transactions: energy, reason, whether the CSMS has them",
+        description="The most recent transactions, newest first, with their energy, stop"
+        " reason and whether the CSMS acknowledged every message of them (delivered).",
+    )
+    with_config(p)
+    p.add_argument("--last", type=int, default=10, metavar="N",
+                   help="how many (1 to 10000; default: %(default)s)")  # fmt: skip
+    p.add_argument("--json", action="store_true",
+                   help='print a list of {"transaction_id", "local_id", "connector_id",'
+                   ' "id_tag", "meter_start_wh", "meter_stop_wh", "energy_wh", "started",'
+                   ' "stopped", "reason", "running", "delivered"}')  # fmt: skip
     p = sub.add_parser(
         "selftest",
         help="the commissioning checklist: clock, DNS, TLS, Basic Auth, meter, controller,"
@@ -187,6 +236,8 @@ def _main(argv: list[str] | None = None) -> int:
             "firmware": cmd_firmware,
             "logs": cmd_logs,
             "selftest": cmd_selftest,
+            "config": cmd_config,
+            "tx": cmd_tx,
         }[args.command]
         return handler(args)
     except ConfigError as exc:
@@ -265,37 +316,127 @@ def cmd_status(args: argparse.Namespace) -> int:
     answer = _control(cfg, {"cmd": "status"})
     if _printed_json(answer, args):
         return 0
+    print("\n".join(status_table(answer)))
+    return 0
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 172800:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+def _seconds_between(earlier: str, later: str) -> float | None:
+    from datetime import datetime
+
+    try:
+        a = datetime.fromisoformat(earlier.replace("Z", "+00:00"))
+        b = datetime.fromisoformat(later.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        return None
+    return (b - a).total_seconds()
+
+
+def _stage_line(storage: dict[str, Any]) -> str | None:
+    stage = storage.get("stage")
+    if not stage:
+        return None
+    fs = storage.get("stage_filesystem")
+    if fs in ("tmpfs", "ramfs"):
+        return f"Storage  MeterValues staged in RAM ({stage}) until written to disk"
+    where = f" on {fs}" if fs else ""
+    return (f"Storage  MeterValues staged in {stage}{where}, not in RAM (stage_dir on a tmpfs"
+            " such as /run/evcp saves the disk writes)")  # fmt: skip
+
+
+def status_table(answer: dict[str, Any]) -> list[str]:
+    """``evcp status`` without ``--json``: what the snapshot says, for a person."""
+    out: list[str] = []
+    phase = answer.get("phase", "running")
+    head = f"evcp {answer['version']} (pid {answer['pid']})"
+    if phase != "running":
+        head += f": {phase}"
+    if answer.get("uptime_s") is not None:
+        head += f", up {_ago(float(answer['uptime_s']))}"
+    out.append(head)
     csms = answer["csms"]
     state = "connected" if csms["connected"] else "not connected"
     if csms["connected"] and not csms["registered"]:
         state += " (not yet accepted)"
-    print(f"evcp {answer['version']} (pid {answer['pid']})")
-    print(f"CSMS     {csms['url']} as {csms['charge_point_id']}: {state}")
+    registration = csms.get("registration")
+    if registration and registration != "Accepted":
+        state += f" (BootNotification: {registration})"
+    out.append(f"CSMS     {csms['url']} as {csms['charge_point_id']}: {state}")
+    clock = answer.get("clock") or {}
+    heartbeat = csms.get("last_heartbeat")
+    if heartbeat:
+        ago = _seconds_between(heartbeat, clock.get("now", ""))
+        out.append(f"         last heartbeat {heartbeat}"
+                   + ("" if ago is None else f" ({_ago(ago)} ago)"))  # fmt: skip
+    elif csms["connected"]:
+        out.append("         no heartbeat yet")
     if csms.get("last_error"):
-        print(f"         last error: {csms['last_error']}")
+        out.append(f"         last error: {csms['last_error']}")
+    if "synchronized" in clock:
+        servers = ", ".join(clock.get("ntp_servers") or [])
+        if not servers:
+            line = "system clock trusted (NTP off: [time] ntp_servers is empty)"
+        elif clock["synchronized"]:
+            age = clock.get("last_sync_age_s")
+            since = "" if age is None else f", last sync {_ago(float(age))} ago"
+            line = f"synchronised (offset {float(clock.get('offset_s') or 0):+.3f} s{since})"
+        else:
+            line = "NOT synchronised: timestamps may be wrong"
+        if servers:
+            line += f"; NTP: {servers}"
+        out.append(f"Clock    {clock.get('now', '')} {line}".replace("  ", " "))
     queue = answer["queue"]
     dropped = queue.get("dropped", 0)
-    print(
+    out.append(
         f"Queue    {queue['pending']} pending, {queue['failed']} failed"
         + (f", {dropped} MeterValues thinned" if dropped else "")
     )
     storage = answer.get("storage")
     if isinstance(storage, dict) and storage.get("on_disk") is False:
-        print("Storage  WARNING: the state file cannot be written; keeping state in memory")
-    if isinstance(storage, dict) and storage.get("stage"):
-        print(f"Storage  MeterValues staged in RAM ({storage['stage']}) until written to disk")
-    print()
-    header = f"{'#':>2}  {'status':<14} {'vehicle':<11} {'offered':>8} {'power':>9} "
-    header += f"{'energy':>11}  transaction"
-    print(header)
-    for c in answer["connectors"]:
+        out.append("Storage  WARNING: the state file cannot be written; keeping state in memory")
+    stage_line = _stage_line(storage) if isinstance(storage, dict) else None
+    if stage_line:
+        out.append(stage_line)
+    connectors = answer.get("connectors") or []
+    if not connectors:
+        if phase != "running":
+            out.append("")
+            out.append(f"Connectors: not yet known ({phase})")
+        return out
+    rows = []
+    for c in connectors:
         status = c["status"] + ("" if c["error_code"] == "NoError" else f" ({c['error_code']})")
-        tx = "-" if c["transaction_id"] is None else str(c["transaction_id"])
-        print(
-            f"{c['id']:>2}  {status:<14} {c['vehicle']:<11} {c['offered_current_a']:>6.1f} A"
-            f" {c['power_w']:>7.0f} W {c['energy_wh']:>8.0f} Wh  {tx}"
+        tx = "-"
+        if c.get("transaction_id") is not None:
+            tx = str(c["transaction_id"])
+            if c.get("transaction_local_id") is not None:
+                tx += f" (local {c['transaction_local_id']})"
+        elif c.get("transaction_local_id") is not None:
+            tx = f"local {c['transaction_local_id']} (no CSMS id yet)"
+        session = c.get("session_energy_wh")
+        rows.append((c, status, tx, "-" if session is None else f"{session / 1000:.3f} kWh"))
+    width = max(6, *(len(r[1]) for r in rows))
+    out.append("")
+    out.append(f"{'#':>2}  {'status':<{width}}  {'vehicle':<11} {'offered':>8} {'power':>9}"
+               f" {'session':>11} {'meter':>12}  transaction")  # fmt: skip
+    for c, status, tx, session in rows:
+        out.append(
+            f"{c['id']:>2}  {status:<{width}}  {c['vehicle']:<11} {c['offered_current_a']:>6.1f} A"
+            f" {c['power_w']:>7.0f} W {session:>11} {c['energy_wh'] / 1000:>8.3f} kWh  {tx}"
         )
-    return 0
+        if c.get("fault"):
+            out.append(f"{'':>2}  why: {c['fault']}")
+    return out
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -393,7 +534,9 @@ def _check_fault(code: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.ocpp.demo import run_demo
 
-    return run_demo(time_scale=args.time_scale, keep=args.keep, verbose=args.verbose)
+    return run_demo(
+        time_scale=args.time_scale, keep=args.keep, verbose=args.verbose, serve=args.serve
+    )
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
@@ -443,24 +586,58 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return int(probe(cfg, args.device, as_json=args.json))
 
 
-def journalctl_command(args: argparse.Namespace) -> list[str]:
-    """The journalctl invocation for ``evcp logs``."""
-    cmd = ["journalctl", "--unit", args.unit, "--no-pager"]
+def parse_tx(value: str) -> tuple[str, int]:
+    """``evcp logs --tx``: ``N`` (the CSMS's transactionId) or ``local:N`` (the agent's)."""
+    kind, _, number = value.rpartition(":")
+    if kind not in ("", "local") or not number.isdigit():
+        raise UsageError(
+            f"--tx {value!r}: give the CSMS's transaction id (a whole number) or local:N"
+        )
+    return ("local" if kind else "csms"), int(number)
+
+
+def journalctl_command(args: argparse.Namespace, local_id: int | None = None) -> list[str]:
+    """The journalctl invocation for ``evcp logs``; with ``--tx``, the lines whose journal
+    fields name the transaction: ``local_id`` (every line about a transaction carries
+    EVCP_TRANSACTION, its local id, also those logged before the CSMS gave its id), else
+    the CSMS's id (EVCP_CSMS_TRANSACTION)."""
+    cmd = ["journalctl", *_journal_source(args), "--no-pager"]
     if args.since:
         cmd += ["--since", args.since]
     if args.follow:
         cmd.append("--follow")
     cmd += ["--output", "json" if args.json else "short-iso"]
     if args.tx:
-        if not args.tx.isdigit():
-            raise UsageError(f"--tx {args.tx!r}: a transaction id is a whole number")
-        # The agent names a transaction "transaction N" (the CSMS's id) or "local N".
-        cmd += ["--grep", rf"(transaction|tx|local)[ #=]*{args.tx}\b", "--case-sensitive=false"]
+        kind, number = parse_tx(args.tx)
+        if kind == "local" or local_id is not None:
+            cmd.append(f"EVCP_TRANSACTION={number if kind == 'local' else local_id}")
+        else:
+            cmd.append(f"EVCP_CSMS_TRANSACTION={number}")
     return cmd
 
 
+def _journal_source(args: argparse.Namespace) -> list[str]:
+    return ["--unit", args.unit] if args.unit else ["--identifier", "evcp"]
+
+
+def local_id_of(args: argparse.Namespace, csms_id: int) -> int | None:
+    """The local id of the CSMS's transaction ``csms_id``, from the newest journal line
+    that names both (None when no line does)."""
+    cmd = ["journalctl", *_journal_source(args), "--no-pager", "--output", "json",
+           "--reverse", "--lines", "1", f"EVCP_CSMS_TRANSACTION={csms_id}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        try:
+            value = json.loads(line).get("EVCP_TRANSACTION")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+    return None
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
-    cmd = journalctl_command(args)
+    cmd = journalctl_command(args)  # (checks --tx first: a usage error needs no journal)
     import shutil  # (here: shutil imports bz2 and lzma, see agent.deferred)
 
     if shutil.which("journalctl") is None:
@@ -468,10 +645,88 @@ def cmd_logs(args: argparse.Namespace) -> int:
             "journalctl is not installed here (systemd's journal): the agent's log is"
             ' wherever its stderr goes (run it with log_target = "stderr")'
         )
+    if args.tx:
+        kind, number = parse_tx(args.tx)
+        if kind == "csms":
+            local_id = local_id_of(args, number)
+            if local_id is None:
+                print(f"evcp: no journal line names the CSMS's transaction {number} (yet);"
+                      " showing the lines that will", file=sys.stderr)  # fmt: skip
+            cmd = journalctl_command(args, local_id)
     try:
         return subprocess.run(cmd, check=False).returncode
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    if args.config_action == "set":
+        return _config_set(cfg, args)
+    answer = request(cfg.control_socket, {"cmd": "config-get", "keys": args.keys or None})
+    if answer.get("unknown"):
+        # A key name the agent does not know is a usage error; the rest are not printed.
+        names = ", ".join(str(n) for n in answer["unknown"])
+        raise UsageError(f"unknown configuration key(s): {names} (evcp config get: every key)")
+    if not answer.get("ok"):
+        raise ControlError(str(answer.get("error", "the agent refused the request")))
+    values: dict[str, Any] = answer["keys"]
+    if args.json:
+        print(json.dumps(values, indent=2))
+        return 0
+    readonly = set(answer.get("readonly", []))
+    width = max((len(k) for k in values), default=3)
+    for key, value in values.items():
+        shown = "(not set)" if value is None else str(value)
+        print(f"{key:<{width}}  {shown}" + ("  (read-only)" if key in readonly else ""))
+    return 0
+
+
+def _config_set(cfg: Config, args: argparse.Namespace) -> int:
+    answer = request(cfg.control_socket, {"cmd": "config-set", "key": args.key,
+                                          "value": args.value})  # fmt: skip
+    status = answer.get("status")
+    if not answer.get("ok"):
+        error = str(answer.get("error", "the agent refused the request"))
+        if status in ("Rejected", "NotSupported"):
+            # The value (or key) is wrong: a usage error, nothing was changed.
+            raise UsageError(f"config set refused: {error}")
+        raise ControlError(error)
+    if args.json:
+        print(json.dumps({"key": args.key, "status": status}))
+    elif status == "RebootRequired":
+        print(f"{args.key} set: takes effect when the agent restarts (RebootRequired)")
+    else:
+        print(f"{args.key} set ({status})")
+    return 0
+
+
+def cmd_tx(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    if not 1 <= args.last <= 10_000:
+        raise UsageError(f"--last {args.last}: use a number from 1 to 10000")
+    answer = _control(cfg, {"cmd": "tx", "last": args.last})
+    rows: list[dict[str, Any]] = answer["transactions"]
+    for row in rows:
+        start, stop = row.get("meter_start_wh"), row.get("meter_stop_wh")
+        row["energy_wh"] = stop - start if start is not None and stop is not None else None
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no transactions yet")
+        return 0
+    print(f"{'transaction':>11} {'local':>6} {'#':>2}  {'idTag':<20} {'started':<20}"
+          f" {'energy':>10}  {'reason':<14} CSMS has it")  # fmt: skip
+    for row in rows:
+        csms_id = "-" if row["transaction_id"] is None else str(row["transaction_id"])
+        energy = "-" if row["energy_wh"] is None else f"{row['energy_wh'] / 1000:.3f} kWh"
+        reason = "(running)" if row.get("running") else str(row["reason"] or "-")
+        delivered = "yes" if row["delivered"] else "no" if not row.get("running") else "-"
+        print(f"{csms_id:>11} {row.get('local_id', '-')!s:>6} {row['connector_id']:>2}"
+              f"  {row['id_tag']:<20} {row.get('started') or '-':<20} {energy:>10}"
+              f"  {reason:<14} {delivered}")  # fmt: skip
+    return 0
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:

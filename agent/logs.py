@@ -424,3 +424,35 @@ class FailureLog:
         self._last_logged = now
         self.logger.log(level, message, *args, extra=self.fields or None)
         return True
+
+
+# ---------------------------------------------------------------- journald fields
+#: The journald fields a line about a connector or a transaction carries (with the journal
+#: handler: ``journalctl EVCP_TRANSACTION=12``; ``evcp logs --tx`` matches them).
+CONNECTOR_FIELD = "EVCP_CONNECTOR"
+TRANSACTION_FIELD = "EVCP_TRANSACTION"  # the agent's own (local) transaction id
+CSMS_TRANSACTION_FIELD = "EVCP_CSMS_TRANSACTION"  # the CSMS's transactionId, once known
+
+
+def tx_fields(
+    connector: int | None = None, local_id: int | None = None, csms_id: int | None = None
+) -> dict[str, str]:
+    """The journald fields of a line about ``connector`` and its transaction, for
+    ``log.info(..., extra=tx_fields(...))``."""
+    fields = {}
+    if connector is not None:
+        fields[CONNECTOR_FIELD] = str(connector)
+    if local_id is not None:
+        fields[TRANSACTION_FIELD] = str(local_id)
+    if csms_id is not None:
+        fields[CSMS_TRANSACTION_FIELD] = str(csms_id)
+    return fields
+
+
+def tx_name(local_id: int, csms_id: int | None) -> str:
+    """A transaction as log lines name it: the CSMS's id (what the operator sees) and the
+    local one (what the agent's store and ``evcp tx`` show): ``transaction 1001 (local 7)``,
+    or ``transaction local 7`` while the CSMS has not given its id."""
+    if csms_id is None:
+        return f"transaction local {local_id}"
+    return f"transaction {csms_id} (local {local_id})"

@@ -41,6 +41,22 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
     return out
 
 
+def _commands(parser: argparse.ArgumentParser, prefix: str) -> list[str]:
+    """A section per subcommand (``evcp config get`` under ``evcp config``, and so on)."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is None:
+        return []
+    lines = []
+    helps = {c.dest: c.help or "" for c in sub._choices_actions}
+    for name, command in sub.choices.items():
+        lines += [".SS " + _roff(f"{prefix} {name}"), _roff(helps.get(name, ""))]
+        if command.description and command.description != helps.get(name):
+            lines += [".PP", _roff(command.description)]
+        lines += _options(command)
+        lines += _commands(command, f"{prefix} {name}")
+    return lines
+
+
 def render(parser: argparse.ArgumentParser, date: str) -> str:
     lines = [
         f'.TH EVCP 1 "{date}" "evcp {__version__}" "User Commands"',
@@ -52,13 +68,7 @@ def render(parser: argparse.ArgumentParser, date: str) -> str:
         *_options(parser),
         ".SH COMMANDS",
     ]
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    helps = {c.dest: c.help or "" for c in sub._choices_actions}
-    for name, command in sub.choices.items():
-        lines += [".SS " + _roff(f"evcp {name}"), _roff(helps.get(name, ""))]
-        if command.description and command.description != helps.get(name):
-            lines += [".PP", _roff(command.description)]
-        lines += _options(command)
+    lines += _commands(parser, "evcp")
     if parser.epilog:
         lines += [".SH EXIT STATUS", ".nf", _roff(parser.epilog), ".fi"]
     lines += [".SH FILES", ".TP", "/etc/evcp/evcp.toml", "the configuration (a conffile)",

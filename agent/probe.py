@@ -36,6 +36,8 @@ async def _probe(cfg: Config, device: str) -> dict[str, Any]:
                 "power_w": reading.power_w,
                 "voltage_v": list(reading.voltage_v),
                 "current_a": list(reading.current_a),
+                "power_phase_w": list(reading.power_phase_w),
+                "frequency_hz": reading.frequency_hz,
             }
         evse: EvseController = hardware[0].evse
         await evse.start()

@@ -12,6 +12,7 @@ from agent import __version__
 from agent.assembly import ChargePoint
 from agent.chargepoint.model import Connector
 from agent.config import Config
+from agent.core.connector import ERROR_CODES
 from agent.core.metering import energy_register_wh
 from agent.core.timefmt import iso
 from agent.store import Store
@@ -34,8 +35,9 @@ def fault_reason(c: Connector) -> str | None:
         return "the EVSE controller does not answer"
     status = c.evse_status
     if status is not None and status.fault is not None:
-        vendor = f" ({status.vendor_code})" if status.vendor_code else ""
-        return f"the EVSE controller reports {status.fault.value}{vendor}"
+        vendor = f", controller code {status.vendor_code}" if status.vendor_code else ""
+        fault = status.fault.value.replace("_", " ")
+        return f"the EVSE controller reports {fault} ({ERROR_CODES[status.fault]}{vendor})"
     if c.meter_failed:
         return f"the meter does not answer ({c.meter_misses} reads missed)"
     return None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import os
 import shlex
@@ -45,6 +46,13 @@ from drivers.sim import process as sim_process
 CP = "BENCH-1"
 PASSWORD = "bench-password-0123456789"
 UNIT = Path(__file__).resolve().parents[1] / "packaging" / "evcp.service"
+
+
+def scratch(prefix: str, dir: Path | str | None = None) -> Path:
+    """A temporary directory removed when the bench exits, after a failure too (atexit)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def unit_environment() -> dict[str, str]:
@@ -80,10 +88,10 @@ def proc_pss_mib(pid: int) -> float:
 
 
 async def main(seconds: float, python: str) -> None:
-    work = Path(tempfile.mkdtemp(prefix="evcp-bench-"))
+    work = scratch("evcp-bench-")
     # MeterValues are staged in RAM by default: /run/evcp on a charger, /dev/shm here.
     shm = Path("/dev/shm")
-    run = Path(tempfile.mkdtemp(prefix="evcp-bench-run-", dir=shm if shm.is_dir() else work))
+    run = scratch("evcp-bench-run-", shm if shm.is_dir() else work)
     ca = trustme.CA()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(ctx)

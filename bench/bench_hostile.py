@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import json
 import random
@@ -48,6 +49,13 @@ from tests.conftest import (
 )
 from tests.e2e.test_hostile import KINDS, StallMonitor, hostile_frame, rss_kib, staggered_profile
 from tests.e2e.test_powerloss import AgentProcess
+
+
+def scratch(prefix: str, dir: Path | str | None = None) -> Path:
+    """A temporary directory removed when the bench exits, after a failure too (atexit)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 class Answers:
@@ -212,7 +220,7 @@ async def stalls(work: Path, csms: Csms, ca_file: Path, answers: Answers) -> Non
 
 
 async def main(frames: int) -> None:
-    work = Path(tempfile.mkdtemp(prefix="evcp-bench-hostile-"))
+    work = scratch("evcp-bench-hostile-")
     ca = trustme.CA()
     ca_file = work / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,13 +25,20 @@ from drivers.meter.modbus import meter_from_settings
 from drivers.sim import process as sim_process
 
 
+def scratch(prefix: str, dir: Path | str | None = None) -> Path:
+    """A temporary directory removed when the bench exits, after a failure too (atexit)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
 async def main(seconds: float, meter_poll_s: float) -> None:
-    work = Path(tempfile.mkdtemp(prefix="evcp-poll-"))
+    work = scratch("evcp-poll-")
     sim, info = await sim_process.spawn(work / "sim.sock")
     evse = RapiController(port=info["evse_ports"][0])
     meter = meter_from_settings(model="sdm630", transport="tcp", host="127.0.0.1",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import shutil
@@ -49,6 +50,13 @@ from agent.store import Store
 
 CP = "BENCH-Q"
 PASSWORD = "bench-password-0123456789"
+
+
+def scratch(prefix: str, dir: Path | str | None = None) -> Path:
+    """A temporary directory removed when the bench exits, after a failure too (atexit)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def iso(ts: datetime) -> str:
@@ -201,7 +209,7 @@ class FastCsms:
 def ram_dir(work: Path) -> Path:
     """A directory for the stage in RAM, as /run/evcp is on a charger: /dev/shm here."""
     shm = Path("/dev/shm")
-    return Path(tempfile.mkdtemp(prefix="evcp-bench-stage-", dir=shm if shm.is_dir() else work))
+    return scratch("evcp-bench-stage-", shm if shm.is_dir() else work)
 
 
 async def drain(work: Path, ctx: ssl.SSLContext, messages: int) -> None:
@@ -270,7 +278,7 @@ async def disk(work: Path, csms: Csms, seconds: float, mode: str) -> None:
 
 
 async def main(messages: int, seconds: float, skip_disk: bool, modes: list[str]) -> None:
-    work = Path(tempfile.mkdtemp(prefix="evcp-bench-queue-", dir="/var/tmp"))
+    work = scratch("evcp-bench-queue-", "/var/tmp")
     ca = trustme.CA()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(ctx)
@@ -286,7 +294,6 @@ async def main(messages: int, seconds: float, skip_disk: bool, modes: list[str])
             await csms.stop()
         print(f"      floor on this file system (one 100-byte append + fsync a minute): "
               f"{floor_bytes_per_day(work) / 1e6:.1f} MB/day")  # fmt: skip
-    print(f"(work directory: {work})")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import shutil
 import ssl
@@ -63,6 +64,13 @@ CP = "BENCH-SC"
 PASSWORD = "bench-password-0123456789"
 
 
+def scratch(prefix: str, dir: Path | str | None = None) -> Path:
+    """A temporary directory removed when the bench exits, after a failure too (atexit)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def tx_profile(limit_a: float) -> dict[str, Any]:
     return {
         "chargingProfileId": 1,
@@ -86,7 +94,7 @@ def percentiles(samples_s: list[float]) -> str:
 
 
 async def bench_set_profile(changes: int) -> None:
-    work = Path(tempfile.mkdtemp(prefix="evcp-bench-sc-"))
+    work = scratch("evcp-bench-sc-")
     ca = trustme.CA()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(ctx)
@@ -198,7 +206,7 @@ MeterValueSampleInterval = 0
 
 
 def bench_composite(iterations: int) -> None:
-    work = Path(tempfile.mkdtemp(prefix="evcp-bench-composite-"))
+    work = scratch("evcp-bench-composite-")
     store = Store.open(work)
     profiles = ChargingProfiles(store=store, keys=ConfigKeys(), connector_ids=[1, 2],
                                 max_current_a=32, voltage_v=230, phases=3)  # fmt: skip

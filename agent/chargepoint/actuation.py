@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from agent.chargepoint.hub import Hub
+from agent.chargepoint.hub import Hub, connector_fields
 from agent.chargepoint.model import Connector
 from agent.core import smart_charging as sc
 from drivers.base import IEC61851_MIN_CURRENT_A, ControlMode, CurrentNotApplied, DriverError
@@ -84,12 +84,19 @@ class Actuation:
                 if current is not None and current != c.applied_current_a:
                     try:
                         c.applied_current_a = await evse.set_offered_current(current)
-                        log.info("connector %d: offering %.1f A", c.id, c.applied_current_a)
+                        log.info(
+                            "connector %d: offering %.1f A",
+                            c.id,
+                            c.applied_current_a,
+                            extra=connector_fields(self.st.store, c),
+                        )
                     except CurrentNotApplied as exc:
                         # The controller's own decision (its range, its temperature): taken
                         # as it is, not repeated; the next change of state tries again.
                         c.applied_current_a = exc.applied_a
-                        log.warning("connector %d: %s", c.id, exc)
+                        log.warning(
+                            "connector %d: %s", c.id, exc, extra=connector_fields(self.st.store, c)
+                        )
                 if mode is not c.applied_mode:
                     await {
                         ControlMode.ENABLED: evse.enable,
@@ -97,13 +104,18 @@ class Actuation:
                         ControlMode.DISABLED: evse.disable,
                     }[mode]()
                     c.applied_mode = mode
-                    log.info("connector %d: controller %s", c.id, mode.value)
+                    log.info(
+                        "connector %d: controller %s",
+                        c.id,
+                        mode.value,
+                        extra=connector_fields(self.st.store, c),
+                    )
                     # Report from the controller's state after the command, not before it.
                     c.evse_status = await evse.read_status()
                 c.actuate_failed = False
             except DriverError as exc:
                 log.error("connector %d: could not command the controller (retrying in %.0f"
-                          " s): %s", c.id, st.controller_retry_s(), exc)  # fmt: skip
+                          " s): %s", c.id, st.controller_retry_s(), exc, extra=connector_fields(self.st.store, c))  # fmt: skip
                 c.actuate_failed = True
                 c.applied_mode, c.applied_current_a = None, None  # unknown: command it again
             c.paused_by_evse = c.tx is not None and (

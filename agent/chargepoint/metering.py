@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
 from agent.aio import raise_if_cancelling
-from agent.chargepoint.hub import Hub
+from agent.chargepoint.hub import Hub, connector_fields
 from agent.chargepoint.model import Connector
 from agent.core.metering import energy_register_wh, meter_value, sampled_values
 from agent.core.timefmt import iso
+from agent.logs import FailureLog
 from agent.outbox import Outgoing
 from drivers.base import DriverError, MeterReading, ProtocolError, TransientDriverError
 
@@ -54,6 +56,17 @@ class Metering:
         self.st = station
         self._flush_timer: asyncio.TimerHandle | None = None  # staged MeterValues to disk
         self._wake_aligned = asyncio.Event()
+        #: Per connector: a failed meter is logged once, reminded every 10 min, and once
+        #: when it answers again (not on every poll).
+        self._failure_logs: dict[int, FailureLog] = {}
+
+    def failure_log(self, c: Connector) -> FailureLog:
+        """``c``'s meter failure log, its journald fields as of now."""
+        flog = self._failure_logs.get(c.id)
+        if flog is None:
+            flog = self._failure_logs[c.id] = FailureLog(log, f"connector {c.id}: meter")
+        flog.fields = connector_fields(self.st.store, c)
+        return flog
 
     def close(self) -> None:
         if self._flush_timer is not None:
@@ -96,26 +109,29 @@ class Metering:
         except TransientDriverError as exc:
             c.meter_misses += 1
             limit = int(st.cfg.hardware["meter_miss_limit"])
-            if c.meter_misses == limit:
-                log.error(
-                    "connector %d: meter failed %d reads in a row (%s): reporting Faulted",
-                    c.id,
-                    limit,
-                    exc,
+            if c.meter_misses >= limit:
+                # Once at the limit (Faulted), then a reminder every 10 minutes.
+                self.failure_log(c).failed(
+                    time.monotonic(), f"{exc} ({limit} reads in a row failed: Faulted)"
                 )
-                c.meter_failed = True
-                st.transactions.meter_lost(c)
-            elif c.meter_misses < limit:
-                log.warning("connector %d: meter read failed: %s", c.id, exc)
+                if c.meter_misses == limit:
+                    c.meter_failed = True
+                    st.transactions.meter_lost(c)
+            else:
+                log.warning("connector %d: meter read failed: %s", c.id, exc,
+                            extra=connector_fields(st.store, c))  # fmt: skip
             return None
         except DriverError as exc:
-            log.error("connector %d: meter unusable: %s", c.id, exc)
-            c.meter_failed = True
-            st.transactions.meter_lost(c)
+            c.meter_misses += 1  # (what `evcp status` counts)
+            self.failure_log(c).failed(time.monotonic(), f"unusable: {exc} (Faulted)")
+            if not c.meter_failed:
+                c.meter_failed = True
+                st.transactions.meter_lost(c)
             return None
         recovered = c.meter_failed
-        if recovered:
-            log.info("connector %d: meter answers again", c.id)
+        known = self._failure_logs.get(c.id)
+        if known is not None and known.failing:
+            self.failure_log(c).ok(time.monotonic())
         c.meter_misses = 0
         c.meter_failed = False
         if recovered and c.tx is not None:

@@ -19,11 +19,13 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
 from agent.chargepoint.actuation import Actuation
+from agent.chargepoint.hub import connector_fields
 from agent.chargepoint.metering import Metering
 from agent.chargepoint.model import PLUGGED, Clock, Connector, ConnectorHardware
 from agent.chargepoint.port import LimitSource, NoReservations, StartGuard, TagAuthority
@@ -34,6 +36,7 @@ from agent.core import smart_charging as sc
 from agent.core.config_keys import ConfigKeys
 from agent.core.connector import Status, connector_zero_status, derive_status, error_code
 from agent.core.timefmt import iso
+from agent.logs import FailureLog
 from agent.outbox import Outbox, Outgoing
 from agent.store import Store
 from drivers.base import ControlMode, DriverError, EvseStatus, MeterReading, VehicleState
@@ -84,6 +87,12 @@ class Station:
         self._request_restart = request_restart
         self._tasks: set[asyncio.Task[Any]] = set()
         self._idle_callbacks: list[Callable[[], None]] = []
+        #: A controller that does not answer: logged once, reminded every 10 min, and once
+        #: when it answers again (the supervisor retries every CONTROLLER_RETRY_S).
+        self._controller_logs = {
+            c.id: FailureLog(log, f"connector {c.id}: EVSE controller")
+            for c in self.connectors.values()
+        }
         #: Set by the session: queue a BootNotification now (TriggerMessage).
         self.request_boot: Callable[[], None] = lambda: None
         #: Set by the session: send the queue's head now, whatever retry delay it waits on.
@@ -139,14 +148,15 @@ class Station:
                 c.controller_up = True
                 c.evse_status = await c.hw.evse.read_status()
             except DriverError as exc:
-                log.error("connector %d: EVSE controller unavailable (retrying every %.0f s):"
-                          " %s", c.id, CONTROLLER_RETRY_S, exc)  # fmt: skip
+                self.controller_log(c).failed(
+                    time.monotonic(), f"{exc} (retrying every {CONTROLLER_RETRY_S:.0f} s)"
+                )
             try:
                 await c.hw.meter.connect()
                 c.reading = await c.hw.meter.read()
                 c.reading_at = self.now()
             except DriverError as exc:
-                log.error("connector %d: meter unavailable: %s", c.id, exc)
+                self.metering.failure_log(c).failed(time.monotonic(), f"unavailable: {exc}")
         self.transactions.recover()
         before_first_status()
         self.ready = True
@@ -170,10 +180,14 @@ class Station:
                         continue
                     await c.hw.evse.pause()
                     c.applied_mode = ControlMode.PAUSED
-                log.info("connector %d: controller paused (the agent stops)", c.id)
+                log.info(
+                    "connector %d: controller paused (the agent stops)",
+                    c.id,
+                    extra=connector_fields(self.store, c),
+                )
             except (DriverError, TimeoutError) as exc:
                 log.error("connector %d: could not pause the controller at exit: %s",
-                          c.id, exc)  # fmt: skip
+                          c.id, exc, extra=connector_fields(self.store, c))  # fmt: skip
 
     async def close(self) -> None:
         self.metering.close()
@@ -195,6 +209,12 @@ class Station:
                 group.create_task(self._supervise_controller(c), name=f"controller-{c.id}")
             group.create_task(self.metering.aligned_loop(), name="aligned")
 
+    def controller_log(self, c: Connector) -> FailureLog:
+        """``c``'s controller failure log, its journald fields as of now."""
+        flog = self._controller_logs[c.id]
+        flog.fields = connector_fields(self.store, c)
+        return flog
+
     async def _supervise_controller(self, c: Connector) -> None:
         """Never leave a controller in a state the agent did not choose: start a driver
         that failed to start, and repeat a command that failed (a pause that did not
@@ -206,10 +226,12 @@ class Station:
                     await c.hw.evse.start()
                     c.controller_up = True
                     c.evse_status = await c.hw.evse.read_status()
-                    log.warning("connector %d: EVSE controller answers now", c.id)
+                    self.controller_log(c).ok(time.monotonic())
                     self.refresh_status(c)
                 except DriverError as exc:
-                    log.debug("connector %d: EVSE controller still unavailable: %s", c.id, exc)
+                    self.controller_log(c).failed(
+                        time.monotonic(), f"{exc} (retrying every {CONTROLLER_RETRY_S:.0f} s)"
+                    )
                     continue
                 c.applied_mode, c.applied_current_a = None, None  # command it afresh
                 await self.actuate(c)
@@ -244,6 +266,7 @@ class Station:
                 c.id,
                 status.vehicle.value,
                 f", fault {status.fault.value} ({status.vendor_code})" if status.fault else "",
+                extra=connector_fields(self.store, c),
             )
         if c.plugged and not was_plugged:
             self._on_plugged(c)
@@ -271,9 +294,17 @@ class Station:
         if not tag or not c.plugged or not c.can_start or c.waiting_tag is not None:
             return
         if not self.guard.check_start(c, tag, None)[0]:
-            log.info("connector %d: car plugged in, but reserved for another idTag", c.id)
+            log.info(
+                "connector %d: car plugged in, but reserved for another idTag",
+                c.id,
+                extra=connector_fields(self.store, c),
+            )
             return
-        log.info("connector %d: car plugged in: starting (free vend)", c.id)
+        log.info(
+            "connector %d: car plugged in: starting (free vend)",
+            c.id,
+            extra=connector_fields(self.store, c),
+        )
         self.spawn(self.start_transaction(c, tag), f"start-{c.id}")
 
     def _on_unplugged(self, c: Connector) -> None:
@@ -291,10 +322,10 @@ class Station:
         try:
             if not await c.hw.evse.unlock():
                 log.warning("connector %d: the cable lock did not open after the EV was"
-                            " unplugged", c.id)  # fmt: skip
+                            " unplugged", c.id, extra=connector_fields(self.store, c))  # fmt: skip
         except DriverError as exc:
             log.error("connector %d: could not open the cable lock after the EV was"
-                      " unplugged: %s", c.id, exc)  # fmt: skip
+                      " unplugged: %s", c.id, exc, extra=connector_fields(self.store, c))  # fmt: skip
 
     # ================================================================== status
     def refresh_status(self, c: Connector) -> None:
@@ -330,7 +361,13 @@ class Station:
         if c.observed is None or c.observed == c.reported:
             return
         c.reported = c.observed
-        log.info("connector %d: %s (%s)", c.id, c.observed[0], c.observed[1])
+        log.info(
+            "connector %d: %s (%s)",
+            c.id,
+            c.observed[0],
+            c.observed[1],
+            extra=connector_fields(self.store, c),
+        )
         self.send_status(c.id)
 
     def status_of(self, connector_id: int) -> tuple[str, str, str | None]:

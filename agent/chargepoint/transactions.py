@@ -11,7 +11,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from agent.chargepoint.hub import Hub
+from agent.chargepoint.hub import Hub, connector_fields, transaction_fields, transaction_name
 from agent.chargepoint.model import ID_TAG_STATUSES, ActiveTx, Connector
 from agent.core.metering import energy_register_wh
 from agent.core.timefmt import iso
@@ -91,7 +91,8 @@ class Transactions:
         if c.tx is not None or c.starting:
             return f"connector {c.id} is busy"
         if not st.guard.check_start(c, id_tag, parent)[0]:
-            log.info("connector %d is reserved for another idTag", c.id)
+            log.info("connector %d is reserved for another idTag", c.id,
+                     extra=connector_fields(st.store, c))  # fmt: skip
             return f"connector {c.id} is reserved"
         if c.plugged:
             await self.start_transaction(c, id_tag, parent)
@@ -129,7 +130,8 @@ class Transactions:
         self.st.refresh_status(c)
 
     def _waiting_expired(self, c: Connector) -> None:
-        log.info("connector %d: no vehicle within ConnectionTimeOut: authorization dropped", c.id)
+        log.info("connector %d: no vehicle within ConnectionTimeOut: authorization dropped", c.id,
+                 extra=connector_fields(self.st.store, c))  # fmt: skip
         c.waiting_deadline = None
         c.waiting_tag = None
         self.st.refresh_status(c)
@@ -152,7 +154,8 @@ class Transactions:
         """Start a transaction on ``c`` (vehicle plugged, tag authorized)."""
         st = self.st
         if not c.can_start:
-            log.warning("connector %d: cannot start a transaction now", c.id)
+            log.warning("connector %d: cannot start a transaction now", c.id,
+                        extra=connector_fields(st.store, c))  # fmt: skip
             return False
         c.starting = True  # no second start while the meter is read
         try:
@@ -161,12 +164,13 @@ class Transactions:
             c.starting = False
         if reading is None or not c.can_start:
             log.error("connector %d: no meter reading or not free any more: not starting",
-                      c.id)  # fmt: skip
+                      c.id, extra=connector_fields(st.store, c))  # fmt: skip
             st.run_idle_callbacks()
             return False
         allowed, reservation_id = st.guard.check_start(c, id_tag, parent)
         if not allowed:
-            log.warning("connector %d is reserved for another idTag: not starting", c.id)
+            log.warning("connector %d is reserved for another idTag: not starting", c.id,
+                        extra=connector_fields(st.store, c))  # fmt: skip
             st.run_idle_callbacks()
             return False
         now = st.now()
@@ -196,9 +200,9 @@ class Transactions:
         c.tx = ActiveTx(local_id, id_tag, meter_start, now, begin, parent_id_tag=parent)
         c.finishing = False
         self.clear_waiting(c)
-        log.info(
-            "connector %d: transaction %d started, meterStart %d Wh", c.id, local_id, meter_start
-        )
+        log.info("connector %d: %s started, idTag %s, meterStart %d Wh", c.id,
+                 transaction_name(st.store, local_id), id_tag, meter_start,
+                 extra=connector_fields(st.store, c))  # fmt: skip
         st.outbox.notify_durable()
         if profile is not None:
             tx = st.tx_for_profiles(c)
@@ -226,7 +230,8 @@ class Transactions:
             # reset or a misread: never less energy than was delivered (and never a
             # negative one) for the CSMS to bill.
             log.warning("connector %d: meter register %d Wh is below %d Wh read earlier in"
-                        " the transaction: using that", c.id, meter_stop, floor)  # fmt: skip
+                        " the transaction: using that", c.id, meter_stop, floor,
+                        extra=connector_fields(st.store, c))  # fmt: skip
             meter_stop = floor
         if fresh is not None:
             end = st.metering.stop_txn_sample(c, fresh, "Transaction.End", now)
@@ -286,9 +291,10 @@ class Transactions:
             rec.local_id, meter_stop_wh=meter_stop_wh, stop_ts=ts, reason=reason,
             stop_payload=payload,
         )  # fmt: skip
-        log.info(
-            "transaction %d stopped (%s), meterStop %d Wh", rec.local_id, reason, meter_stop_wh
-        )
+        log.info("connector %d: %s stopped (%s), meterStop %d Wh, %d Wh delivered",
+                 rec.connector_id, transaction_name(st.store, rec.local_id), reason,
+                 meter_stop_wh, meter_stop_wh - rec.meter_start_wh,
+                 extra=transaction_fields(st.store, rec.connector_id, rec.local_id))  # fmt: skip
         st.outbox.notify_durable()
 
     def recover(self) -> None:
@@ -324,12 +330,14 @@ class Transactions:
                         rec.connector_id,
                         register_wh,
                         meter_stop,
+                        extra=transaction_fields(st.store, rec.connector_id, rec.local_id),
                     )
             log.warning(
-                "transaction %d on connector %d was running at shutdown: stopping it (%s)",
-                rec.local_id,
+                "%s on connector %d was running at shutdown: stopping it (%s)",
+                transaction_name(st.store, rec.local_id),
                 rec.connector_id,
                 reason,
+                extra=transaction_fields(st.store, rec.connector_id, rec.local_id),
             )
             self.stop_record(rec, meter_stop_wh=meter_stop, reason=reason, end_sample=[])
 
@@ -339,12 +347,19 @@ class Transactions:
         st = self.st
         csms_id = int(result["transactionId"])
         st.store.set_csms_transaction_id(local_id, csms_id)
+        connector = next(
+            (c.id for c in st.connectors.values() if c.tx and c.tx.local_id == local_id), None
+        )
+        fields = transaction_fields(st.store, connector, local_id)
+        log.info("transaction local %d is the CSMS's transaction %d", local_id, csms_id,
+                 extra=fields)  # fmt: skip
         info = result.get("idTagInfo")
         status = info.get("status") if isinstance(info, dict) else None
         if status not in ID_TAG_STATUSES:
             # Only from an answer that breaks the schema: no verdict, so nothing changes.
-            log.warning("transaction %d: the CSMS sent no usable idTagInfo (%.80r); charging"
-                        " goes on as authorized", csms_id, info)  # fmt: skip
+            log.warning("%s: the CSMS sent no usable idTagInfo (%.80r); charging goes on as"
+                        " authorized", transaction_name(st.store, local_id), info,
+                        extra=fields)  # fmt: skip
         else:
             id_tag = st.store.transaction_id_tag(local_id)
             if id_tag is not None:  # also when it already ended (started and stopped offline)
@@ -358,7 +373,8 @@ class Transactions:
                     c.tx.parent_id_tag = group  # the CSMS's word on the idTag's group
                 st.spawn(st.actuate(c), "tx-id-known")  # TxProfiles may name the id
                 continue
-            log.warning("CSMS refused the idTag of transaction %d (%s)", csms_id, status)
+            log.warning("CSMS refused the idTag of %s (%s)", transaction_name(st.store, local_id),
+                        status, extra=fields)  # fmt: skip
             if st.keys.get_bool("StopTransactionOnInvalidId"):
                 st.spawn(self.stop_transaction(c, "DeAuthorized"), "deauthorized")
             else:
@@ -379,6 +395,7 @@ class Transactions:
                 c.id,
                 tx.invalid_energy_limit_wh,
                 allowance,
+                extra=connector_fields(st.store, c),
             )
             return
         tx.suspended_invalid = True
@@ -391,13 +408,15 @@ class Transactions:
         st = self.st
         st.refresh_status(c)
         if c.tx is not None:
-            log.warning("connector %d: meter lost while charging: energy paused", c.id)
+            log.warning("connector %d: meter lost while charging: energy paused", c.id,
+                        extra=connector_fields(st.store, c))  # fmt: skip
             st.spawn(st.actuate(c), "meter-lost")
         tx = c.tx
         if tx is not None and tx.invalid_energy_limit_wh is not None and not tx.suspended_invalid:
             log.warning(
                 "connector %d: meter lost while charging on an invalid idTag: suspending energy",
                 c.id,
+                extra=connector_fields(st.store, c),
             )
             tx.suspended_invalid = True
             st.spawn(st.actuate(c), "suspend-invalid")
@@ -407,6 +426,7 @@ class Transactions:
         if tx is None or tx.invalid_energy_limit_wh is None or tx.suspended_invalid:
             return
         if energy_register_wh(reading) >= tx.invalid_energy_limit_wh:
-            log.warning("connector %d: MaxEnergyOnInvalidId delivered: suspending energy", c.id)
+            log.warning("connector %d: MaxEnergyOnInvalidId delivered: suspending energy", c.id,
+                        extra=connector_fields(self.st.store, c))  # fmt: skip
             tx.suspended_invalid = True
             self.st.spawn(self.st.actuate(c), "suspend-invalid")

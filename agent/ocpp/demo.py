@@ -9,6 +9,12 @@ plug in -> RemoteStartTransaction -> charging with MeterValues -> TxProfile limi
 (SuspendedEVSE) -> TxProfile limit 16 A (Charging) -> RemoteStopTransaction -> unplug.
 
 Exit 0 when the session completed and the energy the CSMS was told equals the meter's.
+
+``evcp demo --serve`` plays nothing: the CSMS and the agent stay up on the simulated
+hardware, the config path is printed, and a newcomer drives the charger with ``evcp sim
+... --config <path>`` and watches it with ``evcp status --config <path>`` while the
+messages scroll by; Ctrl-C (or SIGTERM) stops the agent and the CSMS and removes the
+directory (unless ``--keep``).
 """
 
 from __future__ import annotations
@@ -68,7 +74,9 @@ def _describe(action: str, p: dict[str, Any]) -> str:
     return action
 
 
-def run_demo(*, time_scale: float = 60.0, keep: bool = False, verbose: bool = False) -> int:
+def run_demo(
+    *, time_scale: float = 60.0, keep: bool = False, verbose: bool = False, serve: bool = False
+) -> int:
     try:
         import trustme  # noqa: F401
     except ImportError:
@@ -76,7 +84,7 @@ def run_demo(*, time_scale: float = 60.0, keep: bool = False, verbose: bool = Fa
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="evcp-demo-"))
     try:
-        return asyncio.run(_demo(workdir, time_scale=time_scale, verbose=verbose))
+        return asyncio.run(_demo(workdir, time_scale=time_scale, verbose=verbose, serve=serve))
     except DemoFailed as exc:
         print(f"\nDEMO FAILED: {exc}", file=sys.stderr)
         log = workdir / "agent.log"
@@ -91,7 +99,7 @@ def run_demo(*, time_scale: float = 60.0, keep: bool = False, verbose: bool = Fa
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _demo(workdir: Path, *, time_scale: float, verbose: bool) -> int:
+async def _demo(workdir: Path, *, time_scale: float, verbose: bool, serve: bool = False) -> int:
     import trustme
     from ocpp.v16 import call
 
@@ -158,6 +166,7 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import,Curr
         sys.executable, "-m", "agent", "run", "--config", str(config),
         stdout=log_file, stderr=None if verbose else log_file,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # Ctrl-C reaches the demo, which stops the agent in order
     )  # fmt: skip
     tl.say("agent", f"started: evcp run --config {config} (pid {agent.pid})")
 
@@ -201,6 +210,8 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import,Curr
         await expect("BootNotification", None, "BootNotification", timeout_s=30)
         await expect("StatusNotification", status_is("Available"), "connector 1 Available")
         await _wait_control(workdir / "control.sock")
+        if serve:
+            return await _serve(config, tl, agent)
 
         mark[0] = len(csms.received)
         await sim("plug")
@@ -275,6 +286,45 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import,Curr
                 await agent.wait()
         log_file.close()
         await csms.stop()
+
+
+async def _serve(config: Path, tl: Timeline, agent: asyncio.subprocess.Process) -> int:
+    """Stay up until Ctrl-C or SIGTERM (0), or until the agent exits on its own (1)."""
+    print(
+        f"""
+The demo CSMS and the agent run on simulated hardware. In another terminal:
+
+    evcp status --config {config}
+    evcp sim plug 1 --config {config}
+    evcp sim swipe {TAG} --config {config}      (any idTag is accepted)
+    evcp sim unplug 1 --config {config}
+    evcp tx --config {config}
+
+Config: {config}
+The agent's log: {config.parent / "agent.log"}
+Stop with Ctrl-C: the agent and the CSMS stop, and their directory is removed (--keep
+keeps it).
+""",
+        flush=True,
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.ensure_future(stop.wait())
+    died = asyncio.ensure_future(agent.wait())
+    try:
+        await asyncio.wait({stopped, died}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        died.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    if stop.is_set():
+        tl.say("demo", "stopping")
+        return 0
+    print(f"evcp demo: the agent exited (status {agent.returncode})", file=sys.stderr)
+    return 1
 
 
 def _power(payload: dict[str, Any]) -> float | None:

@@ -173,7 +173,12 @@ async def test_probe_the_simulated_devices(tmp_path: Path, ca_file: Path) -> Non
     )
     assert meter.code == 0, meter
     reading = meter.json()
-    assert set(reading) == {"energy_wh", "power_w", "voltage_v", "current_a"}
+    assert set(reading) == {
+        "energy_wh", "power_w", "voltage_v", "current_a", "power_phase_w", "frequency_hz"
+    }  # fmt: skip
+    # The simulated SDM630 measures the frequency and the power of each phase.
+    assert isinstance(reading["frequency_hz"], float) and 45 < reading["frequency_hz"] < 65
+    assert len(reading["power_phase_w"]) == 3
     assert isinstance(reading["energy_wh"], float)
     assert reading["power_w"] is None or isinstance(reading["power_w"], float)
     assert len(reading["voltage_v"]) == 3
@@ -186,6 +191,10 @@ async def test_probe_the_simulated_devices(tmp_path: Path, ca_file: Path) -> Non
     assert status["state"] == "absent"
     assert isinstance(status["offered_current_a"], float)
     assert isinstance(status["firmware"], str) and status["firmware"]
+
+    table = await evcp("probe", "meter", "--config", config)
+    assert table.code == 0, table
+    assert "frequency_hz" in table.out and "power_phase_w" in table.out
 
     readable = await evcp("probe", "evse", "--config", config)
     assert readable.code == 0, readable
@@ -254,7 +263,13 @@ async def test_status_table_says_where_meter_values_are_staged(
     await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
     result = await evcp("status", "--config", config_of(agent))
     assert result.code == 0, result
-    assert f"MeterValues staged in RAM ({run / 'stage.db'})" in result.out
+    # tmp_path is on a disk here, not a tmpfs: the table says where the stage really is.
+    fs = (await evcp("status", "--config", config_of(agent), "--json")).json()["storage"]
+    if fs["stage_filesystem"] in ("tmpfs", "ramfs"):
+        assert f"MeterValues staged in RAM ({run / 'stage.db'})" in result.out
+    else:
+        assert f"MeterValues staged in {run / 'stage.db'} on {fs['stage_filesystem']}" in result.out
+        assert "in RAM" not in result.out.replace("not in RAM", "")
     plain = await evcp("status", "--config",
                        config_of(await make_agent(agent_extra="queue_flush_s = 0")))  # fmt: skip
     assert "staged" not in plain.out
