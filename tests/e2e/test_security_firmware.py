@@ -7,10 +7,11 @@ here a good update must reach the hand-over (install.request in the spool), a ba
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,21 @@ def log_statuses(csms: Csms) -> list[tuple[str, Any]]:
 
 def signed_statuses(csms: Csms) -> list[tuple[str, Any]]:
     return [
-        (m["status"], m.get("requestId"))
-        for m in csms.messages("SignedFirmwareStatusNotification")
+        (m["status"], m.get("requestId")) for m in csms.messages("SignedFirmwareStatusNotification")
     ]
 
 
 def events(csms: Csms) -> list[str]:
     return [m["type"] for m in csms.messages("SecurityEventNotification")]
+
+
+async def poll(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Wait for state the CSMS does not see (the file server's)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
 
 
 def spool(agent: RunningAgent) -> Path:
@@ -151,7 +160,7 @@ async def test_get_log_statuses_for_a_refusal_and_a_retry_under_way(
             retry_interval=3600,
         ),
     )
-    await csms.wait_for(lambda: len(files.state.uploads) == 2, timeout_s=30)
+    await poll(lambda: len(files.state.uploads) == 2)
     await csms.call(CP_ID, call.ExtendedTriggerMessage(requested_message="LogStatusNotification"))
     await csms.wait_for(lambda: len(log_statuses(csms)) == 6, timeout_s=15)
     assert log_statuses(csms)[4:] == [("Uploading", 3), ("Uploading", 3)]
@@ -177,7 +186,9 @@ def signing_certificate(root: pki.Ca, key: pki.Key) -> str:
 async def install_manufacturer_root(csms: Csms, root: pki.Ca) -> None:
     answer = await csms.call(
         CP_ID,
-        call.InstallCertificate(certificate_type="ManufacturerRootCertificate", certificate=root.pem),
+        call.InstallCertificate(
+            certificate_type="ManufacturerRootCertificate", certificate=root.pem
+        ),
     )
     assert answer["status"] == "Accepted"
 
