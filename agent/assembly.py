@@ -140,6 +140,8 @@ def assemble(
             if status == "Installed"
             else None
         )
+        firmware_port.verify = security.verify_firmware
+        firmware_port.security_log = security.write_security_log
     for message, status in (
         ("FirmwareStatusNotification", firmware.firmware_status),
         ("DiagnosticsStatusNotification", firmware.diagnostics_status),

@@ -47,6 +47,17 @@ FIRMWARE_STATUSES = (
     "Installing",
     "Installed",
 )
+#: SignedFirmwareStatusNotification values (security whitepaper, FirmwareStatusEnumType).
+SIGNED_FIRMWARE_STATUSES = (
+    *FIRMWARE_STATUSES,
+    "DownloadScheduled",
+    "DownloadPaused",
+    "InstallRebooting",
+    "InstallScheduled",
+    "InstallVerificationFailed",
+    "InvalidSignature",
+    "SignatureVerified",
+)
 DIAGNOSTICS_STATUSES = ("Idle", "Uploaded", "UploadFailed", "Uploading")
 
 
@@ -63,9 +74,23 @@ class Update:
     from_version: str | None = None  # the version running when it went to the installer
     install_deadline: float | None = None
     last_error: str | None = None
+    #: SignedUpdateFirmware (security whitepaper): its requestId, the base64 signature and
+    #: the signing certificate (PEM); statuses go as SignedFirmwareStatusNotification.
+    request_id: int | None = None
+    signature: str | None = None
+    signing_certificate: str | None = None
+    verified: bool = False  # the signature of the downloaded file was verified
+
+    @property
+    def signed(self) -> bool:
+        return self.signature is not None
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "request_id": self.request_id,
+            "signature": self.signature,
+            "signing_certificate": self.signing_certificate,
+            "verified": self.verified,
             "state": self.state.value,
             "location": self.location,
             "retrieve_at": self.retrieve_at,
@@ -95,7 +120,28 @@ class Update:
                 None if data.get("install_deadline") is None else float(data["install_deadline"])
             ),
             last_error=data.get("last_error"),
+            request_id=None if data.get("request_id") is None else int(data["request_id"]),
+            signature=data.get("signature"),
+            signing_certificate=data.get("signing_certificate"),
+            verified=bool(data.get("verified", False)),
         )
+
+
+#: Upload kinds: GetDiagnostics' bundle, and GetLog's two log types.
+DIAGNOSTICS = "Diagnostics"
+DIAGNOSTICS_LOG = "DiagnosticsLog"
+SECURITY_LOG = "SecurityLog"
+LOG_TYPES = (DIAGNOSTICS_LOG, SECURITY_LOG)
+#: LogStatusNotification values (security whitepaper, UploadLogStatusEnumType).
+LOG_STATUSES = (
+    "BadMessage",
+    "Idle",
+    "NotSupportedOperation",
+    "PermissionDenied",
+    "Uploaded",
+    "UploadFailure",
+    "Uploading",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +156,18 @@ class Upload:
     attempt: int = 0
     next_at: float | None = None
     last_error: str | None = None
+    kind: str = DIAGNOSTICS  # or a GetLog logType
+    request_id: int | None = None  # GetLog's requestId
+
+    @property
+    def is_log(self) -> bool:
+        """A GetLog upload (statuses as LogStatusNotification with requestId)."""
+        return self.kind in LOG_TYPES
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "kind": self.kind,
+            "request_id": self.request_id,
             "state": self.state.value,
             "location": self.location,
             "file_name": self.file_name,
@@ -141,6 +196,8 @@ class Upload:
             attempt=int(data["attempt"]),
             next_at=opt("next_at"),
             last_error=data.get("last_error"),
+            kind=str(data.get("kind", DIAGNOSTICS)),
+            request_id=None if data.get("request_id") is None else int(data["request_id"]),
         )
 
 
@@ -156,6 +213,9 @@ class Requested:
     attempts: int
     retry_interval_s: float
     now: float
+    request_id: int | None = None  # SignedUpdateFirmware: these three are set
+    signature: str | None = None
+    signing_certificate: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +242,16 @@ class DownloadOk:
 class DownloadError:
     reason: str
     retryable: bool
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureChecked:
+    """The downloaded file's signature was checked: ``status`` is SignatureVerified,
+    InvalidSignature or InvalidCertificate."""
+
+    status: str
+    reason: str
     now: float
 
 
@@ -229,6 +299,8 @@ class UploadRequested:
     attempts: int
     retry_interval_s: float
     now: float
+    kind: str = DIAGNOSTICS
+    request_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +313,9 @@ class UploadError:
     reason: str
     retryable: bool
     now: float
+    #: for GetLog, the LogStatusNotification a refusal ends with (BadMessage,
+    #: NotSupportedOperation, PermissionDenied); None: UploadFailure
+    log_status: str | None = None
 
 
 # --- actions (what the service must do, in order)
@@ -261,6 +336,13 @@ class StartDownload:
 @dataclass(frozen=True, slots=True)
 class StartUpload:
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class VerifySignature:
+    """Check the downloaded file's signature (SignedUpdateFirmware) before any install."""
+
+    file: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +388,7 @@ Action = (
     SendStatus
     | StartDownload
     | StartUpload
+    | VerifySignature
     | WakeAt
     | WaitForIdle
     | BlockCharging
@@ -330,9 +413,13 @@ def _requested(update: Update | None, ev: Requested) -> tuple[Update | None, lis
         retrieve_at=ev.retrieve_at,
         attempts=max(1, ev.attempts),
         retry_interval_s=max(0.0, ev.retry_interval_s),
+        request_id=ev.request_id,
+        signature=ev.signature,
+        signing_certificate=ev.signing_certificate,
     )
     if ev.retrieve_at > ev.now:
-        return new, [*actions, WakeAt(ev.retrieve_at)]
+        scheduled: list[Action] = [SendStatus("DownloadScheduled")] if new.signed else []
+        return new, [*actions, *scheduled, WakeAt(ev.retrieve_at)]
     return _begin(new, actions)
 
 
@@ -358,7 +445,21 @@ def _retry_tick(update: Update, ev: Tick) -> tuple[Update | None, list[Action]]:
 
 def _download_ok(update: Update, ev: DownloadOk) -> tuple[Update | None, list[Action]]:
     new = replace(update, state=FwState.DOWNLOADED, file=ev.file, last_error=None)
+    if update.signed:  # nothing signed is installed before its signature is verified
+        return new, [SendStatus("Downloaded"), VerifySignature(ev.file)]
     return new, [SendStatus("Downloaded"), WaitForIdle()]
+
+
+def _signature_checked(update: Update, ev: SignatureChecked) -> tuple[Update | None, list[Action]]:
+    if not update.signed or update.verified:
+        return update, [Ignored("no signature check was pending")]
+    if ev.status == "SignatureVerified":
+        return replace(update, verified=True), [SendStatus("SignatureVerified"), WaitForIdle()]
+    # SignedFirmwareStatusNotification has no InvalidCertificate: a signing certificate
+    # found invalid after the download (expired, its root deleted) is an InvalidSignature
+    # there (the security event still says InvalidFirmwareSigningCertificate).
+    sent = ev.status if ev.status in SIGNED_FIRMWARE_STATUSES else "InvalidSignature"
+    return None, [SendStatus(sent), Discard(), Finished(f"{ev.status}: {ev.reason}")]
 
 
 def _download_error(update: Update, ev: DownloadError) -> tuple[Update | None, list[Action]]:
@@ -375,6 +476,8 @@ def _download_error(update: Update, ev: DownloadError) -> tuple[Update | None, l
 
 def _connectors_idle(update: Update, ev: ConnectorsIdle) -> tuple[Update | None, list[Action]]:
     assert update.file is not None
+    if update.signed and not update.verified:
+        return update, [Ignored("the signature was not verified")]
     new = replace(
         update,
         state=FwState.INSTALLING,
@@ -424,6 +527,9 @@ def _resumed(update: Update, ev: Resumed) -> tuple[Update | None, list[Action]]:
     if state is FwState.DOWNLOADING:
         return update, [StartDownload(update.attempt)]  # carries on from the partial file
     if state is FwState.DOWNLOADED:
+        if update.signed and not update.verified:
+            assert update.file is not None
+            return update, [VerifySignature(update.file)]
         return update, [WaitForIdle()]
     assert update.install_deadline is not None
     return update, [BlockCharging(True), WakeAt(update.install_deadline)]
@@ -436,6 +542,7 @@ _FW_TABLE = {
     (FwState.DOWNLOADING, DownloadOk): _download_ok,
     (FwState.DOWNLOADING, DownloadError): _download_error,
     (FwState.DOWNLOADED, ConnectorsIdle): _connectors_idle,
+    (FwState.DOWNLOADED, SignatureChecked): _signature_checked,
     (FwState.INSTALLING, InstallerFailed): lambda u, ev: _install_failed(u, ev.reason),
     (FwState.INSTALLING, InstallerSucceeded): lambda u, ev: _installed(ev.version),
     (FwState.INSTALLING, BootAccepted): _boot_accepted,
@@ -449,6 +556,7 @@ FirmwareEvent = (
     | Tick
     | DownloadOk
     | DownloadError
+    | SignatureChecked
     | ConnectorsIdle
     | InstallerFailed
     | InstallerSucceeded
@@ -477,6 +585,21 @@ def firmware_status(update: Update | None) -> str:
     return update.state.value
 
 
+def signed_firmware_status(update: Update | None) -> str:
+    """The same for a signed update, as a SignedFirmwareStatusNotification value (which
+    adds DownloadScheduled and SignatureVerified)."""
+    if update is not None and update.state is FwState.SCHEDULED:
+        return "DownloadScheduled"
+    if update is not None and update.state is FwState.DOWNLOADED and update.verified:
+        return "SignatureVerified"
+    return firmware_status(update)
+
+
+def log_status(upload: Upload | None) -> str:
+    """What ExtendedTriggerMessage(LogStatusNotification) reports now."""
+    return "Idle" if upload is None else "Uploading"
+
+
 # --- the diagnostics upload table
 
 
@@ -491,6 +614,8 @@ def _upload_requested(upload: Upload | None, ev: UploadRequested) -> Step:
         attempts=max(1, ev.attempts),
         retry_interval_s=max(0.0, ev.retry_interval_s),
         attempt=1,
+        kind=ev.kind,
+        request_id=ev.request_id,
     )
     return new, [*actions, SendStatus("Uploading"), StartUpload(1)]
 
@@ -505,10 +630,11 @@ def _upload_error(upload: Upload, ev: UploadError) -> Step:
         return replace(upload, state=UpState.RETRY_WAIT, next_at=at, last_error=ev.reason), [
             WakeAt(at)
         ]
+    failed = (ev.log_status or "UploadFailure") if upload.is_log else "UploadFailed"
     return None, [
-        SendStatus("UploadFailed"),
+        SendStatus(failed),
         Discard(),
-        Finished(f"UploadFailed after {upload.attempt} attempt(s): {ev.reason}"),
+        Finished(f"{failed} after {upload.attempt} attempt(s): {ev.reason}"),
     ]
 
 

@@ -422,3 +422,132 @@ def test_the_service_under_systemd(root: Path, debs: tuple[Path, Path]) -> None:
         assert match and float(match.group(1)) <= 2.3, exposure[-400:]
     finally:
         booted.stop()
+
+
+# ------------------------------------------------------------- firmware install, for real
+
+
+def _broken(deb: Path, version: str, work: Path) -> Path:
+    """``deb`` repacked as ``version`` with an agent that exits 1 at once: a package that
+    installs fine and whose service never comes up."""
+    tree = work / "broken"
+    shutil.rmtree(tree, ignore_errors=True)
+    sh("dpkg-deb", "-R", deb, tree)
+    control = tree / "DEBIAN" / "control"
+    control.write_text(re.sub(r"(?m)^Version: .*$", f"Version: {version}", control.read_text()))
+    agent = tree / "opt/venvs/evcp/bin/evcp"
+    agent.write_text(
+        "#!/bin/sh\necho 'evcp: deliberately broken for the package test' >&2\nexit 1\n"
+    )
+    out = work / f"evcp_{version}_broken.deb"
+    sh("dpkg-deb", "--root-owner-group", "-b", tree, out)
+    return out
+
+
+def test_firmware_update_installed_and_a_broken_one_rolled_back(
+    root: Path, debs: tuple[Path, Path]
+) -> None:
+    """UpdateFirmware end to end on the booted root: the CSMS (inside the root's own network
+    namespace) asks, the agent downloads over HTTPS and hands over, the real path unit starts
+    the real installer, dpkg installs the rebuilt package with the bumped version, the new
+    version boots and the CSMS sees Installed. Then a package whose service never starts:
+    the installer sees the crash loop, reinstalls the previous package, and the CSMS sees
+    InstallationFailed from it."""
+    if shutil.which("systemd-nspawn") is None or shutil.which("nsenter") is None:
+        pytest.skip("systemd-nspawn not installed (apt-get install systemd-container)")
+    import trustme  # the test CSMS's certificate, as in the end-to-end tests
+
+    first, second = debs
+    v1, v2 = first.name.split("_")[1], second.name.split("_")[1]
+    broken = _broken(second, f"{v2}+broken", WORK)
+    install(root, first)
+    # As apt leaves a package it downloaded: the installer's copy of the installed version.
+    shutil.copy(first, root / "var/cache/apt/archives" / first.name)
+    srv = root / "srv/csms"
+    (srv / "files").mkdir(parents=True)
+    shutil.copy(second, srv / "files" / second.name)
+    shutil.copy(broken, srv / "files" / broken.name)
+    shutil.copy(Path(__file__).with_name("csms_in_root.py"), srv / "csms_in_root.py")
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(srv / "server.pem"))
+    ca.cert_pem.write_to_path(str(root / "etc/evcp/test-ca.pem"))
+    port, file_port, cp_id, password = "9443", "9444", "CP-PKG-1", "package-test-password-1"
+    (root / "etc/evcp/evcp.toml").write_text(
+        CONFIG.replace("wss://csms.invalid/ocpp", f"wss://127.0.0.1:{port}/ocpp").replace(
+            'password = "package-test-password-1"',
+            'password = "package-test-password-1"\nca_file = "/etc/evcp/test-ca.pem"',
+        )
+        + '\n[firmware]\nca_file = "/etc/evcp/test-ca.pem"\nrollback_after_s = 120\n'
+    )
+    booted = Booted(root)
+    try:
+        why = booted.wait_booted()
+        if why is not None:
+            pytest.skip(f"systemd-nspawn cannot boot a root on this machine: {why}")
+        # The installer's units as the package leaves them; the spool the two share.
+        assert booted.run("systemctl", "is-enabled", "evcp-installer.path").stdout.strip() == (
+            "enabled"
+        )
+        assert booted.run("systemctl", "is-active", "evcp-installer.path").stdout.strip() == (
+            "active"
+        )
+        assert mode_owner(root, "/var/lib/evcp/firmware") == "750 evcp:evcp"
+        # The CSMS runs from a copy of the venv: dpkg replaces the package's own under it.
+        booted.run("cp", "-a", "/opt/venvs/evcp", "/srv/csms/venv")
+        booted.run(
+            "systemd-run", "--unit=test-csms", "/srv/csms/venv/bin/python3.11",
+            "/srv/csms/csms_in_root.py", "/srv/csms", port, file_port, cp_id, password,
+        )  # fmt: skip
+        booted.run("systemctl", "start", "evcp")
+
+        def received() -> list[tuple[str, dict[str, object]]]:
+            with contextlib.suppress(OSError, ValueError):
+                return [(a, p) for a, p in json.loads((srv / "received.json").read_text())]
+            return []
+
+        def firmware() -> list[object]:
+            return [p["status"] for a, p in received() if a == "FirmwareStatusNotification"]
+
+        def boots() -> list[object]:
+            return [p["firmwareVersion"] for a, p in received() if a == "BootNotification"]
+
+        def wait(what: str, predicate: object, timeout: float) -> None:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if predicate():  # type: ignore[operator]
+                    return
+                time.sleep(0.5)
+            logs = booted.run("journalctl", "--no-pager", "-n", "60", "-u", "evcp",
+                              "-u", "evcp-installer", "-u", "test-csms", check=False)  # fmt: skip
+            raise AssertionError(f"timed out waiting for {what}: {received()}\n{logs.stdout}")
+
+        wait("the first BootNotification", lambda: boots() == [v1], 120)
+
+        # The update: downloaded, handed over, installed by dpkg, the new version boots.
+        location = f"https://127.0.0.1:{file_port}/{second.name}"
+        (srv / "command.json").write_text(json.dumps({"location": location}))
+        wait("Installed", lambda: "Installed" in firmware(), 400)
+        assert firmware() == ["Downloading", "Downloaded", "Installing", "Installed"]
+        assert boots()[-1] == v2
+        assert inroot(root, "dpkg-query", "-W", "-f=${Version}", "evcp").stdout == v2
+        # The new version reports Installed itself at its boot; the installer, seeing the
+        # same proof, then keeps the package as the one to roll back to next time.
+        kept = root / "var/lib/evcp-installer/current.deb"
+        wait("the installer to keep the package", kept.exists, 60)
+        assert kept.read_bytes() == second.read_bytes()
+
+        # A package whose service never starts: rolled back to v2, reported by v2.
+        mark = len(firmware())
+        location = f"https://127.0.0.1:{file_port}/{broken.name}"
+        (srv / "command.json").write_text(json.dumps({"location": location}))
+        wait("InstallationFailed", lambda: "InstallationFailed" in firmware()[mark:], 600)
+        assert firmware()[mark:] == [
+            "Downloading", "Downloaded", "Installing", "InstallationFailed",
+        ]  # fmt: skip
+        assert inroot(root, "dpkg-query", "-W", "-f=${Version}", "evcp").stdout == v2
+        assert boots()[-1] == v2
+        assert booted.run("systemctl", "is-active", "evcp").stdout.strip() == "active"
+        log = booted.run("journalctl", "--no-pager", "-u", "evcp-installer", "-o", "cat").stdout
+        assert "crash loop" in log or "failed" in log
+    finally:
+        booted.stop()

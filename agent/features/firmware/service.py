@@ -40,6 +40,8 @@ DOWNLOAD_FILE = "firmware.download"
 INSTALL_REQUEST = "install.request"
 INSTALL_RESULT = "install.result"
 BOOT_MARKER = "boot-accepted"
+#: The upload channels: GetDiagnostics' and GetLog's (one of each may run at a time).
+UPLOAD_CHANNELS = ("diagnostics", "log")
 #: What the installer may take beyond rollback_after_s (copy, verify, dpkg, restart).
 INSTALL_MARGIN_S = 600.0
 
@@ -47,11 +49,22 @@ INSTALL_MARGIN_S = 600.0
 class ChargePointPort(Protocol):
     """What the firmware service needs from the charge point and the OCPP session."""
 
-    async def send_firmware_status(self, status: str) -> None:
-        """Send (or durably queue) FirmwareStatusNotification.req with ``status``."""
+    async def send_firmware_status(self, status: str, request_id: int | None = None) -> None:
+        """Send FirmwareStatusNotification.req with ``status`` (with a ``request_id``: a
+        signed update's SignedFirmwareStatusNotification.req)."""
 
     async def send_diagnostics_status(self, status: str) -> None:
-        """Send (or durably queue) DiagnosticsStatusNotification.req with ``status``."""
+        """Send DiagnosticsStatusNotification.req with ``status``."""
+
+    async def send_log_status(self, status: str, request_id: int | None) -> None:
+        """Send LogStatusNotification.req (GetLog's; ``request_id`` None when Idle)."""
+
+    async def verify_firmware(self, path: Path, signature: str, signing_certificate: str) -> str:
+        """SignatureVerified, InvalidSignature or InvalidCertificate (raising the security
+        event of a failure)."""
+
+    def write_security_log(self, target: Path, oldest: float | None, latest: float | None) -> None:
+        """Write the security log (entries from ``oldest`` to ``latest``) to ``target``."""
 
     def when_idle(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once no transaction is running (at once if none is)."""
@@ -109,6 +122,7 @@ class Persisted:
     update: fw.Update | None = None
     upload: fw.Upload | None = None
     last_result: str | None = None
+    log: fw.Upload | None = None  # GetLog's upload (beside GetDiagnostics')
 
 
 def read_state(spool_dir: Path) -> Persisted:
@@ -120,6 +134,7 @@ def read_state(spool_dir: Path) -> Persisted:
             update=fw.Update.from_json(data["update"]) if data.get("update") else None,
             upload=fw.Upload.from_json(data["upload"]) if data.get("upload") else None,
             last_result=data.get("last_result"),
+            log=fw.Upload.from_json(data["log"]) if data.get("log") else None,
         )
     except FileNotFoundError:
         return Persisted()
@@ -157,16 +172,17 @@ class FirmwareService:
         self._now = clock
         self.state = Persisted()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._timer: asyncio.Task[None] | None = None
-        self._upload_timer: asyncio.Task[None] | None = None
+        #: per channel ("firmware", "diagnostics", "log"): the pending wake-up
+        self._timers: dict[str, asyncio.Task[None] | None] = {}
         self._result_watch: asyncio.Task[None] | None = None
-        self._outbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[tuple[str, str, int | None]] = asyncio.Queue()
         self._registered = asyncio.Event()
         self._processes: dict[asyncio.subprocess.Process, str] = {}
         self._started = False
         self._generation = {
             "download": 0,
-            "upload": 0,
+            "diagnostics": 0,
+            "log": 0,
         }  # of the current download/upload: a stale helper's end is ignored
 
     # --- life cycle
@@ -184,15 +200,16 @@ class FirmwareService:
                 self._feed(fw.Resumed(self._now()))
         else:
             (self.spool / INSTALL_RESULT).unlink(missing_ok=True)
-        if self.state.upload is not None:
-            self._feed_upload(fw.Resumed(self._now()))
+        for channel in UPLOAD_CHANNELS:
+            if self._upload_record(channel) is not None:
+                self._feed_upload(fw.Resumed(self._now()), channel)
 
     async def stop(self) -> None:
         self._started = False
         for process in list(self._processes):
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
-        tasks = [t for t in (*self._tasks, self._timer, self._upload_timer, self._result_watch)]
+        tasks = [t for t in (*self._tasks, *self._timers.values(), self._result_watch)]
         for task in tasks:
             if task is not None:
                 task.cancel()
@@ -209,8 +226,14 @@ class FirmwareService:
         retrieve_date: float,
         retries: int | None = None,
         retry_interval_s: float | None = None,
+        *,
+        request_id: int | None = None,
+        signature: str | None = None,
+        signing_certificate: str | None = None,
     ) -> None:
-        """UpdateFirmware.req (retrieveDate as epoch seconds; one in the past means now)."""
+        """UpdateFirmware.req (retrieveDate as epoch seconds; one in the past means now);
+        with ``signature`` and ``signing_certificate``, SignedUpdateFirmware.req (the file
+        is installed only once its signature is verified)."""
         self._feed(
             fw.Requested(
                 location=location,
@@ -222,8 +245,78 @@ class FirmwareService:
                     else retry_interval_s
                 ),
                 now=self._now(),
+                request_id=request_id,
+                signature=signature,
+                signing_certificate=signing_certificate,
             )
         )
+
+    def update_pending(self) -> bool:
+        """An update is under way (a new one would replace it: AcceptedCanceled)."""
+        return self.state.update is not None
+
+    def installing(self) -> bool:
+        """The installer has the update: a new one is refused until it reports."""
+        return self.charging_blocked()
+
+    def get_log(
+        self,
+        log_type: str,
+        location: str,
+        request_id: int,
+        oldest: float | None = None,
+        latest: float | None = None,
+        retries: int | None = None,
+        retry_interval_s: float | None = None,
+    ) -> tuple[str, str]:
+        """GetLog.req (security whitepaper): ("Accepted" or "AcceptedCanceled" when it
+        replaces an upload under way, file name). ``log_type`` is DiagnosticsLog (the
+        GetDiagnostics bundle) or SecurityLog (the security log as text)."""
+        if log_type not in fw.LOG_TYPES:
+            raise ValueError(f"logType {log_type!r}: expected one of {fw.LOG_TYPES}")
+        now = self._now()
+        if log_type == fw.DIAGNOSTICS_LOG:
+            name = bundle_name(self.settings.charge_point_id, now)
+        else:
+            name = security_log_name(self.settings.charge_point_id, now)
+        status = "AcceptedCanceled" if self.state.log is not None else "Accepted"
+        self._feed_upload(
+            fw.UploadRequested(
+                location=location,
+                file_name=name,
+                start_time=oldest,
+                stop_time=latest,
+                attempts=self.settings.default_retries if retries is None else retries,
+                retry_interval_s=(
+                    self.settings.default_retry_interval_s
+                    if retry_interval_s is None
+                    else retry_interval_s
+                ),
+                now=now,
+                kind=log_type,
+                request_id=request_id,
+            ),
+            "log",
+        )
+        return status, name
+
+    def send_log_status(self) -> None:
+        """ExtendedTriggerMessage(LogStatusNotification): Uploading (with the requestId)
+        while a GetLog upload is under way, else Idle."""
+        upload = self.state.log
+        self._outbox.put_nowait(
+            ("log", fw.log_status(upload), None if upload is None else upload.request_id)
+        )
+
+    def send_firmware_status_now(self) -> None:
+        """ExtendedTriggerMessage(FirmwareStatusNotification): a signed update's status as
+        SignedFirmwareStatusNotification (with its requestId), else the plain one."""
+        update = self.state.update
+        if update is not None and update.signed:
+            status = fw.signed_firmware_status(update)
+            self._outbox.put_nowait(("firmware", status, update.request_id))
+        else:
+            self._outbox.put_nowait(("firmware", fw.firmware_status(update), None))
 
     def get_diagnostics(
         self,
@@ -249,7 +342,8 @@ class FirmwareService:
                     else retry_interval_s
                 ),
                 now=now,
-            )
+            ),
+            "diagnostics",
         )
         return name
 
@@ -281,6 +375,7 @@ class FirmwareService:
             "update": self.state.update.to_json() if self.state.update else None,
             "upload": self.state.upload.to_json() if self.state.upload else None,
             "last_result": self.state.last_result,
+            "log": self.state.log.to_json() if self.state.log else None,
         }
         _write_atomic(self.spool / STATE_FILE, json.dumps(data, indent=1))
 
@@ -293,21 +388,31 @@ class FirmwareService:
                 self.state.last_result = action.result
         self._persist()  # before acting: a restart carries on from here
         for action in actions:
-            self._act(action, old, firmware=True)
+            self._act(action, old, update or old, "firmware")
 
-    def _feed_upload(self, event: fw.UploadEvent) -> None:
-        upload, actions = fw.step_upload(self.state.upload, event)
-        old = self.state.upload
-        self.state.upload = upload
+    def _upload_record(self, channel: str) -> fw.Upload | None:
+        return self.state.log if channel == "log" else self.state.upload
+
+    def _feed_upload(self, event: fw.UploadEvent, channel: str) -> None:
+        old = self._upload_record(channel)
+        upload, actions = fw.step_upload(old, event)
+        if channel == "log":
+            self.state.log = upload
+        else:
+            self.state.upload = upload
         self._persist()
         for action in actions:
-            self._act(action, old, firmware=False)
+            self._act(action, old, upload or old, channel)
 
-    def _act(self, action: fw.Action, old: Any, *, firmware: bool) -> None:
+    def _act(self, action: fw.Action, old: Any, record: Any, channel: str) -> None:
+        """Carry out ``action`` for ``channel``; ``record`` is the record it concerns (the
+        new one, or the finished one)."""
         if isinstance(action, fw.SendStatus):
-            kind = "firmware" if firmware else "diagnostics"
-            log.info("%s status: %s", kind, action.status)
-            self._outbox.put_nowait((kind, action.status))
+            log.info("%s status: %s", channel, action.status)
+            request_id = getattr(record, "request_id", None)
+            self._outbox.put_nowait((channel, action.status, request_id))
+        elif isinstance(action, fw.VerifySignature):
+            self._spawn(self._verify(action.file, self._generation["download"]))
         elif isinstance(action, fw.StartDownload):
             update = self.state.update
             assert update is not None
@@ -315,10 +420,10 @@ class FirmwareService:
             generation = self._generation["download"]
             self._spawn(self._download(update.location, action.attempt, generation))
         elif isinstance(action, fw.StartUpload):
-            self._generation["upload"] += 1
-            self._spawn(self._upload(action.attempt, self._generation["upload"]))
+            self._generation[channel] += 1
+            self._spawn(self._upload(channel, action.attempt, self._generation[channel]))
         elif isinstance(action, fw.WakeAt):
-            self._wake_at(action.at, firmware)
+            self._wake_at(action.at, channel)
         elif isinstance(action, fw.WaitForIdle):
             loop = asyncio.get_running_loop()
 
@@ -331,7 +436,7 @@ class FirmwareService:
         elif isinstance(action, fw.HandToInstaller):
             self._hand_over(action.file)
         elif isinstance(action, fw.Discard):
-            self._discard(old, firmware)
+            self._discard(old, channel)
         elif isinstance(action, fw.Finished):
             log.info("firmware: %s", action.result)
         elif isinstance(action, fw.Ignored):
@@ -348,27 +453,22 @@ class FirmwareService:
             )
         )
 
-    def _wake_at(self, at: float, firmware: bool) -> None:
+    def _wake_at(self, at: float, channel: str) -> None:
         async def wake() -> None:
             while (delay := at - self._now()) > 0:
                 await asyncio.sleep(min(delay, 60.0))  # re-read the wall clock (NTP steps)
-            if firmware:
-                self._timer = None
+            self._timers[channel] = None
+            if channel == "firmware":
                 self._feed(fw.Tick(self._now()))
             else:
-                self._upload_timer = None
-                self._feed_upload(fw.Tick(self._now()))
+                self._feed_upload(fw.Tick(self._now()), channel)
 
-        current = self._timer if firmware else self._upload_timer
+        current = self._timers.get(channel)
         if current is not None:
             current.cancel()
-        task = asyncio.get_running_loop().create_task(wake())
-        if firmware:
-            self._timer = task
-            if self.charging_blocked():
-                self._watch_result()
-        else:
-            self._upload_timer = task
+        self._timers[channel] = asyncio.get_running_loop().create_task(wake())
+        if channel == "firmware" and self.charging_blocked():
+            self._watch_result()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -377,11 +477,13 @@ class FirmwareService:
 
     async def _send_loop(self) -> None:
         while True:
-            kind, status = await self._outbox.get()
+            kind, status, request_id = await self._outbox.get()
             await self._registered.wait()  # after this boot's BootNotification Accepted
             try:
                 if kind == "firmware":
-                    await self.port.send_firmware_status(status)
+                    await self.port.send_firmware_status(status, request_id)
+                elif kind == "log":
+                    await self.port.send_log_status(status, request_id)
                 else:
                     await self.port.send_diagnostics_status(status)
             except Exception:
@@ -393,7 +495,7 @@ class FirmwareService:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
 
-    async def _helper(self, *args: str) -> tuple[int, dict[str, Any]]:
+    async def _helper(self, *args: str, tag: str = "") -> tuple[int, dict[str, Any]]:
         """Run the transfer helper; its exit status and its JSON line."""
         process = await asyncio.create_subprocess_exec(
             self.settings.python,
@@ -404,7 +506,7 @@ class FirmwareService:
             stderr=asyncio.subprocess.PIPE,
             cwd=str(Path(__file__).resolve().parents[3]),
         )
-        self._processes[process] = args[0]
+        self._processes[process] = tag or args[0]
         try:
             out, err = await process.communicate()
         finally:
@@ -443,12 +545,54 @@ class FirmwareService:
             log.warning("firmware: download attempt %d failed: %s", attempt, reason)
             self._feed(fw.DownloadError(reason, bool(result.get("retryable")), self._now()))
 
-    async def _upload(self, attempt: int, generation: int) -> None:
-        upload = self.state.upload
+    async def _verify(self, file: str, generation: int) -> None:
+        """Check the downloaded file's signature (in the security service's helper)."""
+        update = self.state.update
+        assert update is not None and update.signature and update.signing_certificate
+        try:
+            status = await self.port.verify_firmware(
+                self.spool / file, update.signature, update.signing_certificate
+            )
+            reason = "" if status == "SignatureVerified" else "the security log has the reason"
+        except Exception as exc:  # a broken check never lets the file through
+            log.exception("firmware: signature check failed")
+            status, reason = "InvalidSignature", f"the check failed: {exc}"
+        if generation != self._generation["download"] or self.state.update is None:
+            return  # replaced meanwhile
+        log.info("firmware: signature check: %s", status)
+        self._feed(fw.SignatureChecked(status, reason, self._now()))
+
+    def _upload_done(self, channel: str, generation: int) -> bool:
+        """The upload this helper ran for was cancelled or replaced meanwhile."""
+        return generation != self._generation[channel] or self._upload_record(channel) is None
+
+    def _upload_failed(self, channel: str, result: dict[str, Any], code: int) -> None:
+        reason = str(result.get("error", f"exit status {code}"))
+        log.warning("%s: upload failed: %s", channel, reason)
+        log_status = result.get("log_status")
+        self._feed_upload(
+            fw.UploadError(
+                reason,
+                bool(result.get("retryable")),
+                self._now(),
+                log_status=str(log_status) if log_status else None,
+            ),
+            channel,
+        )
+
+    async def _upload(self, channel: str, attempt: int, generation: int) -> None:
+        upload = self._upload_record(channel)
         assert upload is not None
         bundle = self.spool / upload.file_name
+        if not bundle.exists() and upload.kind == fw.SECURITY_LOG:
+            try:
+                self.port.write_security_log(bundle, upload.start_time, upload.stop_time)
+            except OSError as exc:
+                bundle.unlink(missing_ok=True)
+                self._upload_failed(channel, {"error": f"security log: {exc}"}, 0)
+                return
         if not bundle.exists():
-            status_file = self.spool / "status.json"
+            status_file = self.spool / f"status-{channel}.json"
             try:
                 summary = self.port.status_summary()
             except Exception as exc:
@@ -461,12 +605,12 @@ class FirmwareService:
                 args += ["--since", str(upload.start_time)]
             if upload.stop_time is not None:
                 args += ["--until", str(upload.stop_time)]
-            code, result = await self._helper(*args)
+            code, result = await self._helper(*args, tag=channel)
             status_file.unlink(missing_ok=True)
             if code != 0 or not result.get("ok"):
-                reason = str(result.get("error", f"bundle failed, exit status {code}"))
-                if generation == self._generation["upload"] and self.state.upload is not None:
-                    self._feed_upload(fw.UploadError(reason, True, self._now()))
+                if not self._upload_done(channel, generation):
+                    result.setdefault("error", f"bundle failed, exit status {code}")
+                    self._upload_failed(channel, {**result, "retryable": True}, code)
                 return
         code, result = await self._helper(
             "upload",
@@ -477,15 +621,15 @@ class FirmwareService:
             "--method",
             self.settings.upload_method,
             *self._transfer_args(),
+            tag=channel,
         )
-        if generation != self._generation["upload"] or self.state.upload is None:
+        if self._upload_done(channel, generation):
             return
         if code == 0 and result.get("ok"):
-            self._feed_upload(fw.UploadOk(self._now()))
+            self._feed_upload(fw.UploadOk(self._now()), channel)
         else:
-            reason = str(result.get("error", f"exit status {code}"))
-            log.warning("diagnostics: upload attempt %d failed: %s", attempt, reason)
-            self._feed_upload(fw.UploadError(reason, bool(result.get("retryable")), self._now()))
+            log.warning("%s: upload attempt %d failed", channel, attempt)
+            self._upload_failed(channel, result, code)
 
     def _hand_over(self, file: str) -> None:
         (self.spool / INSTALL_RESULT).unlink(missing_ok=True)
@@ -538,16 +682,22 @@ class FirmwareService:
             self._feed(fw.InstallerFailed(reason, self._now()))
         return True
 
-    def _discard(self, old: Any, firmware: bool) -> None:
-        if firmware:
+    def _discard(self, old: Any, channel: str) -> None:
+        if channel == "firmware":
             self._kill("download")
             for name in (DOWNLOAD_FILE, DOWNLOAD_FILE + ".part", DOWNLOAD_FILE + ".part.json"):
                 (self.spool / name).unlink(missing_ok=True)
             (self.spool / INSTALL_REQUEST).unlink(missing_ok=True)
         elif isinstance(old, fw.Upload):
-            self._kill("upload")
-            self._kill("bundle")
+            self._kill(channel)
             (self.spool / old.file_name).unlink(missing_ok=True)
+
+
+def security_log_name(charge_point_id: str, now: float) -> str:
+    """GetLog(SecurityLog)'s file name."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in charge_point_id)
+    return f"security-{safe}-{stamp}.log"
 
 
 def status_view(spool_dir: Path, version: str) -> dict[str, Any]:

@@ -45,26 +45,35 @@ USER_AGENT = "evcp-transfer"
 
 
 class TransferError(Exception):
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    """``status``: the GetLog LogStatusNotification a refusal maps to (BadMessage,
+    NotSupportedOperation, PermissionDenied), None for an ordinary failure."""
+
+    def __init__(self, message: str, *, retryable: bool, status: str | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.status = status
 
 
 def _check_scheme(url: str, allow_http: bool) -> str:
     try:
         parts = urlsplit(url)
     except ValueError as exc:
-        raise TransferError(f"malformed location: {exc}", retryable=False) from None
+        raise TransferError(
+            f"malformed location: {exc}", retryable=False, status="BadMessage"
+        ) from None
     scheme = parts.scheme.lower()
     if scheme not in ("https", "http", "ftp", "ftps") or not parts.hostname:
         raise TransferError(
             f"unsupported location {scheme or '(no scheme)'}://: use https, ftps, or (if"
             " [firmware] allow_http) http or ftp",
             retryable=False,
+            status="BadMessage" if not scheme or not parts.hostname else "NotSupportedOperation",
         )
     if scheme in ("http", "ftp") and not allow_http:
         raise TransferError(
-            f"{scheme}:// is not allowed ([firmware] allow_http = false)", retryable=False
+            f"{scheme}:// is not allowed ([firmware] allow_http = false)",
+            retryable=False,
+            status="NotSupportedOperation",
         )
     return scheme
 
@@ -289,6 +298,10 @@ def _http_upload(url: str, file: Path, method: str, ca_file: str | None, timeout
         with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             response.read()
     except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):  # retrying will not grant it
+            raise TransferError(
+                f"HTTP {exc.code} {exc.reason}", retryable=False, status="PermissionDenied"
+            ) from None
         raise TransferError(f"HTTP {exc.code} {exc.reason}", retryable=True) from None
     finally:
         if hasattr(data, "close"):
@@ -316,6 +329,12 @@ def upload(
             target = _http_upload(url, file, method, ca_file, timeout)
         else:
             target = _ftp_upload(url, file, ca_file, timeout)
+    except ftplib.error_perm as exc:
+        if str(exc).startswith("530"):  # not logged in
+            raise TransferError(
+                f"FTP refused: {exc}", retryable=False, status="PermissionDenied"
+            ) from None
+        raise TransferError(_describe(exc), retryable=True) from None
     except (OSError, EOFError, ftplib.Error, http.client.HTTPException) as exc:
         raise TransferError(_describe(exc), retryable=True) from None
     return {"ok": True, "target": target, "bytes": file.stat().st_size}
@@ -381,7 +400,10 @@ def main(argv: list[str] | None = None) -> int:
                 journalctl=args.journalctl,
             )
     except TransferError as exc:
-        print(json.dumps({"ok": False, "error": str(exc), "retryable": exc.retryable}))
+        failure: dict[str, Any] = {"ok": False, "error": str(exc), "retryable": exc.retryable}
+        if exc.status is not None:
+            failure["log_status"] = exc.status
+        print(json.dumps(failure))
         return EXIT_RETRY if exc.retryable else EXIT_REFUSED
     print(json.dumps(result))
     return EXIT_OK

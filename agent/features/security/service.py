@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -479,6 +479,15 @@ class SecurityService:
         target = directory / name
         self.events.log.export(target, since=oldest, until=latest)
         return target
+
+    def write_security_log(self, target: Path, oldest: float | None, latest: float | None) -> None:
+        """GetLog(SecurityLog) into ``target`` (the firmware service names and uploads it);
+        ``oldest``/``latest`` in epoch seconds."""
+
+        def moment(epoch: float | None) -> datetime | None:
+            return None if epoch is None else datetime.fromtimestamp(epoch, tz=UTC)
+
+        self.events.log.export(target, since=moment(oldest), until=moment(latest))
 
 
 def build(

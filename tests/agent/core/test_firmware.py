@@ -261,3 +261,87 @@ def test_diagnostics_upload_survives_a_restart() -> None:
     restored = fw.Upload.from_json(upload.to_json())
     _, actions = fw.step_upload(restored, fw.Resumed(200))
     assert actions == [fw.StartUpload(1)]
+
+
+# --- SignedUpdateFirmware and GetLog (security whitepaper)
+
+
+def signed(now: float = 100.0, at: float = 0.0) -> Any:
+    return fw.Requested(
+        URL, at, 1, 30, now, request_id=7, signature="c2ln", signing_certificate="PEM"
+    )
+
+
+def test_a_signed_update_is_verified_before_it_may_install() -> None:
+    update, actions = run([signed(), fw.DownloadOk("u.deb", 110)])
+    assert statuses(actions) == ["Downloading", "Downloaded"]
+    assert isinstance(actions[-1], fw.VerifySignature)  # no WaitForIdle before the check
+    # Connectors idle before the check has ended: nothing is handed over.
+    same, out = fw.step(update, IDLE)
+    assert same == update and isinstance(out[0], fw.Ignored)
+    update, out = fw.step(update, fw.SignatureChecked("SignatureVerified", "", 120))
+    assert statuses(out) == ["SignatureVerified"] and isinstance(out[-1], fw.WaitForIdle)
+    assert fw.signed_firmware_status(update) == "SignatureVerified"
+    assert fw.firmware_status(update) == "Downloaded"  # the plain message has no such value
+    update, out = fw.step(update, IDLE)
+    assert statuses(out) == ["Installing"] and any(isinstance(a, fw.HandToInstaller) for a in out)
+
+
+@pytest.mark.parametrize(
+    ("checked", "sent"),
+    [("InvalidSignature", "InvalidSignature"), ("InvalidCertificate", "InvalidSignature")],
+)
+def test_a_bad_signature_ends_the_update_and_discards_the_file(checked: str, sent: str) -> None:
+    update, actions = run(
+        [signed(), fw.DownloadOk("u.deb", 110), fw.SignatureChecked(checked, "why", 120)]
+    )
+    assert update is None
+    assert statuses(actions) == ["Downloading", "Downloaded", sent]
+    assert sent in fw.SIGNED_FIRMWARE_STATUSES
+    assert any(isinstance(a, fw.Discard) for a in actions)
+    assert not any(isinstance(a, fw.HandToInstaller | fw.WaitForIdle) for a in actions)
+
+
+def test_a_restart_during_the_signature_check_checks_again() -> None:
+    update, _ = run([signed(), fw.DownloadOk("u.deb", 110)])
+    restored = fw.Update.from_json(update.to_json())
+    assert restored == update
+    _, out = fw.step(restored, fw.Resumed(500))
+    assert out == [fw.VerifySignature("u.deb")]
+
+
+def test_a_signed_update_in_the_future_is_download_scheduled() -> None:
+    update, actions = run([signed(now=100, at=1000)])
+    assert statuses(actions) == ["DownloadScheduled"]
+    assert fw.signed_firmware_status(update) == "DownloadScheduled"
+
+
+def log_request(kind: str = fw.SECURITY_LOG, attempts: int = 2) -> fw.UploadRequested:
+    return fw.UploadRequested(URL, "f.log", None, None, attempts, 30, 100, kind=kind, request_id=4)
+
+
+@pytest.mark.parametrize(
+    ("error", "sent"),
+    [
+        (fw.UploadError("cut", True, 110), None),  # retried
+        (fw.UploadError("refused", False, 110, log_status="PermissionDenied"), "PermissionDenied"),
+        (fw.UploadError("bad", False, 110, log_status="BadMessage"), "BadMessage"),
+        (fw.UploadError("gone", False, 110), "UploadFailure"),
+    ],
+)
+def test_get_log_failures(error: fw.UploadError, sent: str | None) -> None:
+    upload, _ = fw.step_upload(None, log_request())
+    assert upload is not None and upload.is_log
+    upload, out = fw.step_upload(upload, error)
+    if sent is None:
+        assert upload is not None and fw.log_status(upload) == "Uploading"
+        assert statuses(out) == []
+    else:
+        assert upload is None and statuses(out) == [sent]
+        assert sent in fw.LOG_STATUSES
+
+
+def test_get_diagnostics_keeps_its_own_failure_status() -> None:
+    upload, _ = fw.step_upload(None, log_request(kind=fw.DIAGNOSTICS, attempts=1))
+    _, out = fw.step_upload(upload, fw.UploadError("gone", False, 110))
+    assert statuses(out) == ["UploadFailed"]

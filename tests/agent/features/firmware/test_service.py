@@ -52,11 +52,20 @@ class Port:
         self.in_transaction = False
         self._waiting: list[Callable[[], None]] = []
 
-    async def send_firmware_status(self, status: str) -> None:
+    async def send_firmware_status(self, status: str, request_id: int | None = None) -> None:
         self.sent.append(("firmware", status))
 
     async def send_diagnostics_status(self, status: str) -> None:
         self.sent.append(("diagnostics", status))
+
+    async def send_log_status(self, status: str, request_id: int | None) -> None:
+        self.sent.append(("log", status))
+
+    async def verify_firmware(self, path: Path, signature: str, signing_certificate: str) -> str:
+        raise AssertionError("no signed update in these tests")
+
+    def write_security_log(self, target: Path, oldest: float | None, latest: float | None) -> None:
+        target.write_text("security log\n")
 
     def when_idle(self, callback: Callable[[], None]) -> None:
         if self.in_transaction:
