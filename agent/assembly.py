@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.chargepoint.model import Clock, ConnectorHardware
@@ -19,8 +19,8 @@ from agent.config import Config
 from agent.core.config_keys import ConfigKeys
 from agent.core.security import EventType
 from agent.features.core.service import Core
+from agent.features.firmware.lazy import FirmwareFeature
 from agent.features.firmware.port import FirmwarePort
-from agent.features.firmware.service import FirmwareService, Settings
 from agent.features.local_auth_list.authorizer import Authorizer
 from agent.features.remote_trigger.service import RemoteTrigger
 from agent.features.reservation.service import Reservations
@@ -31,6 +31,9 @@ from agent.features.smart_charging.profiles import ChargingProfiles
 from agent.features.smart_charging.service import SmartCharging
 from agent.outbox import Outgoing
 from agent.store import Store
+
+if TYPE_CHECKING:
+    from agent.features.firmware.service import FirmwareService
 
 #: How often the charge-point certificate's expiry is checked besides each connection.
 RENEWAL_CHECK_S = 86400
@@ -45,7 +48,7 @@ class Features:
     local_auth_list: Authorizer
     reservation: Reservations
     remote_trigger: RemoteTrigger
-    firmware: FirmwareService
+    firmware: FirmwareFeature
     security: SecurityService
     #: Runs a feature's follow-up work in the background (the charge point's tasks).
     spawn: Callable[[Coroutine[Any, Any, Any], str], object]
@@ -64,7 +67,7 @@ class ChargePoint:
         firmware update or a diagnostics upload that was under way."""
         self.features.smart_charging.profiles.load()
         await self.station.start(before_first_status=self.features.reservation.load)
-        await self.features.firmware.start()
+        self.features.firmware.start()
         self.features.security.started()
         self.station.spawn(self._renewal_checks(), "certificate-renewal")
 
@@ -129,19 +132,24 @@ def assemble(
         queue_empty=lambda: store.queue_head() is None,
     )
     trigger = RemoteTrigger(port=station)
-    firmware = FirmwareService(FirmwarePort(station), Settings.from_config(cfg))
     security_port = SecurityPort(station, store)
     security = build_security(cfg, keys=keys, port=security_port)
     security.events.send_now = security_port.send_now
-    firmware_port = firmware.port
-    if isinstance(firmware_port, FirmwarePort):
-        firmware_port.on_status = lambda status: (
-            security.raise_event(EventType.FIRMWARE_UPDATED, f"evcp {__version__} installed")
-            if status == "Installed"
-            else None
-        )
-        firmware_port.verify = security.verify_firmware
-        firmware_port.security_log = security.write_security_log
+    firmware_port = FirmwarePort(station)
+    firmware_port.on_status = lambda status: (
+        security.raise_event(EventType.FIRMWARE_UPDATED, f"evcp {__version__} installed")
+        if status == "Installed"
+        else None
+    )
+    firmware_port.verify = security.verify_firmware
+    firmware_port.security_log = security.write_security_log
+
+    def firmware_service() -> FirmwareService:
+        from agent.features.firmware.service import FirmwareService, Settings
+
+        return FirmwareService(firmware_port, Settings.from_config(cfg))
+
+    firmware = FirmwareFeature(firmware_port, cfg.firmware_dir, firmware_service)
     for message, status in (
         ("FirmwareStatusNotification", firmware.firmware_status),
         ("DiagnosticsStatusNotification", firmware.diagnostics_status),

@@ -189,6 +189,11 @@ class FirmwareService:
 
     async def start(self) -> None:
         """Load the persisted state and carry on with what was pending."""
+        self.begin()
+
+    def begin(self) -> None:
+        """:meth:`start` without awaiting (it awaits nothing): for a service loaded on
+        first need, from a handler."""
         self.spool.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.state = read_state(self.spool)
         self._started = True

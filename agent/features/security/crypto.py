@@ -17,20 +17,25 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
+
+from agent.features.security.backend import (
+    INVALID_CERTIFICATE,
+    INVALID_SIGNATURE,
+    SIGNATURE_VERIFIED,
+    CryptoInputError,
+    HelperCrypto,
+)
+
+#: Re-exported: tools and tests take both back-ends from here.
+__all__ = ["OPERATIONS", "CryptoInputError", "HelperCrypto", "InProcessCrypto"]
 
 if TYPE_CHECKING:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
-
-
-class CryptoInputError(ValueError):
-    """A certificate, key, CSR or signature that cannot be parsed or does not fit."""
 
 
 #: Key algorithms the charger can generate for its certificate.
@@ -286,9 +291,6 @@ def check_signing_certificate(pem: str, roots_pem: list[str], now: str) -> str |
 
 
 #: SignedFirmwareStatusNotification / verification results.
-SIGNATURE_VERIFIED = "SignatureVerified"
-INVALID_CERTIFICATE = "InvalidCertificate"
-INVALID_SIGNATURE = "InvalidSignature"
 
 
 def verify_firmware(
@@ -348,48 +350,11 @@ OPERATIONS: dict[str, Callable[..., Any]] = {
 }
 
 
-# ---------------------------------------------------------------------- back-ends
-class Crypto(Protocol):
-    """The operations above, run somewhere (this process or a helper)."""
-
-    def run(self, op: str, **args: Any) -> Any: ...
-
-
 class InProcessCrypto:
     """Run the operations in this process (imports ``cryptography`` on first use)."""
 
     def run(self, op: str, **args: Any) -> Any:
         return OPERATIONS[op](**args)
-
-
-class HelperCrypto:
-    """Run each operation in a child Python process, so ``cryptography`` never enters the
-    agent's memory. A call blocks for the child's run (about a quarter of a second on a
-    small ARM board): call it from a worker thread (``asyncio.to_thread``)."""
-
-    def __init__(self, python: str = sys.executable, timeout_s: float = 120.0) -> None:
-        self.python = python
-        self.timeout_s = timeout_s
-
-    def run(self, op: str, **args: Any) -> Any:
-        done = subprocess.run(
-            [self.python, "-m", __name__],
-            input=json.dumps({"op": op, "args": args}),
-            capture_output=True,
-            text=True,
-            timeout=self.timeout_s,
-            check=False,
-            cwd=str(Path(__file__).resolve().parents[3]),
-        )
-        try:
-            answer = json.loads(done.stdout)
-        except json.JSONDecodeError:
-            raise RuntimeError(
-                f"crypto helper failed (exit {done.returncode}): {done.stderr.strip()[-500:]}"
-            ) from None
-        if "error" in answer:
-            raise CryptoInputError(answer["error"])
-        return answer["result"]
 
 
 def main() -> int:

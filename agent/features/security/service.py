@@ -38,15 +38,14 @@ from agent.core.security import (
     profile_change,
     renewal_due,
 )
-from agent.features.security.certs import CertStore, RootType, StoreError
-from agent.features.security.crypto import (
+from agent.features.security.backend import (
     INVALID_CERTIFICATE,
     INVALID_SIGNATURE,
     Crypto,
     CryptoInputError,
     HelperCrypto,
-    InProcessCrypto,
 )
+from agent.features.security.certs import CertStore, RootType, StoreError
 from agent.features.security.events import SecurityEvents, SecurityLog
 
 log = logging.getLogger("evcp.security")
@@ -503,7 +502,13 @@ def build(
         max_bytes=int(section["log_max_kib"]) * 1024,
         keep=int(section["log_files"]),
     )
-    crypto: Crypto = HelperCrypto() if section["crypto"] == "helper" else InProcessCrypto()
+    crypto: Crypto
+    if section["crypto"] == "helper":
+        crypto = HelperCrypto()
+    else:  # (loads the operations, and ``cryptography`` on first use, into this process)
+        from agent.features.security.crypto import InProcessCrypto
+
+        crypto = InProcessCrypto()
     return SecurityService(
         store=CertStore(cfg.state_dir),
         events=SecurityEvents(log_file, port),

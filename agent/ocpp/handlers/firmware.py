@@ -43,14 +43,16 @@ class FirmwareHandlers(Handlers):
             )
         retrieve_at = _epoch(retrieve_date, "retrieveDate")
         assert retrieve_at is not None
-        self.features.firmware.update_firmware(location, retrieve_at, retries, retry_interval)
+        self.features.firmware.service.update_firmware(
+            location, retrieve_at, retries, retry_interval
+        )
         return call_result.UpdateFirmware()
 
     @on(Action.get_diagnostics)
     def on_get_diagnostics(self, location: str, retries: int | None = None,
                            retry_interval: int | None = None, start_time: str | None = None,
                            stop_time: str | None = None, **_: Any) -> Any:  # fmt: skip
-        name = self.features.firmware.get_diagnostics(
+        name = self.features.firmware.service.get_diagnostics(
             location,
             _epoch(start_time, "startTime"),
             _epoch(stop_time, "stopTime"),
@@ -68,7 +70,7 @@ class FirmwareHandlers(Handlers):
         to an installed ManufacturerRootCertificate (else InvalidCertificate and the
         InvalidFirmwareSigningCertificate event); the download is verified before any
         install (statuses as SignedFirmwareStatusNotification with ``request_id``)."""
-        service = self.features.firmware
+        service = self.features.firmware.service
         if service.installing():
             return call_result.SignedUpdateFirmware(status="Rejected")
         retrieve_at = _epoch(firmware.get("retrieve_date_time"), "retrieveDateTime")
@@ -102,7 +104,7 @@ class FirmwareHandlers(Handlers):
         if not isinstance(location, str) or not location:
             raise PropertyConstraintViolationError(description="log.remoteLocation is missing")
         try:
-            status, name = self.features.firmware.get_log(
+            status, name = self.features.firmware.service.get_log(
                 log_type,
                 location,
                 request_id,

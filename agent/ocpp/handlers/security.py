@@ -77,9 +77,9 @@ class SecurityHandlers(Handlers):
         if requested_message == "SignChargePointCertificate":
             features.spawn(features.security.send_sign_certificate(), "sign-certificate")
         elif requested_message == "LogStatusNotification":
-            features.firmware.send_log_status()  # Uploading (requestId) or Idle
+            features.firmware.service.send_log_status()  # Uploading (requestId) or Idle
         elif requested_message == "FirmwareStatusNotification":
-            features.firmware.send_firmware_status_now()  # signed: with its requestId
+            features.firmware.service.send_firmware_status_now()  # signed: with its requestId
         elif requested_message in PLAIN_TRIGGERS and (
             features.remote_trigger.trigger(requested_message, connector_id) == "Accepted"
         ):
