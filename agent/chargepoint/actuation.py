@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
-from agent.chargepoint.hub import Hub, connector_fields
+from agent.chargepoint.logfields import connector_fields
 from agent.chargepoint.model import Connector
 from agent.core import smart_charging as sc
 from drivers.base import IEC61851_MIN_CURRENT_A, ControlMode, CurrentNotApplied, DriverError
+
+if TYPE_CHECKING:  # (annotations only: the protocol costs memory at run time)
+    from agent.chargepoint.hub import Hub
 
 log = logging.getLogger("evcp.station")
 

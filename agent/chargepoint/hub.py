@@ -15,7 +15,6 @@ from agent.chargepoint.port import LimitSource, StartGuard, TagAuthority
 from agent.config import Config
 from agent.core import smart_charging as sc
 from agent.core.config_keys import ConfigKeys
-from agent.logs import tx_fields, tx_name
 from agent.outbox import Outbox
 from agent.store import Store
 from drivers.base import MeterReading
@@ -98,19 +97,3 @@ class Hub(Protocol):
     def run_idle_callbacks(self) -> None: ...
 
     def tx_for_profiles(self, c: Connector | None) -> sc.Tx | None: ...
-
-
-def connector_fields(store: Store, c: Connector) -> dict[str, str]:
-    """The journald fields of a log line about ``c`` (and its transaction, if any)."""
-    local = c.tx.local_id if c.tx is not None else None
-    return tx_fields(c.id, local, None if local is None else store.csms_transaction_id(local))
-
-
-def transaction_fields(store: Store, connector: int | None, local_id: int) -> dict[str, str]:
-    """The journald fields of a log line about transaction ``local_id``."""
-    return tx_fields(connector, local_id, store.csms_transaction_id(local_id))
-
-
-def transaction_name(store: Store, local_id: int) -> str:
-    """``transaction 1001 (local 7)``: see :func:`agent.logs.tx_name`."""
-    return tx_name(local_id, store.csms_transaction_id(local_id))

@@ -13,16 +13,19 @@ import json
 import logging
 import time
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.aio import raise_if_cancelling
-from agent.chargepoint.hub import Hub, connector_fields
+from agent.chargepoint.logfields import connector_fields
 from agent.chargepoint.model import Connector
 from agent.core.metering import energy_register_wh, meter_value, sampled_values
 from agent.core.timefmt import iso
 from agent.logs import FailureLog
 from agent.outbox import Outgoing
 from drivers.base import DriverError, MeterReading, ProtocolError, TransientDriverError
+
+if TYPE_CHECKING:  # (annotations only: the protocol costs memory at run time)
+    from agent.chargepoint.hub import Hub
 
 log = logging.getLogger("evcp.station")
 

@@ -193,24 +193,3 @@ class StartGuard(Protocol):
     def update_flags(self) -> list[Connector]:
         """Set each connector's ``reserved`` input; return the connectors that changed."""
         ...
-
-
-class NoReservations:
-    """A :class:`StartGuard` with no reservations: everybody may start anywhere."""
-
-    def check_start(
-        self, c: Connector, id_tag: str, parent_id_tag: str | None
-    ) -> tuple[bool, int | None]:
-        return True, None
-
-    def consume(self, reservation_id: int | None, transaction: int) -> None:
-        return None
-
-    def held_for(self, c: Connector, id_tag: str) -> bool:
-        return False
-
-    def reserved_for_others(self, c: Connector, id_tag: str) -> bool:
-        return False
-
-    def update_flags(self) -> list[Connector]:
-        return []

@@ -22,13 +22,12 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.chargepoint.actuation import Actuation
-from agent.chargepoint.hub import connector_fields
+from agent.chargepoint.logfields import connector_fields
 from agent.chargepoint.metering import Metering
 from agent.chargepoint.model import PLUGGED, Clock, Connector, ConnectorHardware
-from agent.chargepoint.port import LimitSource, NoReservations, StartGuard, TagAuthority
 from agent.chargepoint.transactions import Transactions
 from agent.config import Config
 from agent.core import availability
@@ -41,11 +40,35 @@ from agent.outbox import Outbox, Outgoing
 from agent.store import Store
 from drivers.base import ControlMode, DriverError, EvseStatus, MeterReading, VehicleState
 
+if TYPE_CHECKING:  # (annotations only: the protocols cost memory at run time)
+    from agent.chargepoint.port import LimitSource, StartGuard, TagAuthority
+
 log = logging.getLogger("evcp.station")
 
 #: Seconds between attempts to start an EVSE controller that did not start, or to repeat
 #: a command to it that failed.
 CONTROLLER_RETRY_S = 5.0
+
+
+class NoReservations:
+    """A :class:`StartGuard` with no reservations: everybody may start anywhere."""
+
+    def check_start(
+        self, c: Connector, id_tag: str, parent_id_tag: str | None
+    ) -> tuple[bool, int | None]:
+        return True, None
+
+    def consume(self, reservation_id: int | None, transaction: int) -> None:
+        return None
+
+    def held_for(self, c: Connector, id_tag: str) -> bool:
+        return False
+
+    def reserved_for_others(self, c: Connector, id_tag: str) -> bool:
+        return False
+
+    def update_flags(self) -> list[Connector]:
+        return []
 
 
 class Station:

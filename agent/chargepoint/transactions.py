@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.chargepoint.hub import Hub, connector_fields, transaction_fields, transaction_name
+from agent.chargepoint.logfields import connector_fields, transaction_fields, transaction_name
 from agent.chargepoint.model import ID_TAG_STATUSES, ActiveTx, Connector
 from agent.core.metering import energy_register_wh
 from agent.core.timefmt import iso
 from agent.outbox import NotConnected
 from agent.store import TxRecord
 from drivers.base import MeterReading
+
+if TYPE_CHECKING:  # (annotations only: the protocol costs memory at run time)
+    from agent.chargepoint.hub import Hub
 
 log = logging.getLogger("evcp.station")
 

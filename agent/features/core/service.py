@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import __version__
 from agent.chargepoint.model import Connector
-from agent.chargepoint.port import ChargePointPort
 from agent.config import Config
 from agent.core.config_keys import ConfigKeys
 from drivers.base import DriverError
+
+if TYPE_CHECKING:  # (annotations only)
+    from agent.chargepoint.port import ChargePointPort
 
 log = logging.getLogger("evcp.station")
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.chargepoint.port import ChargePointPort
 from agent.outbox import NotConnected
+
+if TYPE_CHECKING:  # (annotations only)
+    from agent.chargepoint.port import ChargePointPort
 
 
 class FirmwarePort:

@@ -7,10 +7,12 @@ queues the message asked for, after the answer has gone (an ``@after`` handler).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.chargepoint.port import ChargePointPort
 from agent.outbox import Outgoing
+
+if TYPE_CHECKING:  # (annotations only)
+    from agent.chargepoint.port import ChargePointPort
 
 #: A message a feature sends when triggered: requestedMessage -> sender(connector_id).
 TriggerSender = Callable[[int | None], None]

@@ -20,14 +20,16 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.chargepoint.model import Connector
-from agent.chargepoint.port import ChargePointPort
 from agent.core import reservation as rules
 from agent.core.config_keys import ConfigKeys
 from agent.core.timefmt import parse_time
 from agent.store import ReservationRecord, Store
+
+if TYPE_CHECKING:  # (annotations only)
+    from agent.chargepoint.port import ChargePointPort
 
 
 class ParentLookup(Protocol):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.chargepoint.port import ChargePointPort
 from agent.outbox import Outgoing
 from agent.store import Store
+
+if TYPE_CHECKING:  # (annotations only)
+    from agent.chargepoint.port import ChargePointPort
 
 
 async def _no_session(profile: int) -> bool:

@@ -8,10 +8,12 @@ the charge point and has it actuate after a change.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.chargepoint.port import ChargePointPort
 from agent.features.smart_charging.profiles import ChargingProfiles
+
+if TYPE_CHECKING:  # (annotations only)
+    from agent.chargepoint.port import ChargePointPort
 
 #: The longest GetCompositeSchedule answered (longer requests get this much).
 MAX_COMPOSITE_S = 7 * 86400
