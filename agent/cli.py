@@ -137,6 +137,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line (journal fields)")
     p.add_argument("--unit", default="evcp.service", help="systemd unit (default: %(default)s)")
     p = sub.add_parser(
+        "uplink",
+        help="force an uplink for field testing (root only); 'auto' gives the choice back",
+        description="evcp uplink switch NAME makes link NAME (an [[uplink.links]] name) the"
+        " one in use, if it is healthy, until 'evcp uplink switch auto'. Root only.",
+    )
+    with_config(p)
+    p.add_argument("action", choices=("switch",))
+    p.add_argument("link", help="a link name from [[uplink.links]], or auto")
+    p.add_argument("--json", action="store_true", help="print the uplink state as JSON")
+    p = sub.add_parser(
         "selftest",
         help="the commissioning checklist: clock, DNS, TLS, Basic Auth, meter, controller,"
         " disk, state database",
@@ -186,6 +196,7 @@ def _main(argv: list[str] | None = None) -> int:
             "firmware": cmd_firmware,
             "logs": cmd_logs,
             "selftest": cmd_selftest,
+            "uplink": cmd_uplink,
         }[args.command]
         return handler(args)
     except ConfigError as exc:
@@ -283,6 +294,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("Storage  WARNING: the state file cannot be written; keeping state in memory")
     if isinstance(storage, dict) and storage.get("stage"):
         print(f"Storage  MeterValues staged in RAM ({storage['stage']}) until written to disk")
+    from agent.uplink.control import status_lines
+
+    for line in status_lines(answer.get("uplink")):
+        print(line)
     print()
     header = f"{'#':>2}  {'status':<14} {'vehicle':<11} {'offered':>8} {'power':>9} "
     header += f"{'energy':>11}  transaction"
@@ -487,3 +502,16 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_uplink(args: argparse.Namespace) -> int:
+    """``evcp uplink switch NAME|auto``."""
+    from agent.uplink.control import status_lines
+
+    cfg = load(args.config)
+    answer = _control(cfg, {"cmd": "uplink-switch", "link": args.link})
+    if _printed_json(answer["uplink"], args):
+        return 0
+    for line in status_lines(answer["uplink"]):
+        print(line)
+    return 0
