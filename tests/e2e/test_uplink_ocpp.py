@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import sys
@@ -49,7 +50,7 @@ WIFI_ADDR, GSM_ADDR = LINKS["wifi"][1], LINKS["gsm"][1]
 UPLINK = """
 [uplink]
 backend = "route"
-hold_s = 3600                # no move back during the test
+hold_s = {hold_s}
 probe_interval_s = 1.0
 probe_timeout_s = 0.9
 failures_to_down = 3
@@ -117,14 +118,14 @@ async def agent(
 ) -> AsyncIterator[AgentFactory]:
     started: list[Agent] = []
 
-    async def start(gsm_extra: str = "") -> Agent:
+    async def start(gsm_extra: str = "", hold_s: float = 3600) -> Agent:
         config = write_config(
             tmp_path,
             url=f"wss://{CSMS_ADDR}:{PORT}/ocpp",
             ca_file=ca_file,
             time_scale=60.0,
             response_timeout_s=10,
-            extra=UPLINK.format(gsm_extra=gsm_extra),
+            extra=UPLINK.format(gsm_extra=gsm_extra, hold_s=hold_s),
         )
         log_path = tmp_path / "agent.log"
         env = {k: v for k, v in os.environ.items()
@@ -288,3 +289,51 @@ async def test_iccid_and_imsi_of_the_modem_go_into_boot_notification(
         assert modem_status["rssi_dbm"] == -73
     finally:
         await modem.stop()
+
+
+async def evcp(*argv: str) -> tuple[int, str, str]:
+    """The ``evcp`` command line, as its own process (in the test's own namespace: the
+    control socket is a path)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", *argv, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_evcp_uplink_switch_forces_a_link_and_evcp_status_shows_it(
+    topo: Topology, csms: Csms, agent: AgentFactory
+) -> None:
+    a = await agent(hold_s=1)
+    config = str(a.config)
+    await csms.wait_message("BootNotification", timeout_s=60)
+    await until("gsm probed healthy", lambda: _link_healthy(a, "gsm"), a)
+
+    code, out, err = await evcp("uplink", "switch", "gsm", "--config", config)
+    assert code == 0, err
+    assert out.startswith("Uplink   gsm (forced) via the route back-end"), out
+    await csms.wait_for(lambda: csms.peers == [WIFI_ADDR, GSM_ADDR], timeout_s=60)
+    assert topo.route_dev() == "gsm0"
+
+    code, out, err = await evcp("status", "--config", config)
+    assert code == 0, err
+    assert "Uplink   gsm (forced) via the route back-end" in out
+    assert re.search(r"\* gsm +gsm0 +healthy", out), out
+    assert re.search(r"last switch \S+: wifi -> gsm \(forced by the operator\)", out), out
+    code, out, err = await evcp("status", "--json", "--config", config)
+    assert json.loads(out)["uplink"]["forced"] == "gsm"
+
+    code, out, err = await evcp("uplink", "switch", "lte", "--config", config)
+    assert (code, out) == (1, "")
+    assert "no link named 'lte'" in err
+    assert csms.peers == [WIFI_ADDR, GSM_ADDR]  # nothing moved
+
+    # the choice back to the rules: wifi has been healthy for longer than the hold
+    code, out, err = await evcp("uplink", "switch", "auto", "--config", config)
+    assert code == 0, err
+    await csms.wait_for(lambda: csms.peers == [WIFI_ADDR, GSM_ADDR, WIFI_ADDR], timeout_s=60)
+    status = await a.status()
+    assert status["uplink"]["active"] == "wifi" and status["uplink"]["forced"] is None
+    assert len([ln for ln in a.log().splitlines() if "uplink: switched" in ln]) == 3
