@@ -279,8 +279,13 @@ async def _session(
     at most 5 s: a modem that does not answer does not keep the charger off the CSMS)."""
     ident = cfg.identity
     if uplink is not None and not (ident["iccid"] and ident["imsi"]):
-        iccid, imsi = await uplink.identity(timeout_s=5)
-        charger.features.core.set_modem_identity(iccid, imsi)
+        try:
+            iccid, imsi = await uplink.identity(timeout_s=5)
+        except Exception as exc:  # a modem's trouble never keeps the charger off the CSMS
+            raise_if_cancelling()
+            log.warning("uplink: no ICCID/IMSI for BootNotification: %s", exc)
+        else:
+            charger.features.core.set_modem_identity(iccid, imsi)
     await session.run()
 
 

@@ -140,6 +140,7 @@ class UplinkSupervisor:
         self._modem_link = next((lk for lk in cfg.links if lk.at_port), None)
         self._at: AtModem | None = None
         self._modem_lock = asyncio.Lock()
+        self._identity_task: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ outside API
 
@@ -166,9 +167,11 @@ class UplinkSupervisor:
         if self._modem_link is None:
             return "", ""
         if self.modem is None or not self.modem.iccid:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await self._query_modem(identity=True)
+            # Not cancelled at the timeout: the query runs in a thread that would carry on
+            # on the serial port while the lock let the next query in. It ends on its own.
+            if self._identity_task is None or self._identity_task.done():
+                self._identity_task = asyncio.ensure_future(self._query_modem(identity=True))
+            await asyncio.wait({self._identity_task}, timeout=timeout_s)
         info = self.modem
         return (info.iccid or "", info.imsi or "") if info else ("", "")
 
