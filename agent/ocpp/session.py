@@ -37,6 +37,10 @@ STABLE_CONNECTION_S = 30.0
 #: one it never comes). The supervisor never *starts* a move back while a CALL waits.
 UPLINK_ANSWER_WAIT_S = 1.0
 
+#: The first choice of a link gives up a connect attempt made before it once the attempt
+#: is this old (see :meth:`Session.route_chosen`).
+ROUTE_CHOSEN_GRACE_S = 3.0
+
 
 class LinkChoice(Protocol):
     """What the session asks the uplink supervisor (``agent.uplink``), when there is one."""
@@ -70,6 +74,8 @@ class Session:
         #: An uplink switch: abort the transport (no close handshake) and reconnect at once.
         self._switching = False
         self._link_changed = asyncio.Event()
+        self._attempts = 0
+        self._attempt_started = 0.0
         port = self.security.port
         if isinstance(port, SecurityPort):
             port.reconnect_with = self.reconnect_with
@@ -125,6 +131,23 @@ class Session:
         self._switching = True
         self._link_changed.set()
         self.request_reconnect(reason)
+
+    def route_chosen(self) -> None:
+        """The supervisor's first choice of a link: if not connected yet, end a back-off
+        pause, and give up an attempt over the route the OS picked before once it has
+        taken ROUTE_CHOSEN_GRACE_S (over a dead link it would hang until its timeout; a
+        working one is connected by then)."""
+        if self._adapter is not None:
+            return
+        loop = asyncio.get_running_loop()
+        attempt = self._attempts
+        delay = max(0.0, self._attempt_started + ROUTE_CHOSEN_GRACE_S - loop.time())
+
+        def nudge() -> None:
+            if self._adapter is None and self._attempts == attempt:
+                self._link_changed.set()
+
+        loop.call_later(delay, nudge)
 
     def call_in_flight(self) -> bool:
         """True while a CALL we sent awaits its answer (or we are answering the CSMS's)."""
@@ -192,6 +215,8 @@ class Session:
         while True:
             settings = self._settings()
             self._link_changed.clear()
+            self._attempts += 1
+            self._attempt_started = asyncio.get_running_loop().time()
             try:
                 ws = await self._open_unless_switched(
                     open_connection(

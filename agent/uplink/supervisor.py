@@ -51,6 +51,11 @@ class SessionPort(Protocol):
     def call_in_flight(self) -> bool:
         """True while a CALL we sent awaits its CALLRESULT/CALLERROR."""
 
+    def route_chosen(self) -> None:
+        """The first choice of a link was made: a connect attempt still waiting (over
+        whatever route the OS picked before) or a back-off pause may end now; a
+        connection that is up stays."""
+
 
 class Backend(Protocol):
     name: str
@@ -382,6 +387,8 @@ class UplinkSupervisor:
         self._tick.set()
         if self.session is not None and decision.from_ is not None:
             self.session.reconnect(f"uplink switched to {decision.to}: {decision.reason}")
+        elif self.session is not None:
+            self.session.route_chosen()
 
     async def _apply(self, interface: str) -> None:
         try:

@@ -337,3 +337,26 @@ async def test_evcp_uplink_switch_forces_a_link_and_evcp_status_shows_it(
     status = await a.status()
     assert status["uplink"]["active"] == "wifi" and status["uplink"]["forced"] is None
     assert len([ln for ln in a.log().splitlines() if "uplink: switched" in ln]) == 3
+
+
+async def test_csms_reachable_only_over_gsm_from_the_start(
+    topo: Topology, csms: Csms, agent: AgentFactory
+) -> None:
+    # The WiFi router is dead both ways (here: it drops what goes to the CSMS and what comes
+    # back to the charger), so the OS's own choice (wifi0, metric 600) leads nowhere: a
+    # connect attempt made over it before the supervisor's first choice is given up.
+    topo.blackhole("wifi", True)
+    topo.ip(topo.routers["wifi"], "route", "add", "blackhole", f"{WIFI_ADDR}/32")
+    a = await agent()
+    await csms.wait_message("BootNotification", timeout_s=90)
+    assert csms.peers == [GSM_ADDR]
+    status = await a.status()
+    assert status["uplink"]["active"] == "gsm"
+    assert status["uplink"]["last_switch"]["from"] is None  # a first choice, not a switch
+
+    async def registered() -> bool:
+        csms_status = (await a.status())["csms"]
+        return bool(csms_status["connected"] and csms_status["registered"])
+
+    await until("the agent registered", registered, a)
+    assert csms.peers == [GSM_ADDR]
