@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
         " one in use, if it is healthy, until 'evcp uplink switch auto'. Root only.",
     )
     with_config(p)
-    p.add_argument("action", choices=("switch",))
+    p.add_argument("action", choices=("switch",), help="switch: force LINK (or auto)")
     p.add_argument("link", help="a link name from [[uplink.links]], or auto")
     p.add_argument("--json", action="store_true", help="print the uplink state as JSON")
     p = sub.add_parser(
