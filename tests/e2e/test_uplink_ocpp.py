@@ -360,3 +360,12 @@ async def test_csms_reachable_only_over_gsm_from_the_start(
 
     await until("the agent registered", registered, a)
     assert csms.peers == [GSM_ADDR]
+
+    # an orderly stop removes the agent's copy of the route: the OS's own choice applies
+    assert any(r.get("metric") == 10 for r in topo.default_routes())
+    a.proc.terminate()
+    assert await asyncio.wait_for(a.proc.wait(), 30) == 0
+    assert sorted((r["dev"], r.get("metric")) for r in topo.default_routes()) == [
+        ("gsm0", 700),
+        ("wifi0", 600),
+    ]
