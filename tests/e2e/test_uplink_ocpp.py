@@ -56,6 +56,7 @@ probe_timeout_s = 0.9
 failures_to_down = 3
 successes_to_up = 2
 gsm_probe_interval_s = 30
+gsm_ping_interval_s = 0.5    # WebSocketPingInterval is 0 (no pings) in these tests
 
 [[uplink.links]]
 name = "wifi"
@@ -125,6 +126,7 @@ async def agent(
             ca_file=ca_file,
             time_scale=60.0,
             response_timeout_s=10,
+            ocpp={"MeterValueSampleInterval": 1, "WebSocketPingInterval": 0},
             extra=UPLINK.format(gsm_extra=gsm_extra, hold_s=hold_s),
         )
         log_path = tmp_path / "agent.log"
@@ -218,6 +220,13 @@ async def test_a_transaction_runs_across_a_switch_to_gsm_and_nothing_is_lost_or_
     await csms.wait_for(lambda: len([p for p in csms.messages("MeterValues")
                                      if p.get("transactionId") == tx_id]) >= after + 2,
                         timeout_s=30)  # fmt: skip
+
+    # WebSocket keep-alive per link kind: no pings over wifi, gsm_ping_interval_s over gsm
+    async def pinged_over_gsm() -> bool:
+        return "> PING" in a.log().partition("uplink: switched wifi -> gsm")[2]
+
+    await until("a WebSocket ping over gsm", pinged_over_gsm, a)
+    assert "> PING" not in a.log().partition("uplink: switched wifi -> gsm")[0]
 
     answer = await csms.call(CP_ID, call.RemoteStopTransaction(transaction_id=tx_id))
     assert answer["status"] == "Accepted"
