@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from agent import __version__
@@ -37,8 +37,12 @@ from agent.logs import add_secret
 from agent.ocpp.session import Session
 from agent.status import failed_messages, retry_failed_messages, snapshot, starting_snapshot
 from agent.store import Store
+from agent.uplink.control import handle_switch
 from drivers.base import FaultCode
 from drivers.clock.ntp import ClockGuard
+
+if TYPE_CHECKING:
+    from agent.uplink.supervisor import UplinkSupervisor
 
 log = logging.getLogger("evcp")
 
@@ -204,10 +208,12 @@ async def _serve(cfg: Config, stop: asyncio.Event, live: Live, password: str) ->
     )
     station = charger.station
     session = Session(cfg=cfg, charger=charger, password=password)
+    uplink = _uplink_supervisor(cfg, session)
+    live.uplink = uplink
     firmware_port = charger.features.firmware.port
     if isinstance(firmware_port, FirmwarePort):  # what a diagnostics bundle says of us
         firmware_port.summary = lambda: {
-            **snapshot(charger, session_info(live, session)),
+            **snapshot(charger, session_info(live, session), uplink_snapshot(live)),
             "database_integrity": live.store.integrity_check(),
         }
     restart_kind: str | None = None
@@ -221,7 +227,9 @@ async def _serve(cfg: Config, stop: asyncio.Event, live: Live, password: str) ->
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(station.run(), name="station")
-                group.create_task(session.run(), name="session")
+                group.create_task(_session(cfg, charger, session, uplink), name="session")
+                if uplink is not None:
+                    group.create_task(_supervise(uplink), name="uplink")
                 group.create_task(_watchdog(), name="watchdog")
                 if servers:
                     group.create_task(
@@ -247,6 +255,53 @@ async def _serve(cfg: Config, stop: asyncio.Event, live: Live, password: str) ->
         await charger.close()
         if sim is not None:
             await sim.stop()
+
+
+def _uplink_supervisor(cfg: Config, session: Session) -> UplinkSupervisor | None:
+    """The uplink supervisor, with ``[uplink]`` only (pyroute2 is imported only then)."""
+    if cfg.uplink is None:
+        return None
+    from agent.uplink.supervisor import UplinkSupervisor
+
+    url = urlsplit(cfg.csms["url"])
+    supervisor = UplinkSupervisor(
+        cfg.uplink, url.hostname or "", url.port or 443, tls=session.ssl_context()
+    )
+    supervisor.attach(session)
+    session.uplink = supervisor
+    return supervisor
+
+
+async def _session(
+    cfg: Config, charger: ChargePoint, session: Session, uplink: UplinkSupervisor | None
+) -> None:
+    """The CSMS connection; first, with a modem, ICCID and IMSI for BootNotification (for
+    at most 5 s: a modem that does not answer does not keep the charger off the CSMS)."""
+    ident = cfg.identity
+    if uplink is not None and not (ident["iccid"] and ident["imsi"]):
+        try:
+            iccid, imsi = await uplink.identity(timeout_s=5)
+        except Exception as exc:  # a modem's trouble never keeps the charger off the CSMS
+            raise_if_cancelling()
+            log.warning("uplink: no ICCID/IMSI for BootNotification: %s", exc)
+        else:
+            charger.features.core.set_modem_identity(iccid, imsi)
+    await session.run()
+
+
+async def _supervise(uplink: UplinkSupervisor) -> None:
+    """Run the uplink supervisor; a failure of it is logged and the agent carries on over
+    whatever route the OS picks (cancelling it removes its route copy)."""
+    try:
+        await uplink.run()
+    except Exception as exc:
+        raise_if_cancelling()
+        log.error("uplink supervisor stopped: %s: %s; the OS's routes apply",
+                  type(exc).__name__, exc, exc_info=exc)  # fmt: skip
+
+
+def uplink_snapshot(live: Live) -> dict[str, Any] | None:
+    return live.uplink.snapshot() if live.uplink is not None else None
 
 
 def _config_get(keys: ConfigKeys, names: Any) -> dict[str, Any]:
@@ -350,10 +405,11 @@ class Live:
     charger: ChargePoint | None = None
     session: Session | None = None
     sim: SimProcess | None = None
+    uplink: UplinkSupervisor | None = None
 
 
 #: Requests that change something: root (or the agent's own user) only.
-CHANGING = frozenset({"queue-retry", "swipe", "sim", "config-set"})
+CHANGING = frozenset({"queue-retry", "swipe", "sim", "config-set", "uplink-switch"})
 
 
 async def handle_control(request: dict[str, Any], live: Live, peer: Peer) -> dict[str, Any]:
@@ -365,9 +421,11 @@ async def handle_control(request: dict[str, Any], live: Live, peer: Peer) -> dic
     if cmd == "status":
         if charger is None or session is None:
             return {"ok": True, **starting_snapshot(live.cfg, live.store, live.phase)}
-        return {"ok": True, **snapshot(charger, session_info(live, session))}
+        return {"ok": True, **snapshot(charger, session_info(live, session), uplink_snapshot(live))}
     if cmd == "config-get":
         return _config_get(live.keys, request.get("keys"))
+    if cmd == "uplink-switch":  # forcing a link is for root only (field testing)
+        return await handle_switch(request, live.uplink, peer.uid)
     if cmd == "tx":
         last = request.get("last", 10)
         if not isinstance(last, int) or isinstance(last, bool) or not 1 <= last <= 10_000:

@@ -187,6 +187,16 @@ def _parser() -> argparse.ArgumentParser:
                    ' "id_tag", "meter_start_wh", "meter_stop_wh", "energy_wh", "started",'
                    ' "stopped", "reason", "running", "delivered"}')  # fmt: skip
     p = sub.add_parser(
+        "uplink",
+        help="force an uplink for field testing (root only); 'auto' gives the choice back",
+        description="evcp uplink switch NAME makes link NAME (an [[uplink.links]] name) the"
+        " one in use, if it is healthy, until 'evcp uplink switch auto'. Root only.",
+    )
+    with_config(p)
+    p.add_argument("action", choices=("switch",), help="switch: force LINK (or auto)")
+    p.add_argument("link", help="a link name from [[uplink.links]], or auto")
+    p.add_argument("--json", action="store_true", help="print the uplink state as JSON")
+    p = sub.add_parser(
         "selftest",
         help="the commissioning checklist: clock, DNS, TLS, Basic Auth, meter, controller,"
         " disk, state database",
@@ -238,6 +248,7 @@ def _main(argv: list[str] | None = None) -> int:
             "selftest": cmd_selftest,
             "config": cmd_config,
             "tx": cmd_tx,
+            "uplink": cmd_uplink,
         }[args.command]
         return handler(args)
     except ConfigError as exc:
@@ -407,6 +418,9 @@ def status_table(answer: dict[str, Any]) -> list[str]:
     stage_line = _stage_line(storage) if isinstance(storage, dict) else None
     if stage_line:
         out.append(stage_line)
+    from agent.uplink.control import status_lines
+
+    out.extend(status_lines(answer.get("uplink")))
     connectors = answer.get("connectors") or []
     if not connectors:
         if phase != "running":
@@ -745,3 +759,16 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_uplink(args: argparse.Namespace) -> int:
+    """``evcp uplink switch NAME|auto``."""
+    from agent.uplink.control import status_lines
+
+    cfg = load(args.config)
+    answer = _control(cfg, {"cmd": "uplink-switch", "link": args.link})
+    if _printed_json(answer["uplink"], args):
+        return 0
+    for line in status_lines(answer["uplink"]):
+        print(line)
+    return 0

@@ -64,8 +64,13 @@ def starting_snapshot(cfg: Config, store: Store, phase: str) -> dict[str, Any]:
     }
 
 
-def snapshot(charger: ChargePoint, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What ``evcp status --json`` prints (``extra`` merged in: the session's part)."""
+def snapshot(
+    charger: ChargePoint,
+    extra: Mapping[str, Any] | None = None,
+    uplink: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What ``evcp status --json`` prints (``extra`` merged in: the session's part).
+    ``uplink``: the uplink supervisor's snapshot; the key is absent without ``[uplink]``."""
     station, features = charger.station, charger.features
     store = station.store
     pending, failed = store.queue_counts()
@@ -114,6 +119,8 @@ def snapshot(charger: ChargePoint, extra: Mapping[str, Any] | None = None) -> di
         "clock": {"now": iso(station.now())},
         "connectors": connectors,
     }
+    if uplink is not None:
+        out["uplink"] = dict(uplink)
     return _merge(out, extra or {})
 
 

@@ -10,7 +10,11 @@ successes to up, hold 60 s, gsm probed every 300 s, TCP probes):
 - time from the WiFi coming back to moving back to it (hold_s + the probes to confirm);
 - bytes per probe on gsm0, measured from the interface's counters around real probes (TCP
   connect, and TLS handshake), and what that makes per day on the standby GSM link;
-- the supervisor's resident memory and CPU share while idle.
+- the supervisor's resident memory and CPU share while idle;
+- with ``--ocpp``: the whole agent (``python -m agent run``, simulated hardware, a
+  transaction running) against the test CSMS over WSS in the csms namespace: time from the
+  fault to the CSMS accepting the new OCPP connection from the charger's gsm0 address, for
+  both faults, and the agent's resident memory with ``[uplink]``.
 
 Needs root (``ip netns``). Usage: python bench/bench_uplink.py [--trials 3] [--skip-move-back]
 """
@@ -18,6 +22,7 @@ Needs root (``ip netns``). Usage: python bench/bench_uplink.py [--trials 3] [--s
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -33,7 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.config import UPLINK_KEYS  # noqa: E402
-from tests.e2e.netns import CSMS_ADDR, Topology, netns_unavailable, start_tls_server  # noqa: E402
+from tests.e2e.netns import (  # noqa: E402
+    CSMS_ADDR,
+    LINKS,
+    Topology,
+    netns_unavailable,
+    socket_in_netns,
+    start_tls_server,
+)
 
 CONFIG = """
 [csms]
@@ -199,11 +211,112 @@ def idle_cost(topo: Topology, config: Path, work: Path, seconds: float) -> tuple
         runner.stop()
 
 
+UPLINK_DEFAULTS = """
+[uplink]
+backend = "route"
+[[uplink.links]]
+name = "wifi"
+interface = "wifi0"
+kind = "wifi"
+priority = 1
+[[uplink.links]]
+name = "gsm"
+interface = "gsm0"
+kind = "gsm"
+priority = 2
+"""
+
+
+async def ocpp_reconnect(topo: Topology, work: Path, fault: str) -> tuple[float, float, float]:
+    """(fault -> switch, fault -> OCPP connection accepted over gsm0, agent RSS MiB)."""
+    from ocpp.v16 import call
+
+    from agent.control import request
+    from agent.ocpp.csms import Csms
+    from tests.conftest import CP_ID, PASSWORD, server_context, write_config
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(work / "ocpp-ca.pem")
+    csms = Csms(passwords={CP_ID: PASSWORD})
+    await csms.start(
+        server_context(ca, CSMS_ADDR), sock=socket_in_netns(topo.csms, CSMS_ADDR, 9443)
+    )
+    run_dir = work / f"ocpp-{fault}"
+    run_dir.mkdir()
+    config = write_config(
+        run_dir, url=f"wss://{CSMS_ADDR}:9443/ocpp", ca_file=work / "ocpp-ca.pem",
+        time_scale=60.0, extra=UPLINK_DEFAULTS,
+    )  # fmt: skip
+    proc = topo.popen(topo.charger, [sys.executable, "-m", "agent", "run", "--config", str(config)],
+                      stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    sock = run_dir / "control.sock"
+
+    def status() -> dict[str, object]:
+        try:
+            return request(sock, {"cmd": "status"}, timeout_s=5.0)
+        except Exception:
+            return {}
+
+    async def until(check: object, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():  # type: ignore[operator]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out: {status()}")
+            await asyncio.sleep(0.01)
+
+    def healthy_gsm() -> bool:
+        uplink = status().get("uplink") or {}
+        links = uplink.get("links", [])  # type: ignore[attr-defined]
+        return any(lk["name"] == "gsm" and lk["healthy"] for lk in links)
+
+    try:
+        await csms.wait_message("BootNotification", timeout_s=60)
+        await until(healthy_gsm)
+        await asyncio.to_thread(request, sock, {"cmd": "sim", "request": {"cmd": "plug"}})
+        await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="TAG-1", connector_id=1))
+        await csms.wait_message("StartTransaction", timeout_s=30)
+        await asyncio.sleep(2.5)  # the fault lands anywhere in the probe cycle
+        start = time.monotonic()
+        if fault == "carrier":
+            topo.carrier("wifi", False)
+        else:
+            topo.blackhole("wifi", True)
+        switched: list[float] = []
+        gsm = LINKS["gsm"][1]
+
+        def reconnected() -> bool:
+            if not switched and topo.route_dev() == "gsm0":
+                switched.append(time.monotonic())
+            return gsm in csms.peers
+
+        await until(reconnected)
+        connected = time.monotonic()
+        if not switched:
+            switched.append(connected)
+        rss = next(
+            int(line.split()[1]) / 1024
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS:")
+        )
+        return switched[0] - start, connected - start, rss
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        await csms.stop()
+        if fault == "carrier":
+            topo.carrier("wifi", True)
+        else:
+            topo.blackhole("wifi", False)
+        topo.ip(topo.charger, "route", "flush", "proto", "211", check=False)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--skip-move-back", action="store_true")
     parser.add_argument("--idle-seconds", type=float, default=30)
+    parser.add_argument("--ocpp", action="store_true", help="also the whole agent's reconnect")
+    parser.add_argument("--only-ocpp", action="store_true", help="only the whole agent's")
     args = parser.parse_args()
     if (why := netns_unavailable()) is not None:
         print(f"skipped: {why}")
@@ -219,6 +332,20 @@ def main() -> int:
         config = work / "evcp.toml"
         config.write_text(CONFIG.format(addr=CSMS_ADDR, ca=work / "ca.pem"))
         try:
+            if args.ocpp or args.only_ocpp:
+                for fault in ("carrier", "silent"):
+                    runs = [asyncio.run(ocpp_reconnect(topo, work / f"{fault}{i}", fault))
+                            for i in range(args.trials)
+                            if not (work / f"{fault}{i}").mkdir()]  # fmt: skip
+                    sw, oc, rss = zip(*runs, strict=True)
+                    print(
+                        f"{fault:8} loss -> OCPP connected over gsm0: median"
+                        f" {statistics.median(oc):.2f} s, max {max(oc):.2f} s (switch: median"
+                        f" {statistics.median(sw):.2f} s) over {len(oc)} trials (target <= 10 s);"
+                        f" agent RSS {max(rss):.1f} MiB"
+                    )
+                if args.only_ocpp:
+                    return 0
             for fault in ("carrier", "silent"):
                 times = [fault_to_switch(topo, config, work, fault) for _ in range(args.trials)]
                 print(

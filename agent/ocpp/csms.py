@@ -16,6 +16,7 @@ import binascii
 import itertools
 import json
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -158,6 +159,8 @@ class Csms:
     sign_csr: bool = True
     #: Per accepted connection: the client certificate's CN (security profile 3), or None.
     client_cns: list[str | None] = field(default_factory=list)
+    #: Per accepted connection: the charge point's address as this CSMS sees it.
+    peers: list[str] = field(default_factory=list)
     #: Called with every message a charge point sends (the demo prints a timeline).
     listener: Callable[[Received], None] | None = None
     _server: Server | None = None
@@ -213,6 +216,7 @@ class Csms:
             return
         cp = _CsmsChargePoint(cp_id, ws, self)
         self.client_cns.append(_client_cn(ws))
+        self.peers.append(str(ws.remote_address[0]) if ws.remote_address else "?")
         self._cps[cp_id] = cp
         self.connections += 1
         await self._notify()
@@ -226,11 +230,14 @@ class Csms:
             await self._notify()
 
     async def start(self, ssl_context: ssl.SSLContext, *, host: str = "127.0.0.1",
-                    port: int = 0) -> None:  # fmt: skip
+                    port: int = 0, sock: socket.socket | None = None) -> None:  # fmt: skip
+        """Listen on ``host:port``, or on ``sock``, a listening socket made elsewhere (the
+        uplink tests make one inside a network namespace)."""
         self._server = await serve(
             self._handler,
-            host,
-            port,
+            None if sock is not None else host,
+            None if sock is not None else port,
+            sock=sock,
             ssl=ssl_context,
             subprotocols=["ocpp1.6"],  # type: ignore[list-item]
             process_request=self._check_auth,

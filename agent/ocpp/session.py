@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 from websockets.exceptions import ConnectionClosed
 
@@ -30,6 +31,21 @@ log = logging.getLogger("evcp.session")
 #: A connection that stayed up this long resets the reconnect back-off; one that the CSMS
 #: (or a load balancer) closes sooner does not, so the delays keep growing.
 STABLE_CONNECTION_S = 30.0
+
+#: An uplink switch closes the connection at once; a CALL already awaiting its answer gets
+#: this long first (over a link that still works, the answer is on its way; over a dead
+#: one it never comes). The supervisor never *starts* a move back while a CALL waits.
+UPLINK_ANSWER_WAIT_S = 1.0
+
+#: The first choice of a link gives up a connect attempt made before it once the attempt
+#: is this old (see :meth:`Session.route_chosen`).
+ROUTE_CHOSEN_GRACE_S = 3.0
+
+
+class LinkChoice(Protocol):
+    """What the session asks the uplink supervisor (``agent.uplink``), when there is one."""
+
+    def ping_interval_s(self, default: float | None) -> float | None: ...
 
 
 class _Reconnect(Exception):
@@ -52,6 +68,14 @@ class Session:
         #: future its first connect attempt resolves: True connected, False failed.
         self._trial: tuple[int, asyncio.Future[bool]] | None = None
         self._no_certificate_logged = False
+        #: The uplink supervisor (``[uplink]``), set by the app; None: the OS's route.
+        self.uplink: LinkChoice | None = None
+        self._adapter: OcppAdapter | None = None
+        #: An uplink switch: abort the transport (no close handshake) and reconnect at once.
+        self._switching = False
+        self._link_changed = asyncio.Event()
+        self._attempts = 0
+        self._attempt_started = 0.0
         port = self.security.port
         if isinstance(port, SecurityPort):
             port.reconnect_with = self.reconnect_with
@@ -98,6 +122,56 @@ class Session:
             if self._trial is not None and self._trial[1] is future:
                 self._trial = None
 
+    # ------------------------------------------------------------------ uplink (SessionPort)
+    def reconnect(self, reason: str) -> None:
+        """The uplink supervisor moved the default route: drop this connection without a
+        closing handshake (the old link may be dead) and connect again over the new one at
+        once, without the back-off delay. The durable queue resends what was not
+        acknowledged."""
+        self._switching = True
+        self._link_changed.set()
+        self.request_reconnect(reason)
+
+    def route_chosen(self) -> None:
+        """The supervisor's first choice of a link: if not connected yet, end a back-off
+        pause, and give up an attempt over the route the OS picked before once it has
+        taken ROUTE_CHOSEN_GRACE_S (over a dead link it would hang until its timeout; a
+        working one is connected by then)."""
+        if self._adapter is not None:
+            return
+        loop = asyncio.get_running_loop()
+        attempt = self._attempts
+        delay = max(0.0, self._attempt_started + ROUTE_CHOSEN_GRACE_S - loop.time())
+
+        def nudge() -> None:
+            if self._adapter is None and self._attempts == attempt:
+                self._link_changed.set()
+
+        loop.call_later(delay, nudge)
+
+    def call_in_flight(self) -> bool:
+        """True while a CALL we sent awaits its answer (or we are answering the CSMS's)."""
+        adapter = self._adapter
+        return adapter is not None and (not adapter.idle.is_set() or adapter.answering)
+
+    def ping_interval_s(self) -> float:
+        """The WebSocket ping interval for the next connection: WebSocketPingInterval, or
+        ``[uplink] gsm_ping_interval_s`` while on a gsm link (0: no pings)."""
+        default = float(self.keys.get_int("WebSocketPingInterval"))
+        if self.uplink is None:
+            return default
+        return self.uplink.ping_interval_s(default) or 0.0
+
+    def ssl_context(self) -> Any:
+        """The TLS settings the next connection would use (the uplink probes use them)."""
+        return self._settings().ssl_context
+
+    async def _pause(self, delay: float) -> None:
+        """The back-off delay before the next attempt; an uplink switch ends it at once."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._link_changed.wait()
+
     def _settings(self) -> ConnectSettings:
         """How to connect now: the profile being tried, else SecurityProfile; a profile 3
         without a certificate falls back to 2 (it must never lock the charger out)."""
@@ -140,15 +214,24 @@ class Session:
         delays = backoff(initial_s=csms["reconnect_min_s"], maximum_s=csms["reconnect_max_s"])
         while True:
             settings = self._settings()
+            self._link_changed.clear()
+            self._attempts += 1
+            self._attempt_started = asyncio.get_running_loop().time()
             try:
-                ws = await open_connection(
-                    url=csms["url"],
-                    charge_point_id=csms["charge_point_id"],
-                    password=settings.password,
-                    ssl_context=settings.ssl_context,
-                    ping_interval_s=self.keys.get_int("WebSocketPingInterval"),
-                    proxy=csms["proxy"],
+                ws = await self._open_unless_switched(
+                    open_connection(
+                        url=csms["url"],
+                        charge_point_id=csms["charge_point_id"],
+                        password=settings.password,
+                        ssl_context=settings.ssl_context,
+                        ping_interval_s=self.ping_interval_s(),
+                        proxy=csms["proxy"],
+                    )
                 )
+                if ws is None:
+                    log.info("uplink switched while connecting: connecting over the new link")
+                    self._switching = False
+                    continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -166,7 +249,7 @@ class Session:
                     failure.detail,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 continue
             log.info("connected to %s as %s", csms["url"], csms["charge_point_id"])
             self._trial_over(True)
@@ -174,13 +257,39 @@ class Session:
             loop = asyncio.get_running_loop()
             opened = loop.time()
             await self._serve(ws)
-            if loop.time() - opened >= STABLE_CONNECTION_S:
+            if loop.time() - opened >= STABLE_CONNECTION_S or self._switching:
                 delays = backoff(
                     initial_s=csms["reconnect_min_s"], maximum_s=csms["reconnect_max_s"]
                 )
+            if self._switching:
+                self._switching = False
+                log.info("reconnecting at once over the new uplink")
+                continue
             delay = next(delays)
             log.info("reconnecting in %.1f s", delay)
-            await asyncio.sleep(delay)
+            await self._pause(delay)
+
+    async def _open_unless_switched(self, opening: Awaitable[Any]) -> Any:
+        """The connection ``opening`` makes, or None when the uplink switched meanwhile (an
+        attempt over a dead link would only end at its open timeout)."""
+        attempt = asyncio.ensure_future(opening)
+        if self.uplink is None:
+            return await attempt
+        changed = asyncio.ensure_future(self._link_changed.wait())
+        try:
+            await asyncio.wait({attempt, changed}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            attempt.cancel()
+            raise
+        finally:
+            changed.cancel()
+        if attempt.done():
+            return attempt.result()
+        attempt.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await attempt
+        raise_if_cancelling()
+        return None
 
     async def _serve(self, ws: Any) -> None:
         station = self.station
@@ -192,7 +301,10 @@ class Session:
             control=self,
             response_timeout=float(self.cfg.csms["response_timeout_s"]),
         )
-        self._reconnect.clear()
+        if not self._link_changed.is_set():  # else: opened just as the uplink switched
+            self._reconnect.clear()
+            self._switching = False
+        self._adapter = adapter
         self.sender.connected()
         station.connected = True
         station.outbox.online = True
@@ -210,11 +322,14 @@ class Session:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._adapter = None
             station.connected = False
             station.outbox.go_offline()
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks)
+            if self._switching:  # the old link may be dead: no closing handshake
+                ws.transport.abort()
             await ws.close()
         # Retrieve every outcome (no "exception never retrieved"); act on the first one.
         outcomes = [None if task.cancelled() else task.exception() for task in tasks]
@@ -243,6 +358,13 @@ class Session:
         WebSocketPingInterval) -- but first let a CALL in flight get its answer (for at most
         the response timeout): cutting off a StartTransaction would send it twice."""
         await self._reconnect.wait()
+        if self._switching:
+            if not cp.idle.is_set() or cp.answering:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(UPLINK_ANSWER_WAIT_S):
+                        while not cp.idle.is_set() or cp.answering:
+                            await asyncio.sleep(0.02)
+            raise _Reconnect
         if not cp.idle.is_set() or cp.answering:
             log.info("reconnecting once the messages in flight are answered")
             with contextlib.suppress(TimeoutError):

@@ -45,6 +45,9 @@ class RecordingSession:
     def call_in_flight(self) -> bool:
         return self.in_flight
 
+    def route_chosen(self) -> None:
+        pass  # the first choice is not a reconnect
+
 
 def _write_status(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")

@@ -51,6 +51,11 @@ class SessionPort(Protocol):
     def call_in_flight(self) -> bool:
         """True while a CALL we sent awaits its CALLRESULT/CALLERROR."""
 
+    def route_chosen(self) -> None:
+        """The first choice of a link was made: a connect attempt still waiting (over
+        whatever route the OS picked before) or a back-off pause may end now; a
+        connection that is up stays."""
+
 
 class Backend(Protocol):
     name: str
@@ -140,6 +145,7 @@ class UplinkSupervisor:
         self._modem_link = next((lk for lk in cfg.links if lk.at_port), None)
         self._at: AtModem | None = None
         self._modem_lock = asyncio.Lock()
+        self._identity_task: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ outside API
 
@@ -166,9 +172,11 @@ class UplinkSupervisor:
         if self._modem_link is None:
             return "", ""
         if self.modem is None or not self.modem.iccid:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await self._query_modem(identity=True)
+            # Not cancelled at the timeout: the query runs in a thread that would carry on
+            # on the serial port while the lock let the next query in. It ends on its own.
+            if self._identity_task is None or self._identity_task.done():
+                self._identity_task = asyncio.ensure_future(self._query_modem(identity=True))
+            await asyncio.wait({self._identity_task}, timeout=timeout_s)
         info = self.modem
         return (info.iccid or "", info.imsi or "") if info else ("", "")
 
@@ -379,6 +387,8 @@ class UplinkSupervisor:
         self._tick.set()
         if self.session is not None and decision.from_ is not None:
             self.session.reconnect(f"uplink switched to {decision.to}: {decision.reason}")
+        elif self.session is not None:
+            self.session.route_chosen()
 
     async def _apply(self, interface: str) -> None:
         try:

@@ -68,6 +68,13 @@ class Core:
         self.reservations = reservations
         self._remote_problem = remote_problem
         self._queue_empty = queue_empty
+        #: ICCID and IMSI read from the modem (``[uplink]``), for BootNotification where
+        #: ``[identity] iccid``/``imsi`` are empty.
+        self._modem_identity = ("", "")
+
+    def set_modem_identity(self, iccid: str, imsi: str) -> None:
+        """What the SIM says (the uplink supervisor reads it before the first boot)."""
+        self._modem_identity = (iccid, imsi)
 
     # ------------------------------------------------------------------ transactions
     def remote_start(
@@ -200,8 +207,8 @@ class Core:
             "chargeBoxSerialNumber": ident["charge_box_serial_number"][:25],
             "meterType": ident["meter_type"][:25],
             "meterSerialNumber": ident["meter_serial_number"][:25],
-            "iccid": ident["iccid"][:20],
-            "imsi": ident["imsi"][:20],
+            "iccid": (ident["iccid"] or self._modem_identity[0])[:20],
+            "imsi": (ident["imsi"] or self._modem_identity[1])[:20],
         }
         payload.update({k: v for k, v in optional.items() if v})
         return payload
