@@ -19,10 +19,8 @@ so the expectation never comes from the code under test:
   limit: FormationViolation naming the limit;
 - ids reused inside a batch (duplicates): one answer per CALL all the same.
 
-Tests marked ``xfail(strict=True, reason="needs precheck wiring")`` need
-``agent.ocpp.precheck`` wired into the adapter's ``route_frame`` (and the transport's
-``max_size`` raised): they fail on main today and must pass once it is; the lead flips them.
-Wall-clock figures are in bench/bench_hostile.py; the stall tests assert a bound five times
+The answers come from ``agent.ocpp.precheck``, wired into the adapter's ``route_frame``
+(and the transport's ``max_size``, raised to four times its frame limit). Wall-clock figures are in bench/bench_hostile.py; the stall tests assert a bound five times
 the 50 ms target so that a loaded machine does not fail them, while the stalls the issue
 reports (0.4-3 s) do.
 """
@@ -61,7 +59,6 @@ from tests.conftest import (
 )
 from tests.e2e.test_powerloss import AgentProcess
 
-NEEDS_WIRING = pytest.mark.xfail(strict=True, reason="needs precheck wiring")
 #: Five times the 50 ms target (see the module's docstring).
 STALL_LIMIT_S = 0.25
 #: Actions only a charge point sends: a CSMS sending one is understood but not supported.
@@ -215,7 +212,6 @@ ids = st.text(min_size=1, max_size=36).filter(lambda s: not s.startswith("probe"
 hostile = st.builds(hostile_frame, st.sampled_from(KINDS), ids, st.integers(0, 2**20))
 
 
-@NEEDS_WIRING
 @settings(
     max_examples=40,
     deadline=None,
@@ -262,7 +258,6 @@ def flood(rng: random.Random, count: int) -> list[tuple[str, str]]:
     return out
 
 
-@NEEDS_WIRING
 async def test_a_transaction_delivers_every_message_in_order_through_a_flood(
     booted: RunningAgent, csms: Csms, wire: Wire
 ) -> None:
@@ -295,7 +290,6 @@ async def test_a_transaction_delivers_every_message_in_order_through_a_flood(
     assert order[-1] == "StopTransaction" and order.count("StopTransaction") == 1
 
 
-@NEEDS_WIRING
 async def test_an_oversized_frame_gets_a_call_error_naming_the_limit(
     booted: RunningAgent, csms: Csms, wire: Wire
 ) -> None:
@@ -400,7 +394,6 @@ async def test_500_profiles_do_not_stall_the_event_loop(
     assert monitor.longest < STALL_LIMIT_S, f"the event loop stalled {monitor.longest:.3f} s"
 
 
-@NEEDS_WIRING
 async def test_a_10000_entry_local_list_does_not_stall_the_event_loop(
     make_agent: AgentFactory, csms: Csms, wire: Wire
 ) -> None:
@@ -448,7 +441,6 @@ def burst_frames(count: int, seed: int) -> Iterator[tuple[str, str]]:
         yield hostile_frame(rng.choice(kinds), f"m{seed}-{n}", rng.getrandbits(20))
 
 
-@NEEDS_WIRING  # (the answers; the memory comes back within a hair of 1 MiB today)
 async def test_memory_comes_back_after_a_long_hostile_burst(
     agent_process: AgentProcess, csms: Csms, wire: Wire
 ) -> None:
