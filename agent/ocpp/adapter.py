@@ -103,6 +103,13 @@ LIB_LOG = logging.getLogger("evcp.ocpp.lib")
 LIB_LOG.setLevel(logging.WARNING)
 LIB_LOG.addFilter(_OneLine())
 
+#: Lengths of a ChangeConfiguration(AuthorizationKey) value kept out of the log while it
+#: is handled, even when the change is refused (a near-miss of a real 16-40 character
+#: key): one a key cannot come close to is no secret, and a short one (a refused "Charging")
+#: would blank an ordinary word in every line until the next candidate.
+SECRET_LENGTHS = (12, 40)
+
+
 class OcppAdapter(
     CoreHandlers,
     SmartChargingHandlers,
@@ -179,7 +186,7 @@ class OcppAdapter(
             payload = frame[3]
             if frame[2] == "ChangeConfiguration" and is_secret(str(payload.get("key"))):
                 value = payload.get("value")
-                if isinstance(value, str):
+                if isinstance(value, str) and SECRET_LENGTHS[0] <= len(value) <= SECRET_LENGTHS[1]:
                     logs.candidate_secret(value)  # accepted or refused, never in a log line
         elif unique_id not in self.pending_ids:
             log.warning("dropped a %s for unknown message id %s",
