@@ -36,12 +36,12 @@ from ocpp.messages import Call, MessageType, validate_payload
 from ocpp.v16 import ChargePoint
 from websockets.exceptions import ConnectionClosed
 
+from agent import logs
 from agent.aio import raise_if_cancelling
 from agent.assembly import Features
 from agent.core.config_keys import ConfigKeys
 from agent.core.security import EventType
 from agent.features.registry import is_secret
-from agent import logs
 from agent.ocpp.handlers import ConnectionControl
 from agent.ocpp.handlers.core import CoreHandlers
 from agent.ocpp.handlers.firmware import FirmwareHandlers

@@ -56,6 +56,7 @@ def max_frame_bytes(send_local_list_max_length: int) -> int:
     """
     return 4 * frame_limit(send_local_list_max_length)
 
+
 #: TLS 1.2 suites, in preference order: ECDHE with AES-GCM first, then ECDHE with CBC and
 #: SHA-2, then the two RSA-kx GCM suites the OCPP security whitepaper mandates. Every one is
 #: in the ELBSecurityPolicy-TLS-1-2-Ext-2018-06 set, so a handshake with a server limited to

@@ -472,3 +472,112 @@ async def test_memory_comes_back_after_a_long_hostile_burst(
     after = rss_kib(pid)
     assert max(during) - before <= 4 * 1024, f"RSS rose {max(during) - before} KiB meanwhile"
     assert after - before <= 1024, f"RSS {before} KiB before, {after} KiB after"
+
+
+# ------------------------------------------------------- accepted means done, or told
+
+
+async def test_a_remote_start_with_a_lone_surrogate_is_refused_not_accepted(
+    booted: RunningAgent, csms: Csms, wire: Wire
+) -> None:
+    """Valid JSON and valid against the schema, but no UTF-8 can carry the idTag: a
+    CALLERROR, never an Accepted that then silently does nothing."""
+    await booted.sim("plug")
+    await csms.wait_message("StatusNotification", status_is(1, "Preparing"))
+    mark, done = len(wire.frames), len(csms.received)
+    frame = json.dumps(
+        [2, "surrogate", "RemoteStartTransaction", {"idTag": "T\ud800", "connectorId": 1}]
+    )
+    await csms.call_raw(CP_ID, frame)
+    await probe(csms, wire, mark, "probe-surrogate")
+    answers = [a for a in wire.answers(mark) if a[1] == "surrogate"]
+    assert [kind_of(a) for a in answers] == ["PropertyConstraintViolation"]
+    assert not csms.messages("StartTransaction")
+    status = await booted.status()
+    assert status["connectors"][0]["transaction_id"] is None
+    assert not [r for r in csms.received[done:] if r.action == "StatusNotification"]
+    # The connector is free: the next (good) remote start charges.
+    await start_charging(booted, csms)
+
+
+@pytest.mark.parametrize(
+    ("plugged", "authorize"),
+    [(True, False), (False, False), (False, True)],
+    ids=["plugged", "plugged-later", "authorized-first"],
+)
+async def test_a_start_that_fails_after_accepted_is_logged_and_reported(
+    booted: RunningAgent,
+    csms: Csms,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    plugged: bool,
+    authorize: bool,
+) -> None:
+    """A start the agent accepted and then cannot make (here the store refuses an idTag
+    it cannot encode) is logged and reported to the CSMS (StatusNotification OtherError
+    with info, then NoError), and leaves the connector free, not half-started.
+
+    The one stand-in: the pre-check is bypassed for this frame (what it was before issue
+    18), so that an input the agent cannot store reaches the start for real; any other
+    failure between the Accepted and the stored transaction takes the same path."""
+    from agent.ocpp import adapter as adapter_module
+
+    checked = adapter_module.precheck
+
+    def without_the_surrogate_check(raw: str | bytes, **kwargs: Any) -> pc.Decision:
+        if isinstance(raw, str) and '"lax-start"' in raw:
+            return pc.Pass(json.loads(raw))
+        return checked(raw, **kwargs)
+
+    monkeypatch.setattr(adapter_module, "precheck", without_the_surrogate_check)
+    if authorize:  # the tag is authorized (Authorize.req) before the start
+        result = await csms.call(
+            CP_ID, call.ChangeConfiguration(key="AuthorizeRemoteTxRequests", value="true")
+        )
+        assert result["status"] == "Accepted"
+    if plugged:
+        await booted.sim("plug")
+        await csms.wait_message("StatusNotification", status_is(1, "Preparing"))
+    mark = len(csms.received)
+    frame = json.dumps(
+        [2, "lax-start", "RemoteStartTransaction", {"idTag": "T\ud800", "connectorId": 1}]
+    )
+    await csms.call_raw(CP_ID, frame)
+    if not plugged and not authorize:  # it waits for the cable, then fails
+        await csms.wait_message("StatusNotification", status_is(1, "Preparing"), after=mark)
+        await booted.sim("plug")
+    report = await csms.wait_message(
+        "StatusNotification", lambda p: p["errorCode"] == "OtherError", after=mark
+    )
+    assert report.payload["connectorId"] == 1
+    assert "start failed" in report.payload["info"]
+    # Preparing while a vehicle is plugged in (OCPP 1.6: no transaction yet), else free.
+    expected = "Available" if authorize else "Preparing"
+    assert report.payload["status"] == expected
+    after = csms.received.index(report)
+    await csms.wait_message(
+        "StatusNotification", lambda p: p["errorCode"] == "NoError", after=after + 1
+    )
+    assert not csms.messages("StartTransaction")
+    assert any(
+        r.levelname == "ERROR"
+        and ("could not start" in r.getMessage() or "was accepted but failed" in r.getMessage())
+        for r in caplog.records
+    ), caplog.text
+    status = await booted.status()
+    assert status["connectors"][0]["transaction_id"] is None
+    assert status["connectors"][0]["status"] == expected
+    # Nothing is left holding the connector: unplugged it is Available, and a good start
+    # then charges.
+    if expected == "Preparing":
+        done = len(csms.received)
+        await booted.sim("unplug")
+        await csms.wait_message("StatusNotification", status_is(1, "Available"), after=done)
+    else:  # not even waiting for a cable: the next plug-in starts nothing by itself
+        done = len(csms.received)
+        await booted.sim("plug")
+        await csms.wait_message("StatusNotification", status_is(1, "Preparing"), after=done)
+        assert (await booted.status())["connectors"][0]["transaction_id"] is None
+        await booted.sim("unplug")
+        await csms.wait_message("StatusNotification", status_is(1, "Available"), after=done)
+    await start_charging(booted, csms)
