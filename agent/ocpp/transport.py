@@ -21,7 +21,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from agent.core.security import EventType
-from agent.ocpp.precheck import frame_limit
 
 log = logging.getLogger("evcp.transport")
 
@@ -54,6 +53,10 @@ def max_frame_bytes(send_local_list_max_length: int) -> int:
     limit is read whatever its characters); beyond it websockets closes the connection
     (1009), which bounds the memory one message can take.
     """
+    # (Imported here: the pre-check loads the ocpp library, which the CLI's commands
+    # that import this module for its TLS settings must not pay for.)
+    from agent.ocpp.precheck import frame_limit
+
     return 4 * frame_limit(send_local_list_max_length)
 
 
@@ -253,7 +256,7 @@ async def open_connection(
     ping_interval_s: float,
     open_timeout_s: float = 20.0,
     proxy: str = "",
-    max_size: int = max_frame_bytes(1000),
+    max_size: int | None = None,
 ) -> ClientConnection:
     """Open the WSS connection; raise on failure (see :func:`classify`).
 
@@ -262,7 +265,8 @@ async def open_connection(
     ``proxy`` is an http(s):// HTTP CONNECT proxy, or empty to connect directly (proxy
     variables in the environment are ignored: a service's network path is its config).
     ``password`` None sends no Basic Auth (security profile 3: the client certificate is
-    the credential). ``max_size``: see :func:`max_frame_bytes`.
+    the credential). ``max_size``: see :func:`max_frame_bytes` (None: at the default
+    SendLocalListMaxLength, 1000).
     """
     if urlsplit(url).scheme != "wss":
         raise ValueError("refusing a non-wss:// CSMS URL")
@@ -280,7 +284,7 @@ async def open_connection(
         ping_timeout=interval,
         open_timeout=open_timeout_s,
         close_timeout=5,
-        max_size=max_size,
+        max_size=max_size if max_size is not None else max_frame_bytes(1000),
         user_agent_header=None,
         proxy=proxy or None,
     )
