@@ -212,11 +212,29 @@ class OcppAdapter(
         # The library reports a payload that breaks the schema as "FormatViolation", the
         # OCPP 2.0.1 name; OCPP 1.6 (section 4.2.3) calls it "FormationViolation".
         try:
+            if msg.action == "SendLocalList":
+                await self._send_local_list(msg)
+                return None
             return await super()._handle_call(msg)
         except FormatViolationError as exc:
             raise FormationViolationError(
                 description=exc.description, details=exc.details
             ) from None
+
+    async def _send_local_list(self, msg: Any) -> None:
+        """SendLocalList without the library's case conversion: the schema is checked as
+        for every CALL (the library's check, in a worker thread), then the camelCase
+        entries go to the service as they are. The library would convert a list of
+        SendLocalListMaxLength entries to snake_case for the handler, which converted it
+        back: two deep copies of the list, in the event loop."""
+        await validate_payload(msg, self._ocpp_version)
+        payload = msg.payload
+        status = self.features.local_auth_list.send_local_list(
+            payload["listVersion"],
+            str(payload["updateType"]),
+            payload.get("localAuthorizationList") or [],
+        )
+        await self._send(msg.create_call_result({"status": status}).to_json())
 
     async def _call_error(self, unique_id: str, code: str, description: str) -> None:
         log.warning("answering message %s with CALLERROR %s: %s", unique_id, code, description)
