@@ -45,6 +45,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from ocpp.v16 import call
 
+from agent.control import request as control_request
 from agent.ocpp import csms as csms_module
 from agent.ocpp import precheck as pc
 from agent.ocpp.csms import Csms
@@ -394,10 +395,19 @@ async def test_500_profiles_do_not_stall_the_event_loop(
     assert monitor.longest < STALL_LIMIT_S, f"the event loop stalled {monitor.longest:.3f} s"
 
 
+@pytest.mark.parametrize(("max_length", "expected"), [(1000, "Failed"), (10_000, "result")])
 async def test_a_10000_entry_local_list_does_not_stall_the_event_loop(
-    make_agent: AgentFactory, csms: Csms, wire: Wire
+    make_agent: AgentFactory, csms: Csms, wire: Wire, max_length: int, expected: str
 ) -> None:
-    await make_agent(ocpp=BIG_LIMITS)
+    """Refused (over SendLocalListMaxLength) and accepted (SendLocalListMaxLength and
+    LocalAuthListMaxLength 10,000)."""
+    await make_agent(
+        ocpp={
+            **BIG_LIMITS,
+            "SendLocalListMaxLength": max_length,
+            "LocalAuthListMaxLength": max(10_000, max_length),
+        }
+    )
     await csms.wait_message("StatusNotification", status_is(1, "Available"))
     entries = [{"idTag": f"L{n:07d}", "idTagInfo": {"status": "Accepted"}} for n in range(10_000)]
     payload = {"listVersion": 7, "updateType": "Full", "localAuthorizationList": entries}
@@ -408,7 +418,7 @@ async def test_a_10000_entry_local_list_does_not_stall_the_event_loop(
         await csms.call_raw(CP_ID, frame)
         await probe(csms, wire, mark, "probe-list")
     answers = [a for a in wire.answers(mark) if a[1] == "big-list"]
-    assert [kind_of(a) for a in answers] == ["Failed"]
+    assert [kind_of(a) for a in answers] == [expected]
     assert monitor.longest < STALL_LIMIT_S, f"the event loop stalled {monitor.longest:.3f} s"
 
 
@@ -581,3 +591,100 @@ async def test_a_start_that_fails_after_accepted_is_logged_and_reported(
         await booted.sim("unplug")
         await csms.wait_message("StatusNotification", status_is(1, "Available"), after=done)
     await start_charging(booted, csms)
+
+
+def full_profile(n: int, now: datetime) -> tuple[int, dict[str, Any]]:
+    """Profile ``n`` with ChargingScheduleMaxPeriods (48) periods."""
+    connector, body = staggered_profile(n, now)
+    body["chargingSchedule"]["chargingSchedulePeriod"] = [
+        {"startPeriod": 0 if k == 0 else 300 * k + n % 7, "limit": 6 + (n + k) % 26}
+        for k in range(48)
+    ]
+    return connector, body
+
+
+#: What the agent's RSS may grow by, at most, for what a CSMS sends at the configured
+#: limits (README, "Tests and benchmarks", has the measured figures): a refused 10,000-entry
+#: SendLocalList costs nothing lasting; a list of SendLocalListMaxLength (1,000) entries
+#: lives in SQLite (its page cache); MaxChargingProfilesInstalled (500 here) profiles of
+#: ChargingScheduleMaxPeriods (48) periods are kept parsed in memory (measured +4.1 MiB;
+#: +12 MiB when each kept its received body too).
+REFUSED_LIST_KIB = 1024
+ACCEPTED_LIST_KIB = 2048
+PROFILES_500_KIB = 6144
+
+
+@pytest.fixture
+async def big_agent_process(
+    tmp_path: Path, csms: Csms, ca_file: Path
+) -> AsyncIterator[AgentProcess]:
+    config = write_config(
+        tmp_path,
+        url=f"wss://localhost:{csms.port}/ocpp",
+        ca_file=ca_file,
+        connectors=2,
+        ocpp={**BIG_LIMITS, "MeterValueSampleInterval": 0},
+    )
+    config.write_text(config.read_text().replace('log_level = "debug"', 'log_level = "info"'))
+    agent = AgentProcess(config, tmp_path / "agent.log")
+    await agent.start()
+    try:
+        yield agent
+    finally:
+        await agent.terminate()
+
+
+async def test_memory_is_bounded_by_the_limits_not_by_what_the_csms_sends(
+    big_agent_process: AgentProcess, csms: Csms, wire: Wire
+) -> None:
+    await csms.wait_message("StatusNotification", status_is(2, "Available"), timeout_s=30)
+    assert big_agent_process.proc is not None
+    pid = big_agent_process.proc.pid
+
+    async def send_list(count: int, unique_id: str, version: int) -> str:
+        entries = [
+            {"idTag": f"L{n:07d}", "idTagInfo": {"status": "Accepted"}} for n in range(count)
+        ]
+        payload = {"listVersion": version, "updateType": "Full", "localAuthorizationList": entries}
+        mark = len(wire.frames)
+        await csms.call_raw(CP_ID, json.dumps([2, unique_id, "SendLocalList", payload]))
+        await probe(csms, wire, mark, f"probe-{unique_id}", timeout_s=60)
+        return kind_of(next(a for a in wire.answers(mark) if a[1] == unique_id))
+
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    async def install(numbers: range) -> None:
+        for n in numbers:
+            connector, body = full_profile(n, now)
+            result = await csms.call(
+                CP_ID,
+                call.SetChargingProfile(connector_id=connector, cs_charging_profiles=body),
+                timeout_s=30,
+            )
+            assert result["status"] == "Accepted", (n, result)
+
+    # A transaction (TxProfiles need one), then every code path once (caches, the
+    # library's schemas, SQLite's pages).
+    answer = await asyncio.to_thread(
+        control_request,
+        big_agent_process.socket,
+        {"cmd": "sim", "request": {"cmd": "plug", "connector": 1}},
+    )
+    assert answer.get("ok"), answer
+    result = await csms.call(CP_ID, call.RemoteStartTransaction(id_tag="MEM", connector_id=1))
+    assert result["status"] == "Accepted"
+    await csms.wait_message("StartTransaction", timeout_s=30)
+    assert await send_list(1000, "warm-list", 1) == "result"
+    assert await send_list(10_000, "warm-refused", 2) == "Failed"
+    await install(range(5))
+    base = rss_kib(pid)
+    assert await send_list(10_000, "refused", 3) == "Failed"
+    refused = rss_kib(pid) - base
+    assert await send_list(1000, "accepted", 4) == "result"
+    accepted = rss_kib(pid) - base
+    await install(range(5, 500))
+    profiles = rss_kib(pid) - base
+    print(f"RSS {base} KiB; +{refused} refused list, +{accepted} list, +{profiles} profiles")
+    assert refused <= REFUSED_LIST_KIB, f"a refused 10,000-entry list: +{refused} KiB"
+    assert accepted <= ACCEPTED_LIST_KIB, f"a 1,000-entry list: +{accepted} KiB"
+    assert profiles - accepted <= PROFILES_500_KIB, f"500 profiles: +{profiles - accepted} KiB"
