@@ -33,7 +33,7 @@ from agent.features.firmware.port import FirmwarePort
 from agent.features.registry import ConfigKeys as KeyRegistry
 from agent.features.registry import is_secret
 from agent.hardware import SimProcess, build
-from agent.logs import add_secret
+from agent.logs import add_secret, set_authorization_key
 from agent.ocpp.session import Session
 from agent.status import failed_messages, retry_failed_messages, snapshot, starting_snapshot
 from agent.store import Store
@@ -135,7 +135,7 @@ async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
     if cfg.agent["queue_flush_s"] or left:  # (0: only move what a run left there)
         store.stage(stage, float(cfg.agent["queue_flush_s"]))
     password = store.get("csms.password") or cfg.csms["password"]
-    add_secret(password)
+    set_authorization_key(password)  # the key in use: it and the one before it stay redacted
     add_secret(cfg.csms["password"])
     proxy_password = urlsplit(cfg.csms["proxy"]).password if cfg.csms["proxy"] else None
     if proxy_password:  # an error about the proxy may quote its URL

@@ -53,6 +53,11 @@ class ChargePointPort(Protocol):
 
     def send_status(self, connector_id: int, *, triggered: bool = False) -> None: ...
 
+    def report_start_failure(self, c: Connector, info: str) -> None:
+        """A start that was accepted could not happen: tell the CSMS (StatusNotification
+        with errorCode OtherError and ``info``), then the status as it is."""
+        ...
+
     async def actuate(self, c: Connector) -> None: ...
 
     def actuate_all(self) -> None:

@@ -419,6 +419,27 @@ class Station:
             payload["vendorErrorCode"] = vendor
         self.outbox.send(Outgoing("StatusNotification", payload))
 
+    def report_start_failure(self, c: Connector, info: str) -> None:
+        """A transaction that was to start (a RemoteStartTransaction already answered
+        Accepted, a tag, free vend) could not: the CSMS is told with a StatusNotification
+        of the connector's status with errorCode OtherError and ``info`` (OCPP 1.6 4.9:
+        an error that does not change the status), then the status again with NoError
+        (the error was an event, not a state). The status itself is derived again first:
+        Available once nothing holds the connector, Preparing while a vehicle is plugged."""
+        self.refresh_status(c)
+        if not self.registered:
+            return
+        status, _code, _vendor = self.status_of(c.id)
+        payload: dict[str, Any] = {
+            "connectorId": c.id,
+            "errorCode": "OtherError",
+            "info": info[:50],
+            "status": status,
+            "timestamp": iso(self.now()),
+        }
+        self.outbox.send(Outgoing("StatusNotification", payload))
+        self.send_status(c.id)
+
     def send_all_statuses(self) -> None:
         for connector_id in (0, *self.connectors):
             self.send_status(connector_id)

@@ -53,8 +53,9 @@ class Transactions:
                 info = result.get("idTagInfo", {})
                 st.tags.remember(id_tag, info)
                 return str(info.get("status", "Invalid")), info.get("parentIdTag")
-            except (NotConnected, ConnectionError, TimeoutError) as exc:
-                # Not sent, no answer, or the connection dropped while waiting.
+            except (NotConnected, ConnectionError, TimeoutError, ValueError) as exc:
+                # Not sent (offline, or a request that cannot be sent: ValueError), no
+                # answer, or the connection dropped while waiting: the CSMS did not refuse.
                 log.warning("Authorize for a tag failed (%s): deciding offline", exc)
             except Exception as exc:  # a CALLERROR from the CSMS
                 log.warning("CSMS answered Authorize with an error: %s", exc)
@@ -154,7 +155,30 @@ class Transactions:
         parent: str | None = None,
         profile: dict[str, Any] | None = None,
     ) -> bool:
-        """Start a transaction on ``c`` (vehicle plugged, tag authorized)."""
+        """Start a transaction on ``c`` (vehicle plugged, tag authorized).
+
+        Never fails silently: an error before the transaction exists (the store refusing
+        the record, say) is logged in one line and reported to the CSMS
+        (:meth:`Station.report_start_failure`), and False returned; the connector is
+        left free. An error once the transaction exists propagates (it is recorded and
+        StartTransaction queued: the caller's task logs it).
+        """
+        before = c.tx
+        try:
+            return await self._start_transaction(c, id_tag, parent, profile)
+        except Exception as exc:
+            if c.tx is not None and c.tx is not before:
+                raise
+            c.starting = False
+            self.clear_waiting(c)
+            log.error("connector %d: the transaction for idTag %s could not start: %s: %s",
+                      c.id, id_tag, type(exc).__name__, exc)  # fmt: skip
+            self.st.report_start_failure(c, f"transaction start failed: {type(exc).__name__}")
+            return False
+
+    async def _start_transaction(
+        self, c: Connector, id_tag: str, parent: str | None, profile: dict[str, Any] | None
+    ) -> bool:
         st = self.st
         if not c.can_start:
             log.warning("connector %d: cannot start a transaction now", c.id,

@@ -5,12 +5,15 @@ translate the library's snake_case kwargs into calls of the features' services a
 the library's result dataclasses. They never await a CALL (that would deadlock the receive
 loop, ocpp pitfall 1).
 
-In front of the library's ``route_message`` sits :meth:`OcppAdapter.route_frame`, a
-pre-check that answers malformed CALLs with a FormationViolation CALLERROR (the library
-would drop them silently) and drops results for unknown message ids with one log line.
-Nothing a CSMS sends can end the receive loop: frames nested too deeply to parse safely are
-refused before any recursive code sees them, and an unexpected error while handling a frame
-is logged in one line (a CALL not yet answered gets an InternalError CALLERROR).
+In front of the library's ``route_message`` sits :meth:`OcppAdapter.route_frame`: every
+frame first goes through :func:`agent.ocpp.precheck.precheck`, which answers what the
+library would drop, answer wrongly or fail on (a malformed CALL, an unknown action:
+NotImplemented, a known one without a handler: NotSupported, numbers and strings no OCPP
+field can hold, a frame over the size limit, a SendLocalList over SendLocalListMaxLength)
+with the OCPP-J 1.6 Table 7 code, and drops what cannot be answered; results for unknown
+message ids are dropped with one log line. Nothing a CSMS sends can end the receive loop:
+an unexpected error while handling a frame is logged in one line (a CALL not yet answered
+gets an InternalError CALLERROR).
 """
 
 from __future__ import annotations
@@ -33,12 +36,12 @@ from ocpp.messages import Call, MessageType, validate_payload
 from ocpp.v16 import ChargePoint
 from websockets.exceptions import ConnectionClosed
 
+from agent import logs
 from agent.aio import raise_if_cancelling
 from agent.assembly import Features
 from agent.core.config_keys import ConfigKeys
 from agent.core.security import EventType
 from agent.features.registry import is_secret
-from agent.logs import add_secret
 from agent.ocpp.handlers import ConnectionControl
 from agent.ocpp.handlers.core import CoreHandlers
 from agent.ocpp.handlers.firmware import FirmwareHandlers
@@ -47,6 +50,7 @@ from agent.ocpp.handlers.remote_trigger import RemoteTriggerHandlers
 from agent.ocpp.handlers.reservation import ReservationHandlers
 from agent.ocpp.handlers.security import SecurityHandlers
 from agent.ocpp.handlers.smart_charging import SmartChargingHandlers
+from agent.ocpp.precheck import Answer, Drop, precheck
 
 log = logging.getLogger("evcp.ocpp")
 
@@ -99,29 +103,11 @@ LIB_LOG = logging.getLogger("evcp.ocpp.lib")
 LIB_LOG.setLevel(logging.WARNING)
 LIB_LOG.addFilter(_OneLine())
 
-#: Lengths of a ChangeConfiguration(AuthorizationKey) value that are kept out of every log
-#: line even when the change is refused: a near-miss of a real key (one a key cannot
-#: have, 41+ characters, is no secret; a short one would blank ordinary words in the log).
+#: Lengths of a ChangeConfiguration(AuthorizationKey) value kept out of the log while it
+#: is handled, even when the change is refused (a near-miss of a real 16-40 character
+#: key): one a key cannot come close to is no secret, and a short one (a refused "Charging")
+#: would blank an ordinary word in every line until the next candidate.
 SECRET_LENGTHS = (12, 40)
-
-#: The deepest nesting of lists and objects accepted in a frame. The deepest OCPP 1.6
-#: message (a SetChargingProfile) nests 6 levels; deeper frames are refused before the
-#: library's recursive code (schema validation, case conversion, JSON encoding) sees them.
-MAX_DEPTH = 32
-
-
-def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
-    """True when ``value`` nests lists/objects more than ``limit`` levels (iterative)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if not isinstance(item, dict | list):
-            continue
-        if depth > limit:
-            return True
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((child, depth + 1) for child in children)
-    return False
 
 
 class OcppAdapter(
@@ -161,6 +147,10 @@ class OcppAdapter(
         self._answered = False
         self._changed_key: str | None = None
         self._invalid_reported = False
+        #: The actions with a handler here: another OCPP 1.6 action is NotSupported.
+        self._handled = frozenset(
+            action for action, handler in self.route_map.items() if "_on_action" in handler
+        )
 
     @property
     def answering(self) -> bool:
@@ -174,49 +164,33 @@ class OcppAdapter(
             await self.route_frame(raw)
 
     async def route_frame(self, raw: str | bytes) -> None:
-        """Check a frame's OCPP-J shape, then hand it to the library's router."""
-        if isinstance(raw, bytes):
-            log.warning("dropped a binary WebSocket frame (%d bytes): OCPP-J is text", len(raw))
+        """Pre-check a frame (:mod:`agent.ocpp.precheck`), then hand it to the library."""
+        decision = precheck(
+            raw,
+            handled=self._handled,
+            send_local_list_max_length=self.keys.get_int("SendLocalListMaxLength"),
+        )
+        if isinstance(decision, Drop):
+            log.warning("%s", decision.reason)  # no CSMS text in it; RepeatFilter limits it
             return
-        try:
-            frame = json.loads(raw)
-        except ValueError:
-            log.warning("dropped a frame that is not JSON (%d bytes)", len(raw))
+        if isinstance(decision, Answer):
+            log.warning("answering message %s with %s", decision.unique_id,
+                        decision.code or "a CALLRESULT")  # fmt: skip
+            if decision.code == "FormationViolation":
+                self._report_invalid(str(decision.details.get("cause", decision.description)))
+            await self._send(decision.to_json())
             return
-        except RecursionError:
-            log.warning("dropped a frame nested too deeply to parse (%d bytes)", len(raw))
-            return
-        if not isinstance(frame, list) or not frame or frame[0] not in (2, 3, 4):
-            log.warning("dropped a frame that is not an OCPP-J message: %.80s", raw)
-            return
-        unique_id = frame[1] if len(frame) > 1 else None
-        if not isinstance(unique_id, str) or not 0 < len(unique_id) <= 36:
-            log.warning("dropped a message without a valid unique id: %.80s", raw)
-            return
-        kind = frame[0]
+        frame = decision.frame
+        kind, unique_id = frame[0], frame[1]
         if kind == 2:
-            if len(frame) != 4 or not isinstance(frame[2], str) or not isinstance(frame[3], dict):
-                await self._call_error(unique_id, "FormationViolation",
-                                       "CALL must be [2, id, action, {payload}]")  # fmt: skip
-                return
-            if _too_deep(frame[3]):
-                await self._call_error(unique_id, "FormationViolation",
-                                       f"payload nests more than {MAX_DEPTH} levels")  # fmt: skip
-                return
             payload = frame[3]
             if frame[2] == "ChangeConfiguration" and is_secret(str(payload.get("key"))):
                 value = payload.get("value")
                 if isinstance(value, str) and SECRET_LENGTHS[0] <= len(value) <= SECRET_LENGTHS[1]:
-                    add_secret(value)  # accepted or refused, it never reaches a log line
+                    logs.candidate_secret(value)  # accepted or refused, never in a log line
         elif unique_id not in self.pending_ids:
             log.warning("dropped a %s for unknown message id %s",
                         "CALLRESULT" if kind == 3 else "CALLERROR", unique_id)  # fmt: skip
-            return
-        elif (kind == 3 and len(frame) != 3) or (kind == 4 and not 4 <= len(frame) <= 5):
-            log.warning("dropped a malformed response for message id %s", unique_id)
-            return
-        elif _too_deep(frame):
-            log.warning("dropped a response nested too deeply for message id %s", unique_id)
             return
         if log.isEnabledFor(logging.DEBUG):
             log.debug("< %s", raw)
@@ -228,8 +202,7 @@ class OcppAdapter(
         except Exception as exc:
             # The library lets some errors escape (e.g. from an @after handler); one bad
             # frame must not end the connection, let alone the agent.
-            log.error("error while handling message %s: %s: %s", unique_id,
-                      type(exc).__name__, exc)  # fmt: skip
+            log.error("error while handling message %s: %s", unique_id, type(exc).__name__)
             if kind == 2 and not self._answered:
                 await self._call_error(unique_id, "InternalError", "the request failed")
         finally:
@@ -239,18 +212,41 @@ class OcppAdapter(
         # The library reports a payload that breaks the schema as "FormatViolation", the
         # OCPP 2.0.1 name; OCPP 1.6 (section 4.2.3) calls it "FormationViolation".
         try:
+            if msg.action == "SendLocalList":
+                await self._send_local_list(msg)
+                return None
             return await super()._handle_call(msg)
         except FormatViolationError as exc:
             raise FormationViolationError(
                 description=exc.description, details=exc.details
             ) from None
 
+    async def _send_local_list(self, msg: Any) -> None:
+        """SendLocalList without the library's case conversion: the schema is checked as
+        for every CALL (the library's check, in a worker thread), then the camelCase
+        entries go to the service as they are. The library would convert a list of
+        SendLocalListMaxLength entries to snake_case for the handler, which converted it
+        back: two deep copies of the list, in the event loop."""
+        await validate_payload(msg, self._ocpp_version)
+        payload = msg.payload
+        status = self.features.local_auth_list.send_local_list(
+            payload["listVersion"],
+            str(payload["updateType"]),
+            payload.get("localAuthorizationList") or [],
+        )
+        await self._send(msg.create_call_result({"status": status}).to_json())
+
     async def _call_error(self, unique_id: str, code: str, description: str) -> None:
         log.warning("answering message %s with CALLERROR %s: %s", unique_id, code, description)
-        if code == "FormationViolation" and not self._invalid_reported:
-            self._invalid_reported = True  # once per connection: a flood is one event
-            self.features.security.raise_event(EventType.INVALID_MESSAGES, description)
+        if code == "FormationViolation":
+            self._report_invalid(description)
         await self._send(json.dumps([4, unique_id, code, description, {}]))
+
+    def _report_invalid(self, description: str) -> None:
+        """The InvalidMessages security event, once per connection: a flood is one event."""
+        if not self._invalid_reported:
+            self._invalid_reported = True
+            self.features.security.raise_event(EventType.INVALID_MESSAGES, description)
 
     async def _send(self, message: str) -> None:
         if log.isEnabledFor(logging.DEBUG):

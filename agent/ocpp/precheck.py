@@ -22,7 +22,9 @@ too large. Choices, each from the specification:
   escapes of non-BMP characters, and indentation (:data:`ENTRY_MAX_CHARS` per entry), and
   is never below :data:`MIN_FRAME_CHARS`. (OCPP 2.0.1 answers a message over
   BytesPerMessage with FormatViolation, 1.6's FormationViolation.)
-* **Numbers.** ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (RFC 8259 section 6):
+* **Numbers** (in a CALL; a CALLRESULT or CALLERROR may hold any integer Python can read,
+  as the agent judges the values it asked for: the library's schemas bound none).
+  ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (RFC 8259 section 6):
   ``FormationViolation``. An integer outside 64 bits (what the agent's SQLite store can
   hold; Python refuses integers over 4,300 digits outright, and the library then answered
   nothing) or a number that overflows a double (``1e400``) does not fit any OCPP data type:
@@ -187,6 +189,12 @@ def _parse_constant(text: str) -> Any:
 _DECODER = json.JSONDecoder(
     parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
 )
+#: For a CALLRESULT/CALLERROR: any integer Python reads (the agent judges the values it
+#: asked for itself: a 10**400 s interval is clamped, a transactionId beyond 64 bits is
+#: no usable answer and the message is retried), no NaN/Infinity.
+_RESPONSE_DECODER = json.JSONDecoder(parse_float=_parse_float, parse_constant=_parse_constant)
+#: ``[3,`` or ``[4,`` at the start of a frame.
+_RESPONSE_HEAD = re.compile(r"\s*\[\s*[34]\s*,")
 #: ``[2, "<id>", "<action>"`` at the start of a frame (the id may hold escapes).
 _HEAD = re.compile(r'\s*\[\s*2\s*,\s*("(?:[^"\\]|\\.){1,220}")\s*,\s*("(?:[^"\\]|\\.){0,120}")')
 #: An ``"idTag"`` key (a string value is never followed by a colon in JSON).
@@ -296,7 +304,12 @@ def _precheck(raw: str | bytes, handled: Collection[str], max_entries: int) -> D
     try:
         frame = _DECODER.decode(raw)
     except _Refused as exc:
-        return _unparsed(raw, exc.code, exc.cause)
+        if _RESPONSE_HEAD.match(raw) is None:
+            return _unparsed(raw, exc.code, exc.cause)
+        try:  # an answer to a CALL of ours: its integers are the agent's to judge
+            frame = _RESPONSE_DECODER.decode(raw)
+        except (ValueError, RecursionError):
+            return Drop(f"dropped a response that cannot be read ({len(raw)} characters)")
     except RecursionError:
         return _unparsed(raw, "FormationViolation", "the frame nests too deeply to parse")
     except ValueError:

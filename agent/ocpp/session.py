@@ -24,7 +24,13 @@ from agent.features.security.port import SecurityPort
 from agent.ocpp.adapter import OcppAdapter
 from agent.ocpp.security_connect import ConnectSettings, NoCertificateError, connect_settings
 from agent.ocpp.sender import Sender
-from agent.ocpp.transport import backoff, classify, open_connection, security_event
+from agent.ocpp.transport import (
+    backoff,
+    classify,
+    max_frame_bytes,
+    open_connection,
+    security_event,
+)
 
 log = logging.getLogger("evcp.session")
 
@@ -202,9 +208,9 @@ class Session:
             return False
         self.password = value
         self.station.store.put("csms.password", value)
-        from agent.logs import add_secret
+        from agent.logs import set_authorization_key
 
-        add_secret(value)
+        set_authorization_key(value)
         self.request_reconnect("new AuthorizationKey")
         return True
 
@@ -226,6 +232,7 @@ class Session:
                         ssl_context=settings.ssl_context,
                         ping_interval_s=self.ping_interval_s(),
                         proxy=csms["proxy"],
+                        max_size=max_frame_bytes(self.keys.get_int("SendLocalListMaxLength")),
                     )
                 )
                 if ws is None:

@@ -43,6 +43,23 @@ def _smaller_tls_reads() -> None:
 
 _smaller_tls_reads()
 
+
+def max_frame_bytes(send_local_list_max_length: int) -> int:
+    """The largest WebSocket message read (websockets' ``max_size``, in bytes): four times
+    the pre-check's frame limit (:func:`agent.ocpp.precheck.frame_limit`, in characters).
+
+    A frame between the two is read and answered with a FormationViolation CALLERROR that
+    names the limit (UTF-8 takes up to 3 bytes a character, so every frame within the
+    limit is read whatever its characters); beyond it websockets closes the connection
+    (1009), which bounds the memory one message can take.
+    """
+    # (Imported here: the pre-check loads the ocpp library, which the CLI's commands
+    # that import this module for its TLS settings must not pay for.)
+    from agent.ocpp.precheck import frame_limit
+
+    return 4 * frame_limit(send_local_list_max_length)
+
+
 #: TLS 1.2 suites, in preference order: ECDHE with AES-GCM first, then ECDHE with CBC and
 #: SHA-2, then the two RSA-kx GCM suites the OCPP security whitepaper mandates. Every one is
 #: in the ELBSecurityPolicy-TLS-1-2-Ext-2018-06 set, so a handshake with a server limited to
@@ -239,6 +256,7 @@ async def open_connection(
     ping_interval_s: float,
     open_timeout_s: float = 20.0,
     proxy: str = "",
+    max_size: int | None = None,
 ) -> ClientConnection:
     """Open the WSS connection; raise on failure (see :func:`classify`).
 
@@ -247,7 +265,8 @@ async def open_connection(
     ``proxy`` is an http(s):// HTTP CONNECT proxy, or empty to connect directly (proxy
     variables in the environment are ignored: a service's network path is its config).
     ``password`` None sends no Basic Auth (security profile 3: the client certificate is
-    the credential).
+    the credential). ``max_size``: see :func:`max_frame_bytes` (None: at the default
+    SendLocalListMaxLength, 1000).
     """
     if urlsplit(url).scheme != "wss":
         raise ValueError("refusing a non-wss:// CSMS URL")
@@ -265,7 +284,7 @@ async def open_connection(
         ping_timeout=interval,
         open_timeout=open_timeout_s,
         close_timeout=5,
-        max_size=2**20,
+        max_size=max_size if max_size is not None else max_frame_bytes(1000),
         user_agent_header=None,
         proxy=proxy or None,
     )

@@ -207,14 +207,20 @@ class LocalList:
         def update(db: sqlite3.Connection) -> bool:
             if full:
                 db.execute("DELETE FROM local_list")
-            for id_tag, entry in entries:
-                if entry is None:
-                    db.execute("DELETE FROM local_list WHERE id_tag = ?", (id_tag,))
-                else:
-                    db.execute(
-                        "INSERT OR REPLACE INTO local_list VALUES (?, ?, ?, ?)",
-                        (id_tag, entry.status, entry.expiry, entry.parent_id_tag),
-                    )
+            # (Two statements for the whole list: an idTag appears once in it, so the
+            # order of removals and insertions does not matter.)
+            db.executemany(
+                "DELETE FROM local_list WHERE id_tag = ?",
+                ((id_tag,) for id_tag, entry in entries if entry is None),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO local_list VALUES (?, ?, ?, ?)",
+                (
+                    (id_tag, entry.status, entry.expiry, entry.parent_id_tag)
+                    for id_tag, entry in entries
+                    if entry is not None
+                ),
+            )
             if db.execute("SELECT COUNT(*) FROM local_list").fetchone()[0] > max_size:
                 raise _TooLarge
             put_kv(db, "local_list.version", str(version))

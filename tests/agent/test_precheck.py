@@ -127,6 +127,10 @@ CASES: list[tuple[str, str, str | None]] = [
     ('[4, "a", "GenericError", "", {}]', "pass", None),
     ('[3, "a"]', "drop", "malformed"),
     ('[3, "a", {"x": NaN}]', "drop", None),
+    ('[3, "a", {"interval": ' + "9" * 401 + "}]", "pass", None),  # the agent clamps it
+    ('[3, "a", {"transactionId": 9223372036854775808}]', "pass", None),  # the agent refuses it
+    ('[3, "a", {"x": ' + "9" * 5000 + "}]", "drop", "cannot be read"),
+    ('[3, "a", {"x": 1e400}]', "drop", "cannot be read"),
     ('[3, "a", {"x": "\\ud800"}]', "drop", None),
     ("", "drop", None),
     ("null", "drop", None),

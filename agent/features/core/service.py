@@ -124,6 +124,12 @@ class Core:
                          " idTag", c.id)  # fmt: skip
                 return
             started = True
+        except Exception as exc:  # accepted, so never silent: the log and the CSMS hear it
+            log.error("connector %d: RemoteStartTransaction for idTag %s was accepted but"
+                      " failed: %s: %s", c.id, id_tag, type(exc).__name__, exc)  # fmt: skip
+            c.starting = False
+            port.report_start_failure(c, f"remote start failed: {type(exc).__name__}")
+            return
         finally:
             c.starting = False  # start_transaction (no await before its check) takes over
             if not started:

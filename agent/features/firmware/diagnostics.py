@@ -22,7 +22,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import tarfile
 import time
 import tomllib
 from pathlib import Path
@@ -136,6 +135,8 @@ def build_bundle(
         # The agent holds the database's lock: it checks it itself and passes the result
         # (opening it here would wait for the lock); the file is read here only without it.
         integrity_text = f"{state_db}: {checked}" if checked else integrity(state_db)
+        import tarfile  # (here: the agent imports this module for bundle_name only)
+
         with tarfile.open(partial, "w:gz", compresslevel=6) as tar:
             tar.add(journal, arcname=f"{folder}/journal.txt")
             for name, text in (

@@ -14,6 +14,9 @@ from agent.ocpp.handlers import Handlers
 
 
 class LocalAuthListHandlers(Handlers):
+    # (The adapter answers SendLocalList itself, without the library's case conversion
+    # of the list: OcppAdapter._send_local_list. This handler declares the action and is
+    # what the library would call.)
     @on(Action.send_local_list)
     def on_send_local_list(self, list_version: int, update_type: str,
                            local_authorization_list: list[dict[str, Any]] | None = None,
