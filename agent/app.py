@@ -28,6 +28,7 @@ from agent.config import Config
 from agent.control import Peer
 from agent.control import serve as serve_control
 from agent.core.config_keys import ConfigKeys
+from agent.core.security import EventType
 from agent.features.firmware.keys import supported_protocols
 from agent.features.firmware.port import FirmwarePort
 from agent.features.registry import ConfigKeys as KeyRegistry
@@ -162,6 +163,12 @@ async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
         step_system_clock=bool(cfg.time["step_system_clock"]),
     )
     live = Live(cfg=cfg, store=store, keys=keys, clock=clock)
+    clock.on_step = lambda offset_s: live.security_event(
+        EventType.SETTING_SYSTEM_TIME, f"NTP stepped the system clock by {offset_s:+.3f} s"
+    )
+    store.on_disk_full = lambda error: live.security_event(
+        EventType.MEMORY_EXHAUSTION, f"the state file cannot be written: {error}"
+    )
 
     async def control_handler(request: dict[str, Any], peer: Peer) -> dict[str, Any]:
         return await handle_control(request, live, peer)
@@ -220,6 +227,7 @@ async def _serve(cfg: Config, stop: asyncio.Event, live: Live, password: str) ->
     try:
         await charger.start()
         live.charger, live.session, live.phase = charger, session, RUNNING
+        live.flush_events()
         sd_notify(f"READY=1\nSTATUS=evcp {__version__}: {len(hardware)} connector(s)")
         log.info("evcp %s running with %d connector(s)", __version__, len(hardware))
         me = asyncio.current_task()
@@ -405,6 +413,23 @@ class Live:
     charger: ChargePoint | None = None
     session: Session | None = None
     sim: SimProcess | None = None
+    #: Security events seen before the charge point runs (a clock step at start).
+    pending_events: list[tuple[EventType, str]] = field(default_factory=list)
+
+    def security_event(self, event: EventType, info: str) -> None:
+        """Record a security event the agent saw (never from inside the caller: a store
+        that is handling a write error must not be written to from its own callback)."""
+        self.pending_events.append((event, info))
+        with contextlib.suppress(RuntimeError):  # (no running loop: kept until the start)
+            asyncio.get_running_loop().call_soon(self.flush_events)
+
+    def flush_events(self) -> None:
+        if self.charger is None:
+            return
+        events, self.pending_events = self.pending_events, []
+        for event, info in events:
+            self.charger.features.security.raise_event(event, info)
+
     uplink: UplinkSupervisor | None = None
 
 

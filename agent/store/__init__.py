@@ -100,6 +100,9 @@ class Store:
     cache_max = 1000
     #: Seconds between attempts to write the state back to disk after a write failed.
     disk_retry_s = 60.0
+    #: Called (with the error) when the disk refuses writes and the state moves to memory:
+    #: the agent records it as a MemoryExhaustion security event.
+    on_disk_full: Callable[[str], None] = staticmethod(lambda error: None)
     #: Seconds between writes of a running transaction's last meter reading when no
     #: message of the transaction is queued in between.
     note_interval_s = 300.0

@@ -320,6 +320,9 @@ class RetryDelay(Protocol):
     #: Seconds between attempts to write the state back to disk after a write failed.
     disk_retry_s: float
 
+    def on_disk_full(self, error: str) -> None:
+        """The state moved to memory: the disk refuses writes."""
+
 
 def _nothing() -> None:
     return None
@@ -396,6 +399,7 @@ class Database:
             self.db = memory
         self.write_error = str(exc)
         self.retry_at = time.monotonic() + self._limits.disk_retry_s
+        self._limits.on_disk_full(str(exc))
         log.error(
             "cannot write the state file %s (%s): the agent carries on with its state in"
             " memory, charging and reporting as usual, but a power loss now loses what was"

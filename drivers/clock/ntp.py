@@ -270,6 +270,9 @@ class ClockGuard:
         self._sample: ClockSample | None = None
         self._offset_s = 0.0
         self._synced_at_monotonic: float | None = None
+        #: Called with the offset (s) after each step of the system clock (the agent
+        #: records it as a SettingSystemTime security event).
+        self.on_step: Callable[[float], None] = lambda offset_s: None
 
     @property
     def sample(self) -> ClockSample | None:
@@ -312,6 +315,8 @@ class ClockGuard:
         self._sample = sample
         self._offset_s = 0.0 if stepped else sample.offset_s
         self._synced_at_monotonic = time.monotonic()
+        if stepped:
+            self.on_step(sample.offset_s)
         return sample
 
     async def wait_synchronized(

@@ -578,6 +578,19 @@ async def test_guard_does_not_correct_after_stepping(fake_server: FakeNtpServer)
     assert guard.sample == sample
 
 
+async def test_guard_tells_who_listens_when_it_steps_the_clock(fake_server: FakeNtpServer) -> None:
+    """The agent records each step as a SettingSystemTime security event."""
+    spy = SetterSpy()
+    steps: list[float] = []
+    guard = ClockGuard(timeout_s=1.0, step_system_clock=True, clock_settime=spy)
+    guard.on_step = steps.append
+
+    sample = await guard.sync([fake_server.address])
+
+    assert sample is not None and len(spy.calls) == 1
+    assert steps == [sample.offset_s]
+
+
 async def test_guard_corrects_when_the_step_is_refused(fake_server: FakeNtpServer) -> None:
     def refuse(epoch_s: float) -> None:
         raise PermissionError(1, "Operation not permitted")

@@ -665,6 +665,23 @@ def test_full_disk_carries_on_in_memory_and_writes_back(
     store.close()
 
 
+def test_a_full_disk_is_told_once_to_who_listens(tmp_path: Path) -> None:
+    """The agent records it as a MemoryExhaustion security event: once when the state goes
+    to memory, not at every write that finds the disk still full."""
+    store = Store.open(tmp_path)
+    seen: list[str] = []
+    store.on_disk_full = seen.append
+    local = store.begin_transaction(connector_id=1, id_tag="T", meter_start_wh=0,
+                                    start_ts="t0", reservation_id=None, start_payload={})  # fmt: skip
+    pages = store._disk.execute("PRAGMA page_count").fetchone()[0]
+    store._disk.execute(f"PRAGMA max_page_count={pages}")
+    for n in range(20):
+        store.enqueue("MeterValues", mv(n), local)
+    assert store.storage_status()["on_disk"] is False
+    assert len(seen) == 1 and "full" in seen[0]
+    store.close()
+
+
 def test_a_second_agent_on_the_same_state_is_refused_not_moved_aside(tmp_path: Path) -> None:
     store = Store.open(tmp_path)
     store.put("k", "v")

@@ -10,6 +10,7 @@ in-memory list and sent once connected (best effort: lost on a restart, still in
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -120,7 +121,12 @@ class SecurityEvents:
 
     def raise_event(self, event: EventType, when: datetime, info: str = "") -> None:
         info = tech_info(info)
-        self.log.append(event.value, when, info)
+        try:
+            self.log.append(event.value, when, info)
+        except OSError as exc:  # (a full disk: the notification still goes to the CSMS)
+            logging.getLogger("evcp.security").warning(
+                "security log %s not written (%s): %s", self.log.path, exc, event.value
+            )
         payload: dict[str, Any] = {"type": event.value, "timestamp": when.isoformat()}
         if info:
             payload["techInfo"] = info
