@@ -17,6 +17,7 @@ from ocpp.v16 import call
 
 from agent.ocpp.csms import Csms
 from tests.agent.features.firmware.servers import FileServer
+from tests.agent.features.firmware.test_installer import build_deb
 from tests.conftest import CP_ID, PASSWORD, AgentFactory, server_context, start_charging
 
 
@@ -54,11 +55,11 @@ async def test_get_diagnostics_uploads_a_redacted_bundle(
 
 
 async def test_an_update_waits_for_the_transaction_and_blocks_new_ones(
-    make_agent: AgentFactory, csms: Csms, files: FileServer, ca_file: Path
+    make_agent: AgentFactory, csms: Csms, files: FileServer, ca_file: Path, tmp_path: Path
 ) -> None:
     """UpdateFirmware during a transaction: downloaded at once, installed only once the
     transaction has ended; while Installing, no connector takes a car (Unavailable)."""
-    files.state.files["/evcp.deb"] = b"not really a package" * 1000
+    files.state.files["/evcp.deb"] = build_deb(tmp_path / "evcp.deb", "9.9.9").read_bytes()
     agent = await make_agent(extra=f'[firmware]\nca_file = "{ca_file}"\n')
     await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
     tx_id = await start_charging(agent, csms)
@@ -93,6 +94,35 @@ async def test_an_update_waits_for_the_transaction_and_blocks_new_ones(
         i for i, m in enumerate(csms.received[mark:]) if m.payload.get("status") == "Installing"
     )
     assert actions.index("StopTransaction") < installing
+    assert csms.errors == []
+
+
+async def test_a_download_that_is_not_an_evcp_package_fails_after_the_retries(
+    make_agent: AgentFactory, csms: Csms, files: FileServer, ca_file: Path, tmp_path: Path
+) -> None:
+    """A corrupt download (here: not a Debian package at all; a package of another name
+    is refused the same way) is fetched again, and after the retries DownloadFailed:
+    nothing reaches the installer."""
+    files.state.files["/evcp.deb"] = b"\x1f\x8b corrupt" * 4000
+    agent = await make_agent(extra=f'[firmware]\nca_file = "{ca_file}"\n')
+    await csms.wait_message("StatusNotification", lambda p: p["connectorId"] == 1)
+    await csms.call(
+        CP_ID,
+        call.UpdateFirmware(
+            location=files.url("/evcp.deb"),
+            retrieve_date="2020-01-01T00:00:00Z",
+            retries=2,
+            retry_interval=1,
+        ),
+    )
+    await csms.wait_message(
+        "FirmwareStatusNotification", lambda p: p["status"] == "DownloadFailed", timeout_s=60
+    )
+    assert statuses(csms, "FirmwareStatusNotification") == ["Downloading", "DownloadFailed"]
+    gets = [r for r in files.state.requests if r.get("path") == "/evcp.deb"]
+    assert len(gets) == 2  # two attempts, each fetching it whole
+    spool = agent.config.parent / "state" / "firmware"
+    assert not (spool / "install.request").exists()
     assert csms.errors == []
 
 

@@ -23,6 +23,7 @@ from ocpp.v16 import call
 
 from agent.ocpp.csms import Csms
 from tests.agent.features.firmware.servers import FileServer
+from tests.agent.features.firmware.test_installer import build_deb
 from tests.agent.security import pki
 from tests.conftest import CP_ID, AgentFactory, RunningAgent, server_context
 
@@ -194,9 +195,9 @@ async def install_manufacturer_root(csms: Csms, root: pki.Ca) -> None:
 
 
 def firmware_file(files: FileServer, tmp_path: Path) -> tuple[Path, bytes]:
-    data = b"evcp firmware image " * 2000
-    path = tmp_path / "evcp.deb"
-    path.write_bytes(data)
+    """A real ``evcp`` Debian package (the agent checks a download is one)."""
+    path = build_deb(tmp_path / "evcp.deb", "9.9.9")
+    data = path.read_bytes()
     files.state.files["/evcp.deb"] = data
     return path, data
 

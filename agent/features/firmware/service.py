@@ -97,6 +97,9 @@ class Settings:
     python: str = sys.executable
     journalctl: str = "journalctl"
     unit: str = "evcp"
+    #: Check a download is an ``evcp`` Debian package before calling it Downloaded (a
+    #: corrupt one is downloaded again); off when ``install_command`` installs an image.
+    check_package: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> Settings:
@@ -114,6 +117,7 @@ class Settings:
             default_retry_interval_s=float(f["default_retry_interval_s"]),
             transfer_timeout_s=float(f["transfer_timeout_s"]),
             rollback_after_s=float(f["rollback_after_s"]),
+            check_package=not str(f["install_command"]),
         )
 
 
@@ -543,6 +547,13 @@ class FirmwareService:
         )
         if generation != self._generation["download"] or self.state.update is None:
             return  # replaced meanwhile
+        if code == 0 and result.get("ok") and self.settings.check_package:
+            problem = await _package_problem(dest)
+            if problem is not None:
+                code, result = 1, {"ok": False, "error": problem, "retryable": True}
+                dest.unlink(missing_ok=True)  # (downloaded again whole, not resumed)
+        if generation != self._generation["download"] or self.state.update is None:
+            return  # replaced meanwhile
         if code == 0 and result.get("ok"):
             self._feed(fw.DownloadOk(DOWNLOAD_FILE, self._now()))
         else:
@@ -703,6 +714,28 @@ def security_log_name(charge_point_id: str, now: float) -> str:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in charge_point_id)
     return f"security-{safe}-{stamp}.log"
+
+
+async def _package_problem(path: Path) -> str | None:
+    """Why ``path`` is not an ``evcp`` Debian package (dpkg-deb, unprivileged), or None.
+    Without dpkg-deb on the board nothing is checked here (the installer still checks)."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            "dpkg-deb", "--field", str(path), "Package",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+    except FileNotFoundError:
+        return None
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        reason = err.decode(errors="replace").strip().splitlines()
+        return (
+            f"the download is not a Debian package ({reason[-1] if reason else 'dpkg-deb failed'})"
+        )
+    name = out.decode(errors="replace").strip()
+    if name != "evcp":
+        return f"the download is the package {name[:40]!r}, not evcp"
+    return None
 
 
 def status_view(spool_dir: Path, version: str) -> dict[str, Any]:
