@@ -100,7 +100,10 @@ FRAME_OVERHEAD_CHARS = 4096
 #: No frame limit is below this (every other OCPP 1.6 CALL at the default limits fits).
 MIN_FRAME_CHARS = 64 * 1024
 #: How far into an oversized or unparsable frame the unique id is looked for.
-ID_SCAN_CHARS = 256
+# (A unique id is at most 36 characters, but written as JSON escapes a character outside
+# the BMP takes 12 ("\ud83d\ude00"): 432 for the id, plus the action and the brackets;
+# the hostile-CSMS test found ids that 256 did not reach.)
+ID_SCAN_CHARS = 640
 #: The deepest nesting of lists and objects accepted (the deepest OCPP 1.6 CALL nests 6).
 MAX_DEPTH = 32
 #: The largest ``limit`` / ``minChargingRate`` accepted (A or W): far above any charger,
@@ -196,7 +199,7 @@ _RESPONSE_DECODER = json.JSONDecoder(parse_float=_parse_float, parse_constant=_p
 #: ``[3,`` or ``[4,`` at the start of a frame.
 _RESPONSE_HEAD = re.compile(r"\s*\[\s*[34]\s*,")
 #: ``[2, "<id>", "<action>"`` at the start of a frame (the id may hold escapes).
-_HEAD = re.compile(r'\s*\[\s*2\s*,\s*("(?:[^"\\]|\\.){1,220}")\s*,\s*("(?:[^"\\]|\\.){0,120}")')
+_HEAD = re.compile(r'\s*\[\s*2\s*,\s*("(?:[^"\\]|\\.){1,440}")\s*,\s*("(?:[^"\\]|\\.){0,120}")')
 #: An ``"idTag"`` key (a string value is never followed by a colon in JSON).
 _ID_TAG_KEY = re.compile(r'"idTag"\s*:')
 

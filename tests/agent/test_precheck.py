@@ -340,3 +340,13 @@ def test_what_passes_never_breaks_the_library_schema_check(
         _validate_payload(Call("a", action, decision.frame[3]), "1.6")
     except OCPPError:
         pass  # a CALLERROR the library answers (e.g. not a multiple of 0.1): fine
+
+
+def test_a_call_whose_id_is_all_escaped_astral_characters_is_still_answered() -> None:
+    """36 characters outside the BMP, each written as a 12-character escape pair (found by
+    the hostile-CSMS test): the id is read and the broken CALL answered, not dropped."""
+    unique_id = "\U0001f600" * 36
+    raw = "[2, " + json.dumps(unique_id) + ', "RemoteStopTransaction", {"transactionId": Infinity}]'
+    decision = check(raw)
+    assert isinstance(decision, Answer)
+    assert json.loads(decision.to_json())[1] == unique_id
