@@ -148,6 +148,7 @@ def _child(path: str) -> int:
         print(exc, file=sys.stderr)
         return 2
     logs.setup(cfg.agent["log_level"], cfg.agent["log_target"])
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per message
     logs.add_secret(cfg.csms["password"])
     if cfg.uplink is None:
         logging.getLogger("evcp.uplink").error("%s: no [uplink] section", cfg.path)

@@ -10,7 +10,8 @@ Child -> agent:
 
 * ``{"snapshot": {...}}``: the ``"uplink"`` object of ``evcp status --json``; sent when it
   changes and at least every ``SNAPSHOT_EVERY_S``;
-* ``{"reconnect": REASON}``: the default route moved, reconnect over the new link now;
+* ``{"reconnect": REASON, "snapshot": {...}}``: the default route moved, reconnect over the
+  new link now;
 * ``{"route_chosen": LINK}``: the first choice of a link (not a reconnect);
 * ``{"watch_calls": BOOL}``: a move back is coming: keep me told whether a CALL awaits its
   answer (the agent sends ``call_in_flight`` on every change while this is true);
@@ -66,7 +67,10 @@ class PipeSession:
         self.supervisor: UplinkSupervisor | None = None
 
     def reconnect(self, reason: str) -> None:
-        send({"reconnect": reason})
+        # with the state after the switch: the session's next connection asks the agent for
+        # the ping interval of the new link at once
+        sup = self.supervisor
+        send({"reconnect": reason, **({"snapshot": sup.snapshot()} if sup is not None else {})})
 
     def call_in_flight(self) -> bool:
         return self.in_flight

@@ -206,8 +206,8 @@ class UplinkClient:
                 delay = self.restart_min_s
             self._down_reason = f"the uplink process {why}; restarting it"
             log.error(
-                "uplink: the uplink process %s; restarting it in %.0f s (the OS's routes"
-                " apply meanwhile)",
+                "uplink: the uplink process %s; restarting it in %.0f s (the agent carries"
+                " on over the routes as they are)",
                 why,
                 delay,
             )
@@ -289,9 +289,11 @@ class UplinkClient:
             log.warning("uplink: ignoring a bad line from the uplink process: %.200r", line)
             return
         session = self.session
-        if isinstance(message.get("snapshot"), dict):
+        if isinstance(message.get("snapshot"), dict):  # (also with a reconnect: the new link)
             self._snapshot = message["snapshot"]
             self._ready.set()
+        if "snapshot" in message and len(message) == 1:
+            pass
         elif "reconnect" in message:
             if session is not None:
                 session.reconnect(str(message["reconnect"]))
