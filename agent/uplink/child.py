@@ -25,8 +25,8 @@ Agent -> child:
 * ``{"id": ID, "cmd": "identity", "timeout_s": SECONDS}`` (ICCID and IMSI for
   BootNotification).
 
-The child stops (removing its route copy) on SIGTERM, SIGINT, or when its standard input
-closes: the agent is gone.
+The child stops (removing its route copy) on SIGTERM or when its standard input closes
+(the agent is gone); it ignores SIGINT (Ctrl-C at a terminal: the agent stops it).
 """
 
 from __future__ import annotations
@@ -112,8 +112,10 @@ async def serve(cfg: Config) -> int:
     session.supervisor = sup
     loop = asyncio.get_running_loop()
     runner = asyncio.create_task(sup.run(), name="uplink")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, runner.cancel)
+    loop.add_signal_handler(signal.SIGTERM, runner.cancel)
+    # Ctrl-C at a terminal reaches the whole process group: the agent stops this process
+    # itself (SIGTERM, or closing its standard input), after its own orderly stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     reader = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     requests: set[asyncio.Task[None]] = set()
