@@ -236,11 +236,20 @@ def rss_mib(pid: int) -> float:
     )
 
 
+def pss_mib(pid: int) -> float:
+    """Proportional set size: shared pages (libpython, libcrypto...) divided among users."""
+    return next(
+        int(line.split()[1]) / 1024
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        if line.startswith("Pss:")
+    )
+
+
 async def ocpp_reconnect(
     topo: Topology, work: Path, fault: str
-) -> tuple[float, float, float, float]:
+) -> tuple[float, float, float, float, float, float]:
     """(fault -> switch, fault -> OCPP connection accepted over gsm0, RSS MiB of the agent
-    and of its uplink process)."""
+    and of its uplink process, PSS MiB of both)."""
     from ocpp.v16 import call
 
     from agent.control import request
@@ -307,7 +316,14 @@ async def ocpp_reconnect(
             switched.append(connected)
         uplink: dict[str, object] = status().get("uplink") or {}  # type: ignore[assignment]
         child = int(uplink["process"]["pid"])  # type: ignore[index]
-        return switched[0] - start, connected - start, rss_mib(proc.pid), rss_mib(child)
+        return (
+            switched[0] - start,
+            connected - start,
+            rss_mib(proc.pid),
+            rss_mib(child),
+            pss_mib(proc.pid),
+            pss_mib(child),
+        )
     finally:
         proc.terminate()
         proc.wait(30)
@@ -346,13 +362,14 @@ def main() -> int:
                     runs = [asyncio.run(ocpp_reconnect(topo, work / f"{fault}{i}", fault))
                             for i in range(args.trials)
                             if not (work / f"{fault}{i}").mkdir()]  # fmt: skip
-                    sw, oc, rss, child_rss = zip(*runs, strict=True)
+                    sw, oc, rss, child_rss, pss, child_pss = zip(*runs, strict=True)
                     print(
                         f"{fault:8} loss -> OCPP connected over gsm0: median"
                         f" {statistics.median(oc):.2f} s, max {max(oc):.2f} s (switch: median"
                         f" {statistics.median(sw):.2f} s) over {len(oc)} trials (target <= 10 s);"
                         f" RSS: agent {max(rss):.1f} MiB (target 36 MiB), its uplink process"
-                        f" {max(child_rss):.1f} MiB"
+                        f" {max(child_rss):.1f} MiB (PSS: {max(pss):.1f} and"
+                        f" {max(child_pss):.1f} MiB)"
                     )
                 if args.only_ocpp:
                     return 0
