@@ -158,6 +158,10 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
 
     asyncio.get_running_loop().add_reader(notify.fileno(), on_notify)
     env = {**os.environ, **unit_environment(), "NOTIFY_SOCKET": str(work / "notify.sock")}
+    if python == os.path.abspath(sys.executable):
+        # this checkout's agent (the agent runs in the scratch directory: a venv with an
+        # editable install elsewhere would otherwise run that one)
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         python, "-m", "agent", "run", "--config", str(config), env=env, cwd=work
