@@ -10,6 +10,8 @@ holding a move back until it is answered, and the route copy removed on an order
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -138,6 +140,43 @@ async def test_switches_calls_in_flight_and_an_orderly_stop_across_the_pipe(
         await asyncio.gather(task, return_exceptions=True)
         server.close()
     # the orderly stop: the child removed its route copy, the OS's own routes apply
+    assert sorted((r["dev"], r.get("metric")) for r in topo.default_routes()) == [
+        ("gsm0", 700),
+        ("wifi0", 600),
+    ]
+
+
+async def test_a_killed_uplink_process_is_replaced_and_the_connection_follows_its_choice(
+    topo: Topology, tmp_path: Path
+) -> None:
+    server = await asyncio.start_server(_accept, sock=socket_in_netns(topo.csms, CSMS_ADDR, PORT))
+    path = tmp_path / "evcp.toml"
+    path.write_text(CONFIG.format(state=tmp_path / "state"))
+    argv = topo.exec_argv(topo.charger, child_argv(path))
+    client = UplinkClient(load(path), argv=argv, restart_min_s=0.1)
+    session = RecordingSession()
+    client.attach(session)
+    task = asyncio.create_task(client.run())
+    try:
+        await until("wifi chosen", lambda: client.active == "wifi")
+        await until(
+            "gsm healthy",
+            lambda: any(lk["name"] == "gsm" and lk["healthy"] for lk in client.snapshot()["links"]),
+        )
+        await client.switch("gsm")
+        assert topo.route_dev() == "gsm0" and len(session.reconnects) == 1
+        first = client.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)  # no clean-up: its route copy on gsm0 stays
+        # the new process starts afresh (nothing forced) and picks wifi: the session follows
+        await until("the reconnect over wifi", lambda: len(session.reconnects) == 2)
+        assert session.reconnects[1] == "uplink process restarted: now on wifi"
+        assert client.pid != first and client.snapshot()["process"]["restarts"] == 1
+        assert topo.route_dev() == "wifi0"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.close()
     assert sorted((r["dev"], r.get("metric")) for r in topo.default_routes()) == [
         ("gsm0", 700),
         ("wifi0", 600),
