@@ -43,7 +43,7 @@ from drivers.base import FaultCode
 from drivers.clock.ntp import ClockGuard
 
 if TYPE_CHECKING:
-    from agent.uplink.supervisor import UplinkSupervisor
+    from agent.uplink.client import UplinkClient
 
 log = logging.getLogger("evcp")
 
@@ -265,23 +265,21 @@ async def _serve(cfg: Config, stop: asyncio.Event, live: Live, password: str) ->
             await sim.stop()
 
 
-def _uplink_supervisor(cfg: Config, session: Session) -> UplinkSupervisor | None:
-    """The uplink supervisor, with ``[uplink]`` only (pyroute2 is imported only then)."""
+def _uplink_supervisor(cfg: Config, session: Session) -> UplinkClient | None:
+    """The uplink supervisor, with ``[uplink]`` only: it runs in a child process (it needs
+    pyroute2, ~12 MiB that stay out of the agent's memory); this is the agent's end."""
     if cfg.uplink is None:
         return None
-    from agent.uplink.supervisor import UplinkSupervisor
+    from agent.uplink.client import UplinkClient
 
-    url = urlsplit(cfg.csms["url"])
-    supervisor = UplinkSupervisor(
-        cfg.uplink, url.hostname or "", url.port or 443, tls=session.ssl_context()
-    )
+    supervisor = UplinkClient(cfg)
     supervisor.attach(session)
     session.uplink = supervisor
     return supervisor
 
 
 async def _session(
-    cfg: Config, charger: ChargePoint, session: Session, uplink: UplinkSupervisor | None
+    cfg: Config, charger: ChargePoint, session: Session, uplink: UplinkClient | None
 ) -> None:
     """The CSMS connection; first, with a modem, ICCID and IMSI for BootNotification (for
     at most 5 s: a modem that does not answer does not keep the charger off the CSMS)."""
@@ -297,9 +295,10 @@ async def _session(
     await session.run()
 
 
-async def _supervise(uplink: UplinkSupervisor) -> None:
-    """Run the uplink supervisor; a failure of it is logged and the agent carries on over
-    whatever route the OS picks (cancelling it removes its route copy)."""
+async def _supervise(uplink: UplinkClient) -> None:
+    """Run the uplink process (started again if it dies); a failure of it is logged and the
+    agent carries on over whatever route the OS picks (cancelling it stops the process,
+    which removes its route copy)."""
     try:
         await uplink.run()
     except Exception as exc:
@@ -430,7 +429,7 @@ class Live:
         for event, info in events:
             self.charger.features.security.raise_event(event, info)
 
-    uplink: UplinkSupervisor | None = None
+    uplink: UplinkClient | None = None
 
 
 #: Requests that change something: root (or the agent's own user) only.

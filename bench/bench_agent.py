@@ -17,7 +17,11 @@ READY=1 is timed too). ``--python`` runs the agent with another interpreter, e.g
 installed package's ``/opt/venvs/evcp/bin/python`` (Debian's python3.11, runtime
 dependencies only), which is what a charger runs; the default is this interpreter.
 
-Usage: python bench/bench_agent.py [--seconds 120] [--python PATH]
+``--uplink`` adds an ``[uplink]`` section (two links whose interfaces do not exist here, so
+nothing on this machine's routes moves): the agent then runs its uplink process
+(``python -m agent.uplink --child``, where pyroute2 lives), whose memory is printed apart.
+
+Usage: python bench/bench_agent.py [--seconds 120] [--python PATH] [--uplink]
 """
 
 from __future__ import annotations
@@ -87,7 +91,22 @@ def proc_pss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def main(seconds: float, python: str) -> None:
+UPLINK = """
+[uplink]
+[[uplink.links]]
+name = "wifi"
+interface = "evcpbench0"
+kind = "wifi"
+priority = 1
+[[uplink.links]]
+name = "gsm"
+interface = "evcpbench1"
+kind = "gsm"
+priority = 2
+"""
+
+
+async def main(seconds: float, python: str, uplink: bool = False) -> None:
     work = scratch("evcp-bench-")
     # MeterValues are staged in RAM by default: /run/evcp on a charger, /dev/shm here.
     shm = Path("/dev/shm")
@@ -126,7 +145,7 @@ port = "{devices["evse_ports"][0]}"
 [ocpp]
 MeterValueSampleInterval = 60
 MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
-""")
+{UPLINK if uplink else ""}""")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(work / "notify.sock"))
     notify.setblocking(False)
@@ -139,6 +158,10 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
 
     asyncio.get_running_loop().add_reader(notify.fileno(), on_notify)
     env = {**os.environ, **unit_environment(), "NOTIFY_SOCKET": str(work / "notify.sock")}
+    if python == os.path.abspath(sys.executable):
+        # this checkout's agent (the agent runs in the scratch directory: a venv with an
+        # editable install elsewhere would otherwise run that one)
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         python, "-m", "agent", "run", "--config", str(config), env=env, cwd=work
@@ -157,6 +180,13 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
     cpu1, w1 = proc_cpu_s(proc.pid), time.monotonic()
     rss, pss = proc_rss_mib(proc.pid), proc_pss_mib(proc.pid)
     threads = len(os.listdir(f"/proc/{proc.pid}/task"))
+    child: int | None = None
+    if uplink:
+        from agent.control import request
+
+        status = request(work / "control.sock", {"cmd": "status"}, timeout_s=5.0)
+        child = status["uplink"]["process"]["pid"]
+        child_rss, child_pss = proc_rss_mib(child), proc_pss_mib(child)
     meter_values = len(csms.messages("MeterValues"))
     proc.send_signal(signal.SIGTERM)
     await proc.wait()
@@ -172,6 +202,10 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
     print(f"resident memory while charging:        {rss:.1f} MiB (target <= 36 MiB)")
     print(f"  threads:                             {threads}")
     print(f"  proportional set size (PSS):         {pss:.1f} MiB")
+    if child is not None:
+        print(
+            f"its uplink process ([uplink]):         {child_rss:.1f} MiB (PSS {child_pss:.1f} MiB)"
+        )
     print(f"CPU while charging at 60 s sampling:   {share:.3f} % of one core "
           f"= {(cpu1 - cpu0) / (w1 - w0) * 3600:.1f} s per hour (target <= 0.2 %)")  # fmt: skip
     print(f"(measured over {w1 - w0:.0f} s; {meter_values} MeterValues delivered)")
@@ -181,6 +215,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--python", default=sys.executable, help="interpreter for the agent")
+    parser.add_argument("--uplink", action="store_true", help="with an [uplink] section")
     args = parser.parse_args()
     # abspath, not resolve(): a venv's python is a symlink to the system interpreter.
-    asyncio.run(main(args.seconds, os.path.abspath(args.python)))
+    asyncio.run(main(args.seconds, os.path.abspath(args.python), args.uplink))

@@ -14,7 +14,8 @@ successes to up, hold 60 s, gsm probed every 300 s, TCP probes):
 - with ``--ocpp``: the whole agent (``python -m agent run``, simulated hardware, a
   transaction running) against the test CSMS over WSS in the csms namespace: time from the
   fault to the CSMS accepting the new OCPP connection from the charger's gsm0 address, for
-  both faults, and the agent's resident memory with ``[uplink]``.
+  both faults, and the resident memory with ``[uplink]`` of the agent and, separately, of
+  its uplink process (``python -m agent.uplink --child``, where pyroute2 lives).
 
 Needs root (``ip netns``). Usage: python bench/bench_uplink.py [--trials 3] [--skip-move-back]
 """
@@ -227,8 +228,28 @@ priority = 2
 """
 
 
-async def ocpp_reconnect(topo: Topology, work: Path, fault: str) -> tuple[float, float, float]:
-    """(fault -> switch, fault -> OCPP connection accepted over gsm0, agent RSS MiB)."""
+def rss_mib(pid: int) -> float:
+    return next(
+        int(line.split()[1]) / 1024
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmRSS:")
+    )
+
+
+def pss_mib(pid: int) -> float:
+    """Proportional set size: shared pages (libpython, libcrypto...) divided among users."""
+    return next(
+        int(line.split()[1]) / 1024
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        if line.startswith("Pss:")
+    )
+
+
+async def ocpp_reconnect(
+    topo: Topology, work: Path, fault: str
+) -> tuple[float, float, float, float, float, float]:
+    """(fault -> switch, fault -> OCPP connection accepted over gsm0, RSS MiB of the agent
+    and of its uplink process, PSS MiB of both)."""
     from ocpp.v16 import call
 
     from agent.control import request
@@ -293,12 +314,16 @@ async def ocpp_reconnect(topo: Topology, work: Path, fault: str) -> tuple[float,
         connected = time.monotonic()
         if not switched:
             switched.append(connected)
-        rss = next(
-            int(line.split()[1]) / 1024
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
-            if line.startswith("VmRSS:")
+        uplink: dict[str, object] = status().get("uplink") or {}  # type: ignore[assignment]
+        child = int(uplink["process"]["pid"])  # type: ignore[index]
+        return (
+            switched[0] - start,
+            connected - start,
+            rss_mib(proc.pid),
+            rss_mib(child),
+            pss_mib(proc.pid),
+            pss_mib(child),
         )
-        return switched[0] - start, connected - start, rss
     finally:
         proc.terminate()
         proc.wait(30)
@@ -337,12 +362,14 @@ def main() -> int:
                     runs = [asyncio.run(ocpp_reconnect(topo, work / f"{fault}{i}", fault))
                             for i in range(args.trials)
                             if not (work / f"{fault}{i}").mkdir()]  # fmt: skip
-                    sw, oc, rss = zip(*runs, strict=True)
+                    sw, oc, rss, child_rss, pss, child_pss = zip(*runs, strict=True)
                     print(
                         f"{fault:8} loss -> OCPP connected over gsm0: median"
                         f" {statistics.median(oc):.2f} s, max {max(oc):.2f} s (switch: median"
                         f" {statistics.median(sw):.2f} s) over {len(oc)} trials (target <= 10 s);"
-                        f" agent RSS {max(rss):.1f} MiB"
+                        f" RSS: agent {max(rss):.1f} MiB (target 36 MiB), its uplink process"
+                        f" {max(child_rss):.1f} MiB (PSS: {max(pss):.1f} and"
+                        f" {max(child_pss):.1f} MiB)"
                     )
                 if args.only_ocpp:
                     return 0

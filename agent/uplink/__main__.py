@@ -10,6 +10,10 @@ change, and commands are read from standard input, one a line:
 
 The snapshot gains ``"reconnects"``: the reasons the supervisor asked for a reconnect (a
 recording stand-in for the OCPP session, which this runner does not have).
+
+``--child``: the agent's own uplink process (``evcp run`` starts it with ``[uplink]``),
+speaking JSON lines with the agent over standard input and output: see
+:mod:`agent.uplink.child`.
 """
 
 from __future__ import annotations
@@ -120,7 +124,10 @@ def main() -> int:
     parser.add_argument("--status-file")
     parser.add_argument("--link-poll-s", type=float, default=0.5)
     parser.add_argument("--modem-poll-s", type=float, default=60.0)
+    parser.add_argument("--child", action="store_true", help="run for the agent (JSON lines)")
     args = parser.parse_args()
+    if args.child:
+        return _child(args.config)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
     )
@@ -129,6 +136,24 @@ def main() -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+
+
+def _child(path: str) -> int:
+    from agent import logs
+    from agent.uplink.child import serve
+
+    try:
+        cfg = load(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    logs.setup(cfg.agent["log_level"], cfg.agent["log_target"])
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per message
+    logs.add_secret(cfg.csms["password"])
+    if cfg.uplink is None:
+        logging.getLogger("evcp.uplink").error("%s: no [uplink] section", cfg.path)
+        return 2
+    return asyncio.run(serve(cfg))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ def status_lines(uplink: dict[str, Any] | None) -> list[str]:
     active = uplink["active"] or "(none yet)"
     forced = " (forced)" if uplink.get("forced") else ""
     lines = [f"Uplink   {active}{forced} via the {uplink['backend']} back-end"]
+    process = uplink.get("process")
+    if process and not process.get("running"):
+        lines.append(f"         {process.get('error') or 'the uplink process is not running'}")
     if uplink.get("backend_error"):
         lines.append(f"         back-end error: {uplink['backend_error']}")
     for link in uplink["links"]:
