@@ -405,7 +405,8 @@ def status_table(answer: dict[str, Any]) -> list[str]:
             line = "NOT synchronised: timestamps may be wrong"
         if servers:
             line += f"; NTP: {servers}"
-        out.append(f"Clock    {clock.get('now', '')} {line}".replace("  ", " "))
+        now = str(clock.get("now", ""))
+        out.append(f"Clock    {now} {line}" if now else f"Clock    {line}")
     queue = answer["queue"]
     dropped = queue.get("dropped", 0)
     out.append(
