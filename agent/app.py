@@ -167,7 +167,9 @@ async def _run(cfg: Config, stop: asyncio.Event) -> str | None:
         EventType.SETTING_SYSTEM_TIME, f"NTP stepped the system clock by {offset_s:+.3f} s"
     )
     store.on_disk_full = lambda error: live.security_event(
-        EventType.MEMORY_EXHAUSTION, f"the state file cannot be written: {error}"
+        EventType.MEMORY_EXHAUSTION,
+        f"the state file cannot be written: {error}",
+        at_most_every_s=DISK_FULL_EVENT_S,
     )
 
     async def control_handler(request: dict[str, Any], peer: Peer) -> dict[str, Any]:
@@ -414,10 +416,19 @@ class Live:
     sim: SimProcess | None = None
     #: Security events seen before the charge point runs (a clock step at start).
     pending_events: list[tuple[EventType, str]] = field(default_factory=list)
+    #: When each kind of event was last raised (monotonic), for those raised at most so often.
+    _last_event: dict[EventType, float] = field(default_factory=dict)
 
-    def security_event(self, event: EventType, info: str) -> None:
+    def security_event(self, event: EventType, info: str, *, at_most_every_s: float = 0.0) -> None:
         """Record a security event the agent saw (never from inside the caller: a store
-        that is handling a write error must not be written to from its own callback)."""
+        that is handling a write error must not be written to from its own callback).
+        With ``at_most_every_s``, a repeat within that time is not raised again (a disk
+        that fills, frees a page and fills again is one event, not one per write)."""
+        now = time.monotonic()
+        last = self._last_event.get(event)
+        if at_most_every_s and last is not None and now - last < at_most_every_s:
+            return
+        self._last_event[event] = now
         self.pending_events.append((event, info))
         with contextlib.suppress(RuntimeError):  # (no running loop: kept until the start)
             asyncio.get_running_loop().call_soon(self.flush_events)
@@ -431,6 +442,9 @@ class Live:
 
     uplink: UplinkClient | None = None
 
+
+#: A disk that keeps refusing writes is one MemoryExhaustion event an hour at most.
+DISK_FULL_EVENT_S = 3600.0
 
 #: Requests that change something: root (or the agent's own user) only.
 CHANGING = frozenset({"queue-retry", "swipe", "sim", "config-set", "uplink-switch"})
