@@ -11,28 +11,9 @@ from pathlib import Path
 from agent.config import load
 from agent.uplink.control import handle_switch, peer_uid, status_lines
 from agent.uplink.supervisor import UplinkSupervisor
+from tests.agent.test_config_uplink import BASE, TWO_LINKS
 
-CONFIG = """
-[csms]
-url = "wss://csms.example.com/ocpp"
-charge_point_id = "CP-1"
-password = "0123456789abcdef-test"
-[time]
-ntp_servers = []
-[hardware]
-driver = "sim"
-[uplink]
-[[uplink.links]]
-name = "wifi"
-interface = "wifi0"
-kind = "wifi"
-priority = 1
-[[uplink.links]]
-name = "gsm"
-interface = "gsm0"
-kind = "gsm"
-priority = 2
-"""
+CONFIG = BASE + TWO_LINKS  # (the backend is "route" by default too)
 
 
 class NoBackend:

@@ -12,33 +12,14 @@ import pytest
 from agent.config import ConfigError, UplinkConfig, load
 from agent.uplink.supervisor import UplinkSupervisor
 from drivers.sim.modem import SimModem
+from tests.agent.test_config_uplink import BASE, TWO_LINKS
 
-BASE = """
-[csms]
-url = "wss://csms.example.com/ocpp"
-charge_point_id = "CP-1"
-password = "0123456789abcdef-test"
-[time]
-ntp_servers = []
-[hardware]
-driver = "sim"
-[uplink]
-[[uplink.links]]
-name = "wifi"
-interface = "wifi0"
-kind = "wifi"
-priority = 1
-[[uplink.links]]
-name = "gsm"
-interface = "gsm0"
-kind = "gsm"
-priority = 2
-"""
+CONFIG = BASE + TWO_LINKS  # (the backend is "route" by default too)
 
 
 def uplink_config(tmp_path: Path, extra: str = "") -> UplinkConfig:
     path = tmp_path / "evcp.toml"
-    path.write_text(BASE + extra)
+    path.write_text(CONFIG + extra)
     cfg = load(path).uplink
     if cfg is None:
         raise ConfigError("no uplink")
