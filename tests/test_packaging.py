@@ -11,11 +11,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_slim_venv_compiles_byte_code_without_column_tables(tmp_path: Path) -> None:
+def test_slim_venv_compiles_byte_code_without_column_tables_or_docstrings(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next((venv / "lib").glob("python3*/site-packages"))
     (site / "evcp_probe.py").write_text("def f(a, b):\n    return a.x + b.y\n")
+    (site / "evcp_docs.py").write_text(
+        '"""Module doc."""\n'
+        "class C:\n"
+        '    """Class doc."""\n'
+        "def g(x):\n"
+        '    """Function doc."""\n'
+        "    assert x, 'asserts stay'\n"
+        "    return x\n"
+        "def h():\n"
+        '    """Only a docstring."""\n'
+    )
+    (site / "evcp_uses_doc.py").write_text('"""Kept: the module reads it."""\nDOC = __doc__\n')
     (site / "distutils-precedence.pth").write_text("import os\n")  # as setuptools leaves it
     (site / "setuptools").mkdir()
     subprocess.run([str(ROOT / "packaging" / "slim-venv"), str(venv)], check=True)
@@ -25,6 +37,21 @@ def test_slim_venv_compiles_byte_code_without_column_tables(tmp_path: Path) -> N
     positions = list(function.co_positions())
     assert positions and all(column is None for _, _, column, _ in positions)
     assert {line for line, *_ in positions if line} == {1, 2}  # line numbers stay
+    # Docstrings are left out of the byte code, asserts and line numbers stay.
+    probe = (
+        "import evcp_docs as m, evcp_uses_doc as u, traceback\n"
+        "print(m.__doc__, m.C.__doc__, m.g.__doc__, m.h.__doc__, m.h(), u.DOC)\n"
+        "try:\n    m.g(0)\nexcept AssertionError as exc:\n"
+        "    print(exc, traceback.extract_tb(exc.__traceback__)[-1].lineno)\n"
+        "print(m.__cached__)\n"
+    )
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-B", "-c", probe], check=True, capture_output=True,
+        text=True, cwd=tmp_path,
+    ).stdout.splitlines()  # fmt: skip
+    assert out[0] == "None None None None None Kept: the module reads it."
+    assert out[1] == "asserts stay 6"
+    assert Path(out[2]).is_file()  # the byte code written by slim-venv was the one used
     # Without pip in this venv, setuptools cannot be uninstalled: slim-venv says nothing
     # and does not fail (the package build has pip).
     assert (site / "setuptools").is_dir()
