@@ -26,6 +26,11 @@ T = TypeVar("T")
 
 #: Page size of a new database: small pages keep the bytes written per sample low.
 PAGE_SIZE = 1024
+#: Most memory SQLite's page cache of a file database may hold (its default is 2,000 KiB):
+#: without a bound, the start-up integrity check and one large local list (10,000 entries
+#: are about 1 MiB of pages) would keep their pages in the agent's memory for good. Pages
+#: beyond it are read again from the file (the kernel's cache) when needed.
+CACHE_KIB = 256
 
 #: Mode of every file the store creates (the database, its WAL and shared-memory files, the
 #: stage): owner read/write, the ``evcp`` group read, nobody else.
@@ -140,13 +145,14 @@ def migrate(db: sqlite3.Connection) -> None:
 
 
 def set_up(db: sqlite3.Connection, *, new: bool, synchronous: str) -> None:
-    """One writer holding the file (no shared-memory index), WAL, and the integrity check
-    (a file that fails it raises :class:`Corrupt`). ``page_size`` only takes on a new
-    file."""
+    """One writer holding the file (no shared-memory index), WAL, a page cache of at most
+    :data:`CACHE_KIB`, and the integrity check (a file that fails it raises
+    :class:`Corrupt`). ``page_size`` only takes on a new file."""
     if new:
         db.execute(f"PRAGMA page_size={PAGE_SIZE}")
-    db.execute("PRAGMA locking_mode=EXCLUSIVE")
+    db.execute("PRAGMA locking_mode=EXCLUSIVE")  # first: before anything opens the WAL
     db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     db.execute(f"PRAGMA synchronous={synchronous}")
     result = db.execute("PRAGMA quick_check").fetchone()
     if result is None or result[0] != "ok":
