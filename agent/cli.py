@@ -6,18 +6,21 @@ Exit status: 0 success, 1 a runtime failure (agent not running, device not answe
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__, deferred
 from agent.config import Config, ConfigError, check_meter_map, check_placeholders, load
 from agent.control import ControlError, request
+
+if TYPE_CHECKING:
+    import argparse  # imported by _parser(): `evcp run` never needs it
 
 DEFAULT_CONFIG = "/etc/evcp/evcp.toml"
 
@@ -54,6 +57,8 @@ class UsageError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="evcp",
         description="OCPP 1.6J charge-point agent for Linux EV chargers.",
@@ -227,8 +232,35 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def run_config(argv: list[str]) -> str | None:
+    """The config file when ``argv`` is exactly ``run``, ``run --config PATH`` or
+    ``run --config=PATH`` (how the unit starts the agent), else None. The daemon's
+    command line is read without argparse, which the agent then never imports (about
+    0.2 MiB of resident memory); anything else (``--help``, a typo) goes to argparse,
+    which answers it as always."""
+    if not argv or argv[0] != "run":
+        return None
+    rest = argv[1:]
+    if not rest:
+        return DEFAULT_CONFIG
+    if len(rest) == 2 and rest[0] == "--config" and rest[1] and not rest[1].startswith("-"):
+        return rest[1]
+    if len(rest) == 1 and rest[0].startswith("--config=") and len(rest[0]) > len("--config="):
+        return rest[0].partition("=")[2]
+    return None
+
+
 def _main(argv: list[str] | None = None) -> int:
     deferred.defer_unused()  # before argparse and websockets import them: less memory
+    config = run_config(sys.argv[1:] if argv is None else argv)
+    if config is not None:
+        try:
+            return run(config)
+        except ConfigError as exc:
+            print(f"evcp: config error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()
@@ -273,11 +305,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    return run(args.config)
+
+
+def run(config: str) -> int:
+    """``evcp run``: the agent, in the foreground, until it is stopped."""
     from agent import app, logs
     from agent.hardware import HardwareError
     from agent.store import StoreInUse
 
-    cfg = load(args.config)
+    cfg = load(config)
     check_meter_map(cfg)
     check_placeholders(cfg)
     # The state (and the AuthorizationKey in it) is the agent's: 0750 directories, 0640
@@ -285,6 +322,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.umask(os.umask(0o027) | 0o027)
     logs.setup(cfg.agent["log_level"], cfg.agent["log_target"])
     log = logging.getLogger("evcp")
+    gc.collect()  # what reading the config and the command line left: its room is reused
     while True:
         try:
             kind = asyncio.run(app.run(cfg))
