@@ -72,9 +72,11 @@ def dead(pid: int) -> bool:
 class AgentProcess:
     """``python -m agent run`` with its log (stderr) appended to one file."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.log_path = log
+        #: Set in the agent's environment besides this process's (the unit's, say).
+        self.env = env or {}
         self.proc: asyncio.subprocess.Process | None = None
         self._log: IO[bytes] | None = None
 
@@ -88,6 +90,7 @@ class AgentProcess:
         self._log = self.log_path.open("ab")
         env = {k: v for k, v in os.environ.items()
                if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC")}  # fmt: skip
+        env.update(self.env)
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent", "run", "--config", str(self.config),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
