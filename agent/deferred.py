@@ -7,7 +7,8 @@
   ``email``, ``csv``, ``http.client`` and more.
 - ``shutil`` (imported by ``argparse`` and ``tempfile``) and ``zipfile`` import ``bz2`` and
   ``lzma`` for archive formats the agent never reads or writes; each loads a C extension
-  and a compression library.
+  and a compression library. ``shutil`` itself is used by the agent only when a state
+  file is corrupt, a certificate is replaced or a firmware file is moved: deferred too.
 - ``importlib.resources`` (the agent reads its meter maps with it, ``jsonschema`` its
   meta-schemas) imports ``zipfile`` for packages installed as zip files and ``tempfile``
   for extracting from them; the agent's packages are plain directories.
@@ -86,7 +87,8 @@ def defer(name: str) -> bool:
     return True
 
 
-#: Imported by dependencies, never used by the agent (see the module docstring), each
+#: Imported by dependencies, never (or seldom) used by the agent (see the module
+#: docstring), each
 #: with the C extension it needs: a Python built without it must see the ImportError at
 #: ``import`` time, as the importers expect, not later.
 UNUSED = (
@@ -96,6 +98,7 @@ UNUSED = (
     ("lzma", "_lzma"),
     ("zipfile", None),
     ("tempfile", None),
+    ("shutil", None),
 )
 
 
