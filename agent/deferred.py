@@ -88,9 +88,8 @@ def defer(name: str) -> bool:
 
 
 #: Imported by dependencies, never (or seldom) used by the agent (see the module
-#: docstring), each
-#: with the C extension it needs: a Python built without it must see the ImportError at
-#: ``import`` time, as the importers expect, not later.
+#: docstring), each with the C extension it needs: a Python built without it must see the
+#: ImportError at ``import`` time, as the importers expect, not later.
 UNUSED = (
     ("importlib.metadata", None),
     ("urllib.request", None),
