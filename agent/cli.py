@@ -7,7 +7,6 @@ Exit status: 0 success, 1 a runtime failure (agent not running, device not answe
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -322,7 +321,6 @@ def run(config: str) -> int:
     os.umask(os.umask(0o027) | 0o027)
     logs.setup(cfg.agent["log_level"], cfg.agent["log_target"])
     log = logging.getLogger("evcp")
-    gc.collect()  # what reading the config and the command line left: its room is reused
     while True:
         try:
             kind = asyncio.run(app.run(cfg))
