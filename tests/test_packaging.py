@@ -27,7 +27,9 @@ def test_slim_venv_compiles_byte_code_without_column_tables_or_docstrings(tmp_pa
         "def h():\n"
         '    """Only a docstring."""\n'
     )
-    (site / "evcp_uses_doc.py").write_text('"""Kept: the module reads it."""\nDOC = __doc__\n')
+    (site / "evcp_uses_doc.py").write_text(
+        '"""Kept: the module reads it."""\nDOC = __doc__\ndef f():\n    """Kept too."""\n'
+    )
     (site / "distutils-precedence.pth").write_text("import os\n")  # as setuptools leaves it
     (site / "setuptools").mkdir()
     subprocess.run([str(ROOT / "packaging" / "slim-venv"), str(venv)], check=True)
@@ -40,7 +42,7 @@ def test_slim_venv_compiles_byte_code_without_column_tables_or_docstrings(tmp_pa
     # Docstrings are left out of the byte code, asserts and line numbers stay.
     probe = (
         "import evcp_docs as m, evcp_uses_doc as u, traceback\n"
-        "print(m.__doc__, m.C.__doc__, m.g.__doc__, m.h.__doc__, m.h(), u.DOC)\n"
+        "print(m.__doc__, m.C.__doc__, m.g.__doc__, m.h.__doc__, m.h(), u.DOC, u.f.__doc__)\n"
         "try:\n    m.g(0)\nexcept AssertionError as exc:\n"
         "    print(exc, traceback.extract_tb(exc.__traceback__)[-1].lineno)\n"
         "print(m.__cached__)\n"
@@ -49,7 +51,7 @@ def test_slim_venv_compiles_byte_code_without_column_tables_or_docstrings(tmp_pa
         [str(venv / "bin" / "python"), "-B", "-c", probe], check=True, capture_output=True,
         text=True, cwd=tmp_path,
     ).stdout.splitlines()  # fmt: skip
-    assert out[0] == "None None None None None Kept: the module reads it."
+    assert out[0] == "None None None None None Kept: the module reads it. Kept too."
     assert out[1] == "asserts stay 6"
     assert Path(out[2]).is_file()  # the byte code written by slim-venv was the one used
     # Without pip in this venv, setuptools cannot be uninstalled: slim-venv says nothing
