@@ -57,11 +57,13 @@ from agent.store.tables import (
     AuthCache,
     AuthEntry,
     LocalList,
+    LocalListLost,
     MeterNotes,
     Profiles,
     ReservationRecord,
     Reservations,
     Settings,
+    StagedLocalList,
     TxRecord,
 )
 from agent.store.transactions import Transactions
@@ -70,8 +72,10 @@ __all__ = [
     "MIGRATIONS",
     "PAGE_SIZE",
     "AuthEntry",
+    "LocalListLost",
     "QueuedMessage",
     "ReservationRecord",
+    "StagedLocalList",
     "Store",
     "StoreInUse",
     "TxRecord",
@@ -436,6 +440,13 @@ class Store:
         return self._local_list.update(
             version=version, full=full, entries=entries, max_size=max_size
         )
+
+    def local_list_stage(self, *, full: bool) -> StagedLocalList:
+        """Start a SendLocalList written in steps: the entries go to a temporary table in
+        short commits, then :meth:`StagedLocalList.apply` replaces (``full``) or updates
+        the list in one; until then every read sees the list as it was. Call
+        :meth:`StagedLocalList.close` in all cases."""
+        return self._local_list.stage(full=full)
 
     # ------------------------------------------------------------------ reservations
     def reservations(self) -> list[ReservationRecord]:

@@ -5,6 +5,7 @@ through and writes with the shared :class:`~agent.store.db.Database`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -230,6 +231,143 @@ class LocalList:
             return self._database.write(update)
         except _TooLarge:
             return False
+
+    def stage(self, *, full: bool) -> StagedLocalList:
+        """Start a SendLocalList written in steps (:class:`StagedLocalList`)."""
+        return StagedLocalList(self._database, full=full)
+
+
+class LocalListLost(Exception):
+    """The entries staged so far are gone: the state moved between the disk and memory
+    while the update was written (a write failed, or the disk came back). The list is as it
+    was."""
+
+
+class StagedLocalList:
+    """A SendLocalList applied in steps, for a list too long to write in one go without
+    stalling the agent.
+
+    :meth:`add` writes entries (``None``: remove the idTag) to a temporary table of the
+    connection (``temp.local_list_next``: in memory or a temporary file, never the state
+    file), each call its own short commit; :meth:`apply` then replaces (Full) or updates
+    (Differential) the list and sets its version in one commit. Until that commit the list
+    and its version are exactly as they were: a lookup in between (a swipe, a
+    GetLocalListVersion) sees the old list, and :meth:`close` without :meth:`apply` (a
+    refused entry, a dropped connection) leaves it so. Between the steps the connection is
+    outside any transaction: every other write (a queued transaction message) commits as
+    it always does. :meth:`close` removes the temporary table; call it in all cases.
+    """
+
+    def __init__(self, database: Database, *, full: bool) -> None:
+        self._database = database
+        self._db = database.db
+        self.full = full
+        #: Of a Differential update: whether the list's other entries are being copied to
+        #: the staged ones (:meth:`carry`), and up to which rowid of ``local_list``.
+        self._carrying = False
+        self._carried_to = 0
+        #: The staged entries are the whole new list (a Full update, or all carried).
+        self._whole = full
+        self._db.execute("DROP TABLE IF EXISTS temp.local_list_next")
+        self._db.execute(
+            "CREATE TEMP TABLE local_list_next"
+            " (id_tag TEXT NOT NULL, status TEXT, expiry TEXT, parent_id_tag TEXT)"
+        )
+
+    def _same(self, db: sqlite3.Connection) -> None:
+        if db is not self._db:
+            raise LocalListLost("the state moved between the disk and memory")
+
+    def add(self, entries: list[tuple[str, AuthEntry | None]]) -> None:
+        """Stage entries (an idTag appears once in the whole update: the caller checks)."""
+
+        def add(db: sqlite3.Connection) -> None:
+            self._same(db)
+            db.executemany(
+                "INSERT INTO temp.local_list_next VALUES (?, ?, ?, ?)",
+                (
+                    (id_tag, None, None, None)
+                    if entry is None
+                    else (id_tag, entry.status, entry.expiry, entry.parent_id_tag)
+                    for id_tag, entry in entries
+                ),
+            )
+
+        self._database.write(add)
+
+    def carry(self, rows: int) -> bool:
+        """Of a Differential update: copy up to ``rows`` more of the list's entries that
+        the update leaves as they are to the staged ones (one short commit); False once
+        all are. :meth:`apply` then writes the whole list afresh instead of changing it in
+        place, which takes about half as long for a long update (the same pages are
+        rewritten either way). The list must not change meanwhile (one update at a
+        time)."""
+        if self._whole:
+            return False
+
+        def carry(db: sqlite3.Connection) -> bool:
+            self._same(db)
+            if not self._carrying:
+                # (The staged idTags are unique, as the list's: the case-folded check.)
+                db.execute(
+                    "CREATE UNIQUE INDEX temp.local_list_next_tag"
+                    " ON local_list_next (id_tag COLLATE NOCASE)"
+                )
+                self._carrying = True
+            last = db.execute(
+                "SELECT rowid FROM local_list WHERE rowid > ? ORDER BY rowid LIMIT 1 OFFSET ?",
+                (self._carried_to, max(rows, 1) - 1),
+            ).fetchone()
+            upto = int(last[0]) if last is not None else None
+            db.execute(
+                "INSERT OR IGNORE INTO temp.local_list_next"
+                " SELECT id_tag, status, expiry, parent_id_tag FROM local_list"
+                " WHERE rowid > ? AND rowid <= ?",
+                (self._carried_to, upto if upto is not None else 2**63 - 1),
+            )
+            if upto is None:
+                return False
+            self._carried_to = upto
+            return True
+
+        more = self._database.write(carry)
+        self._whole = not more
+        return more
+
+    def apply(self, *, version: int, max_size: int) -> int | None:
+        """Apply the staged entries and set the list's version in one commit; returns the
+        list's new size, or None, changing nothing, when it would exceed ``max_size``.
+        Raises :class:`LocalListLost` (changing nothing) when the staged entries are
+        gone."""
+
+        def apply(db: sqlite3.Connection) -> int:
+            self._same(db)
+            if self._whole:
+                db.execute("DELETE FROM local_list")
+            else:
+                db.execute(
+                    "DELETE FROM local_list"
+                    " WHERE id_tag IN (SELECT id_tag FROM temp.local_list_next)"
+                )
+            db.execute(
+                "INSERT OR REPLACE INTO local_list SELECT id_tag, status, expiry, parent_id_tag"
+                " FROM temp.local_list_next WHERE status IS NOT NULL"
+            )
+            size = int(db.execute("SELECT COUNT(*) FROM local_list").fetchone()[0])
+            if size > max_size:
+                raise _TooLarge
+            put_kv(db, "local_list.version", str(version))
+            return size
+
+        try:
+            return self._database.write(apply)
+        except _TooLarge:
+            return None
+
+    def close(self) -> None:
+        """Remove the temporary table (no error: the update's outcome stands)."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("DROP TABLE IF EXISTS temp.local_list_next")
 
 
 # ---------------------------------------------------------------------- reservations
