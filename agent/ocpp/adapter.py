@@ -120,7 +120,7 @@ SECRET_LENGTHS = (12, 40)
 #: Work in one step of a SendLocalList's schema check (seconds): the event loop runs
 #: between steps. The first step checks FIRST_CHECK_ENTRIES entries (a list no longer is
 #: checked in one go); the next as many as fit in the time.
-CHECK_STEP_S = 0.004
+CHECK_STEP_S = 0.002
 FIRST_CHECK_ENTRIES = 100
 
 

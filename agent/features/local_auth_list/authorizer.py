@@ -39,7 +39,7 @@ EXPIRED = "Expired"
 
 #: Work in one step of a SendLocalList applied in steps (seconds): the event loop runs
 #: between steps (:meth:`Authorizer.send_local_list_in_steps`).
-STEP_S = 0.004
+STEP_S = 0.002
 #: Entries checked (then written) in the first step; the next steps take as many as fit
 #: in :data:`STEP_S`, within these bounds.
 FIRST_STEP_ENTRIES = 500
