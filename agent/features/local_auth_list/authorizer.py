@@ -29,7 +29,7 @@ from typing import Any
 from agent.chargepoint.model import ID_TAG_STATUSES
 from agent.core.config_keys import ConfigKeys
 from agent.core.timefmt import parse_time
-from agent.store import AuthEntry, LocalListLost, Store
+from agent.store import AuthEntry, StagingFailed, Store
 
 log = logging.getLogger("evcp.auth")
 
@@ -244,7 +244,7 @@ class Authorizer:
             size = staged.apply(version=version, max_size=maximum)
             if size is not None:
                 yield  # (the list is applied; removing the staged entries is a step too)
-        except LocalListLost as exc:
+        except StagingFailed as exc:
             log.warning("SendLocalList failed, the list is unchanged: %s", exc)
             return "Failed"
         finally:
