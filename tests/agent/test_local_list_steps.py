@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sqlite3
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -226,3 +227,24 @@ async def test_a_message_queued_during_an_update_is_committed_at_once(
         assert done.local_list_size() == LONG and done.local_list_version() == 2
     finally:
         done.close()
+
+
+async def test_an_update_under_way_when_the_state_moves_to_memory_fails_cleanly(
+    store: Store,
+) -> None:
+    """The disk refuses a write of something else mid-update: the state moves to memory
+    (a copy without the staged entries), and the update answers Failed instead of applying
+    half a list; the list is as it was, and the next update goes through (in memory)."""
+    auth = make(store)
+    assert auth.send_local_list(1, "Full", [entry("OLD")]) == "Accepted"
+    task = asyncio.ensure_future(auth.send_local_list_in_steps(2, "Full", tags(LONG)))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not task.done()
+    store._database.to_memory(sqlite3.OperationalError("disk I/O error"))  # as a failed write does
+    assert await task == "Failed"
+    assert store.write_error is not None
+    assert store.local_list_entries() == {"OLD": AuthEntry("Accepted", None, None)}
+    assert auth.list_version() == 1
+    assert await auth.send_local_list_in_steps(3, "Full", tags(LONG)) == "Accepted"
+    assert store.local_list_size() == LONG
