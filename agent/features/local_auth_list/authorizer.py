@@ -29,7 +29,7 @@ from typing import Any
 from agent.chargepoint.model import ID_TAG_STATUSES
 from agent.core.config_keys import ConfigKeys
 from agent.core.timefmt import parse_time
-from agent.store import AuthEntry, StagingFailed, Store
+from agent.store import AuthEntry, StagedLocalList, StagingFailed, Store
 
 log = logging.getLogger("evcp.auth")
 
@@ -209,8 +209,9 @@ class Authorizer:
             return "Failed"
         maximum = self.keys.get_int("LocalAuthListMaxLength")
         self._updating = True
-        staged = self.store.local_list_stage(full=full)
+        staged: StagedLocalList | None = None
         try:
+            staged = self.store.local_list_stage(full=full)
             seen: set[str] = set()
             count, first = FIRST_STEP_ENTRIES, 0
             while first < len(entries):
@@ -231,6 +232,7 @@ class Authorizer:
                 # As many entries in the next step as fit in STEP_S, checks or writes.
                 each = max(checking, writing, 1e-6) / len(chunk)
                 count = max(MIN_STEP_ENTRIES, min(int(STEP_S / each), MAX_STEP_ENTRIES))
+            seen.clear()  # (the entries are all staged: no copy of them kept here)
             if not full and len(entries) > REBUILD_ENTRIES:
                 rows = FIRST_STEP_ENTRIES
                 while True:
@@ -248,7 +250,8 @@ class Authorizer:
             log.warning("SendLocalList failed, the list is unchanged: %s", exc)
             return "Failed"
         finally:
-            staged.close()
+            if staged is not None:
+                staged.close()
             self._updating = False
         if size is None:
             log.warning("SendLocalList refused: the list would exceed LocalAuthListMaxLength"
