@@ -9,11 +9,13 @@
    chunks of 500, each followed by a GetConfiguration whose answer says the chunk was
    handled. RSS at start, after 2,000 frames of every kind (what is made once, on first
    use), highest while, and after.
-2. SendLocalList of 1,000 and 10,000 entries (SendLocalListMaxLength 1,000: the second is
-   refused), to the same process: time to the answer, what the answer was, RSS after.
+2. SendLocalList of 1,000 and 10,000 entries, Full, and of 1,000 Differential
+   (SendLocalListMaxLength 1,000: the 10,000 are refused), to the same process: time to the
+   answer, what the answer was, RSS after.
 3. The event loop's longest stall: the agent in this process (``app.run``), a 1 ms sleeper
-   timing how late it wakes, while (a) 5,000 hostile frames, (b) each SendLocalList (here
-   SendLocalListMaxLength 10,000: both are accepted), and
+   timing how late it wakes, while (a) 5,000 hostile frames, (b) each SendLocalList, of
+   1,000 and 10,000 entries, Full then Differential (here SendLocalListMaxLength 10,000:
+   all are accepted; the answer and the time to it in brackets), and
    (c) 500 staggered profiles and a GetCompositeSchedule are handled. (The CSMS shares the
    loop; its frames are serialised before the clock starts.) Target: 50 ms.
 
@@ -53,6 +55,11 @@ from tests.conftest import (
 )
 from tests.e2e.test_hostile import KINDS, StallMonitor, hostile_frame, rss_kib, staggered_profile
 from tests.e2e.test_powerloss import AgentProcess
+
+#: The SendLocalLists sent: (entries, updateType, listVersion); the Differential ones set
+#: the first entries of the Full ones to Blocked.
+LISTS = [(1000, "Full", 1000), (10_000, "Full", 10_000), (1000, "Differential", 10_001),
+         (10_000, "Differential", 10_002)]  # fmt: skip
 
 
 def scratch(prefix: str, dir: Path | str | None = None) -> Path:
@@ -98,10 +105,15 @@ def forget_raw_answers(csms: Csms) -> None:
             cp._response_queue.get_nowait()
 
 
-def local_list(count: int) -> str:
-    entries = [{"idTag": f"L{n:07d}", "idTagInfo": {"status": "Accepted"}} for n in range(count)]
-    payload = {"listVersion": count, "updateType": "Full", "localAuthorizationList": entries}
-    return json.dumps([2, f"list-{count}", "SendLocalList", payload], separators=(",", ":"))
+def local_list(count: int, kind: str = "Full", version: int | None = None) -> str:
+    """A SendLocalList of ``count`` entries, L0000000 on; a Differential one (a version above
+    the Full ones) changes the first ``count`` to Blocked. Its message id: list-<kind>-<count>."""
+    status = "Accepted" if kind == "Full" else "Blocked"
+    entries = [{"idTag": f"L{n:07d}", "idTagInfo": {"status": status}} for n in range(count)]
+    payload = {
+        "listVersion": version or count, "updateType": kind, "localAuthorizationList": entries,
+    }  # fmt: skip
+    return json.dumps([2, f"list-{kind}-{count}", "SendLocalList", payload], separators=(",", ":"))
 
 
 def describe(answer: tuple[float, Any] | None) -> str:
@@ -163,16 +175,19 @@ async def bench_process(
               f" most while, {after / 1024:.1f} MiB after ({(after - before) / 1024:+.2f}"
               " MiB)")  # fmt: skip
         print("2. SendLocalList (SendLocalListMaxLength 1000), to the same process:")
-        for count in (1000, 10_000):
-            frame = local_list(count)
+        for count, kind, version in LISTS:
+            if count > 1000 and kind != "Full":
+                continue  # (refused as the Full one is)
+            frame = local_list(count, kind, version)
             t0 = time.perf_counter()
             await csms.call_raw(CP_ID, frame)
-            answer = await answers.wait(f"list-{count}", 60)
+            answer = await answers.wait(f"list-{kind}-{count}", 60)
             took = (answer[0] if answer else time.perf_counter()) - t0
             forget_raw_answers(csms)
             await asyncio.sleep(0)
-            print(f"   {count:6d} entries ({len(frame) / 1024:.0f} KiB): {describe(answer)}"
-                  f" in {took * 1000:.0f} ms; RSS after {rss_kib(pid) / 1024:.1f} MiB")  # fmt: skip
+            print(f"   {count:6d} entries, {kind:12s} ({len(frame) / 1024:.0f} KiB):"
+                  f" {describe(answer)} in {took * 1000:.0f} ms;"
+                  f" RSS after {rss_kib(pid) / 1024:.1f} MiB")  # fmt: skip
     finally:
         await agent.terminate()
 
@@ -190,10 +205,13 @@ async def stalls(work: Path, csms: Csms, ca_file: Path, answers: Answers) -> Non
         await start_charging(agent, csms)
         print("3. The event loop's longest stall (agent in this process; target 50 ms):")
 
-        async def measured(what: str, work_: Callable[[], Awaitable[None]]) -> None:
+        async def measured(
+            what: str, work_: Callable[[], Awaitable[None]], outcome: list[str] | None = None
+        ) -> None:
             async with StallMonitor().watching() as monitor:
                 await work_()
-            print(f"   {what}: {monitor.longest * 1000:.1f} ms")
+            said = f" ({outcome[0]})" if outcome else ""
+            print(f"   {what}: {monitor.longest * 1000:.1f} ms{said}")
 
         rng = random.Random(7)
         kinds = [k for k in KINDS if k != "long_local_list"]
@@ -208,15 +226,21 @@ async def stalls(work: Path, csms: Csms, ca_file: Path, answers: Answers) -> Non
                     await probe(csms, answers, f"stall-{n}")
 
         await measured("5,000 hostile frames", hostile)
-        for count in (1000, 10_000):
-            frame = local_list(count)
+        for count, kind, version in LISTS:
+            frame = local_list(count, kind, version)
+            outcome: list[str] = []
 
-            async def send_list(frame: str = frame, count: int = count) -> None:
+            async def send_list(
+                frame: str = frame, uid: str = f"list-{kind}-{count}", outcome: list[str] = outcome
+            ) -> None:
+                t0 = time.perf_counter()
                 await csms.call_raw(CP_ID, frame)
-                await answers.wait(f"list-{count}", 60)
+                answer = await answers.wait(uid, 60)
+                took = (answer[0] if answer else time.perf_counter()) - t0
+                outcome.append(f"{describe(answer)} in {took * 1000:.0f} ms")
                 forget_raw_answers(csms)
 
-            await measured(f"SendLocalList of {count} entries", send_list)
+            await measured(f"SendLocalList of {count} entries, {kind}", send_list, outcome)
         now = datetime.now(UTC).replace(microsecond=0)
         bodies = [staggered_profile(n, now) for n in range(500)]
 

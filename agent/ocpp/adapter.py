@@ -5,7 +5,7 @@ translate the library's snake_case kwargs into calls of the features' services a
 the library's result dataclasses. They never await a CALL (that would deadlock the receive
 loop, ocpp pitfall 1).
 
-In front of the library's ``route_message`` sits :meth:`OcppAdapter.route_frame`: every
+In place of the library's ``route_message`` sits :meth:`OcppAdapter.route_frame`: every
 frame first goes through :func:`agent.ocpp.precheck.precheck`, which answers what the
 library would drop, answer wrongly or fail on (a malformed CALL, an unknown action:
 NotImplemented, a known one without a handler: NotSupported, numbers and strings no OCPP
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 from ocpp.charge_point import remove_nones
@@ -32,7 +33,14 @@ from ocpp.exceptions import (
     UnknownCallErrorCodeError,
     ValidationError,
 )
-from ocpp.messages import Call, MessageType, validate_payload
+from ocpp.messages import (
+    Call,
+    CallError,
+    CallResult,
+    MessageType,
+    _validate_payload,
+    validate_payload,
+)
 from ocpp.v16 import ChargePoint
 from websockets.exceptions import ConnectionClosed
 
@@ -108,6 +116,12 @@ LIB_LOG.addFilter(_OneLine())
 #: key): one a key cannot come close to is no secret, and a short one (a refused "Charging")
 #: would blank an ordinary word in every line until the next candidate.
 SECRET_LENGTHS = (12, 40)
+
+#: Work in one step of a SendLocalList's schema check (seconds): the event loop runs
+#: between steps. The first step checks FIRST_CHECK_ENTRIES entries (a list no longer is
+#: checked in one go); the next as many as fit in the time.
+CHECK_STEP_S = 0.002
+FIRST_CHECK_ENTRIES = 100
 
 
 class OcppAdapter(
@@ -196,7 +210,7 @@ class OcppAdapter(
             log.debug("< %s", raw)
         self._handling, self._answered = (unique_id if kind == 2 else None), False
         try:
-            await self.route_message(raw)
+            await self._route(frame)
         except ConnectionClosed:
             raise
         except Exception as exc:
@@ -207,6 +221,22 @@ class OcppAdapter(
                 await self._call_error(unique_id, "InternalError", "the request failed")
         finally:
             self._handling = None
+
+    async def _route(self, frame: list[Any]) -> None:
+        """What the library's ``route_message`` does with a frame, for the frame as
+        :func:`precheck` parsed it (the library would parse the text again: a few
+        milliseconds of the event loop for a SendLocalList of 10,000 entries). Its shape is
+        checked: a CALL has 4 items, a CALLRESULT 3, a CALLERROR 4 or 5."""
+        if frame[0] == 2:
+            msg = Call(*frame[1:])
+            try:
+                await self._handle_call(msg)
+            except OCPPError as error:
+                self.logger.exception("Error while handling request '%s'", msg)
+                await self._send(msg.create_call_error(error).to_json())
+            return
+        response = CallResult(*frame[1:]) if frame[0] == 3 else CallError(*frame[1:])
+        self._response_queue.put_nowait(response)
 
     async def _handle_call(self, msg: Any) -> Any:
         # The library reports a payload that breaks the schema as "FormatViolation", the
@@ -223,18 +253,52 @@ class OcppAdapter(
 
     async def _send_local_list(self, msg: Any) -> None:
         """SendLocalList without the library's case conversion: the schema is checked as
-        for every CALL (the library's check, in a worker thread), then the camelCase
-        entries go to the service as they are. The library would convert a list of
-        SendLocalListMaxLength entries to snake_case for the handler, which converted it
-        back: two deep copies of the list, in the event loop."""
-        await validate_payload(msg, self._ocpp_version)
+        for every CALL (the library's check; in steps, :meth:`_validate_local_list`), then
+        the camelCase entries go to the service as they are, which applies them in steps
+        too. The library would convert a list of SendLocalListMaxLength entries to
+        snake_case for the handler, which converted it back: two deep copies of the list,
+        in the event loop."""
+        await self._validate_local_list(msg)
         payload = msg.payload
-        status = self.features.local_auth_list.send_local_list(
+        status = await self.features.local_auth_list.send_local_list_in_steps(
             payload["listVersion"],
             str(payload["updateType"]),
             payload.get("localAuthorizationList") or [],
         )
         await self._send(msg.create_call_result({"status": status}).to_json())
+
+    async def _validate_local_list(self, msg: Any) -> None:
+        """The library's schema check of a SendLocalList (its own check, with its errors),
+        in the event loop, a few milliseconds' worth of entries at a time. Not in a worker
+        thread as for other CALLs: a list of 10,000 entries takes a quarter of a second to
+        check, and a thread holding the interpreter that long made every database write of
+        the agent meanwhile wait for it at each of its steps (tens of milliseconds each).
+
+        The fields beside the list are checked first, then the entries, each part as a
+        SendLocalList of its own: the error is the one the whole payload gets, unless both
+        the other fields and an entry break the schema (the other fields' error then)."""
+        payload = msg.payload
+        entries = payload.get("localAuthorizationList")
+        if not isinstance(entries, list) or len(entries) <= FIRST_CHECK_ENTRIES:
+            _validate_payload(msg, self._ocpp_version)
+            return
+        head = {key: value for key, value in payload.items() if key != "localAuthorizationList"}
+        _validate_payload(
+            Call(msg.unique_id, msg.action, {**head, "localAuthorizationList": []}),
+            self._ocpp_version,
+        )
+        count, first = FIRST_CHECK_ENTRIES, 0
+        while first < len(entries):
+            await asyncio.sleep(0)
+            started = time.monotonic()
+            part = entries[first : first + count]
+            _validate_payload(
+                Call(msg.unique_id, msg.action, {**head, "localAuthorizationList": part}),
+                self._ocpp_version,
+            )
+            first += count
+            each = max(time.monotonic() - started, 1e-6) / len(part)
+            count = max(1, min(int(CHECK_STEP_S / each), 10 * FIRST_CHECK_ENTRIES))
 
     async def _call_error(self, unique_id: str, code: str, description: str) -> None:
         log.warning("answering message %s with CALLERROR %s: %s", unique_id, code, description)

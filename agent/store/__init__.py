@@ -62,6 +62,8 @@ from agent.store.tables import (
     ReservationRecord,
     Reservations,
     Settings,
+    StagedLocalList,
+    StagingFailed,
     TxRecord,
 )
 from agent.store.transactions import Transactions
@@ -72,6 +74,8 @@ __all__ = [
     "AuthEntry",
     "QueuedMessage",
     "ReservationRecord",
+    "StagedLocalList",
+    "StagingFailed",
     "Store",
     "StoreInUse",
     "TxRecord",
@@ -436,6 +440,13 @@ class Store:
         return self._local_list.update(
             version=version, full=full, entries=entries, max_size=max_size
         )
+
+    def local_list_stage(self, *, full: bool) -> StagedLocalList:
+        """Start a SendLocalList written in steps: the entries go to a temporary table in
+        short commits, then :meth:`StagedLocalList.apply` replaces (``full``) or updates
+        the list in one; until then every read sees the list as it was. Call
+        :meth:`StagedLocalList.close` in all cases."""
+        return self._local_list.stage(full=full)
 
     # ------------------------------------------------------------------ reservations
     def reservations(self) -> list[ReservationRecord]:

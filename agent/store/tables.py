@@ -5,13 +5,17 @@ through and writes with the shared :class:`~agent.store.db.Database`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from agent.store.db import Database
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +234,172 @@ class LocalList:
             return self._database.write(update)
         except _TooLarge:
             return False
+
+    def stage(self, *, full: bool) -> StagedLocalList:
+        """Start a SendLocalList written in steps (:class:`StagedLocalList`)."""
+        return StagedLocalList(self._database, full=full)
+
+
+class StagingFailed(Exception):
+    """A SendLocalList applied in steps cannot go on: its staged entries could not be
+    written (the temporary table's file), or are gone (the state moved between the disk and
+    memory meanwhile). The list is as it was."""
+
+
+#: Most memory SQLite's page cache of the temporary table may hold (a 10,000-entry list
+#: is about 0.5 MiB of pages; beyond this they go to a temporary file, and they are given
+#: back after each update).
+STAGING_CACHE_KIB = 256
+
+
+class StagedLocalList:
+    """A SendLocalList applied in steps, for a list too long to write in one go without
+    stalling the agent.
+
+    :meth:`add` writes entries (``None``: remove the idTag) to a temporary table of the
+    connection (``temp.local_list_next``: in memory or a temporary file, never the state
+    file), each call its own short transaction; :meth:`apply` then replaces (Full) or
+    updates (Differential) the list and sets its version in one commit. Until that commit
+    the list and its version are exactly as they were: a lookup in between (a swipe, a
+    GetLocalListVersion) sees the old list, and :meth:`close` without :meth:`apply` (a
+    refused entry, a dropped connection, :class:`StagingFailed`) leaves it so. Between the
+    steps the connection is outside any transaction: every other write (a queued
+    transaction message) commits as it always does. :meth:`close` removes the temporary
+    table; call it in all cases.
+    """
+
+    def __init__(self, database: Database, *, full: bool) -> None:
+        self._database = database
+        self._db = database.db
+        self.full = full
+        #: Of a Differential update: whether the list's other entries are being copied to
+        #: the staged ones (:meth:`carry`), and up to which rowid of ``local_list``.
+        self._carrying = False
+        self._carried_to = 0
+        #: The staged entries are the whole new list (a Full update, or all carried).
+        self._whole = full
+        try:
+            self._db.execute("DROP TABLE IF EXISTS temp.local_list_next")
+            self._db.execute(f"PRAGMA temp.cache_size=-{STAGING_CACHE_KIB}")
+            self._db.execute(
+                "CREATE TEMP TABLE local_list_next"
+                " (id_tag TEXT NOT NULL, status TEXT, expiry TEXT, parent_id_tag TEXT)"
+            )
+        except sqlite3.Error as exc:
+            raise StagingFailed(f"the entries cannot be staged: {exc}") from None
+
+    def _same(self, db: sqlite3.Connection) -> None:
+        if db is not self._db:
+            raise StagingFailed("the state moved between the disk and memory")
+
+    def _staging(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a transaction of its own that writes the temporary table only:
+        not through :meth:`Database.write`, which would take a temporary file that cannot
+        be written for the state file's trouble and move the state to memory."""
+        db = self._database.db
+        self._same(db)
+        try:
+            db.execute("BEGIN")
+            try:
+                result = fn(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StagingFailed(f"the entries cannot be staged: {exc}") from None
+        return result
+
+    def add(self, entries: list[tuple[str, AuthEntry | None]]) -> None:
+        """Stage entries (an idTag appears once in the whole update: the caller checks)."""
+        self._staging(
+            lambda db: db.executemany(
+                "INSERT INTO temp.local_list_next VALUES (?, ?, ?, ?)",
+                (
+                    (id_tag, None, None, None)
+                    if entry is None
+                    else (id_tag, entry.status, entry.expiry, entry.parent_id_tag)
+                    for id_tag, entry in entries
+                ),
+            )
+        )
+
+    def carry(self, rows: int) -> bool:
+        """Of a Differential update: copy up to ``rows`` more of the list's entries that
+        the update leaves as they are to the staged ones (one short transaction); False
+        once all are. :meth:`apply` then writes the whole list afresh instead of changing
+        it in place, which takes about half as long for a long update (the same pages are
+        rewritten either way). The list must not change meanwhile (one update at a
+        time)."""
+        if self._whole:
+            return False
+
+        def carry(db: sqlite3.Connection) -> bool:
+            if not self._carrying:
+                # (The staged idTags are unique, as the list's: the case-folded check.)
+                db.execute(
+                    "CREATE UNIQUE INDEX temp.local_list_next_tag"
+                    " ON local_list_next (id_tag COLLATE NOCASE)"
+                )
+                self._carrying = True
+            last = db.execute(
+                "SELECT rowid FROM local_list WHERE rowid > ? ORDER BY rowid LIMIT 1 OFFSET ?",
+                (self._carried_to, max(rows, 1) - 1),
+            ).fetchone()
+            upto = int(last[0]) if last is not None else None
+            db.execute(
+                "INSERT OR IGNORE INTO temp.local_list_next"
+                " SELECT id_tag, status, expiry, parent_id_tag FROM local_list"
+                " WHERE rowid > ? AND rowid <= ?",
+                (self._carried_to, upto if upto is not None else 2**63 - 1),
+            )
+            if upto is None:
+                return False
+            self._carried_to = upto
+            return True
+
+        more = self._staging(carry)
+        self._whole = not more
+        return more
+
+    def apply(self, *, version: int, max_size: int) -> int | None:
+        """Apply the staged entries and set the list's version in one commit; returns the
+        list's new size, or None, changing nothing, when it would exceed ``max_size``.
+        Raises :class:`StagingFailed` (changing nothing) when the staged entries are
+        gone."""
+
+        def apply(db: sqlite3.Connection) -> int:
+            self._same(db)
+            if self._whole:
+                db.execute("DELETE FROM local_list")
+            else:
+                db.execute(
+                    "DELETE FROM local_list"
+                    " WHERE id_tag IN (SELECT id_tag FROM temp.local_list_next)"
+                )
+            db.execute(
+                "INSERT OR REPLACE INTO local_list SELECT id_tag, status, expiry, parent_id_tag"
+                " FROM temp.local_list_next WHERE status IS NOT NULL"
+            )
+            size = int(db.execute("SELECT COUNT(*) FROM local_list").fetchone()[0])
+            if size > max_size:
+                raise _TooLarge
+            put_kv(db, "local_list.version", str(version))
+            return size
+
+        try:
+            return self._database.write(apply)
+        except _TooLarge:
+            return None
+
+    def close(self) -> None:
+        """Remove the temporary table and give back the memory its pages took (no error:
+        the update's outcome stands)."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("DROP TABLE IF EXISTS temp.local_list_next")
+            self._db.execute("PRAGMA shrink_memory")
 
 
 # ---------------------------------------------------------------------- reservations

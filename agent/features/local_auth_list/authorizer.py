@@ -18,8 +18,10 @@ expiryDate has passed counts as Expired.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -27,13 +29,25 @@ from typing import Any
 from agent.chargepoint.model import ID_TAG_STATUSES
 from agent.core.config_keys import ConfigKeys
 from agent.core.timefmt import parse_time
-from agent.store import AuthEntry, Store
+from agent.store import AuthEntry, StagedLocalList, StagingFailed, Store
 
 log = logging.getLogger("evcp.auth")
 
 ACCEPTED = "Accepted"
 INVALID = "Invalid"
 EXPIRED = "Expired"
+
+#: Work in one step of a SendLocalList applied in steps (seconds): the event loop runs
+#: between steps (:meth:`Authorizer.send_local_list_in_steps`).
+STEP_S = 0.002
+#: Entries checked (then written) in the first step; the next steps take as many as fit
+#: in :data:`STEP_S`, within these bounds.
+FIRST_STEP_ENTRIES = 500
+MIN_STEP_ENTRIES, MAX_STEP_ENTRIES = 100, 20_000
+#: A Differential update of more entries than this writes the whole list afresh, the other
+#: entries copied in steps first (:meth:`agent.store.StagedLocalList.carry`): its last step
+#: is then about half as long as changing that many entries in place.
+REBUILD_ENTRIES = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +69,8 @@ class Authorizer:
         self.store = store
         self.keys = keys
         self.now = now
+        #: A SendLocalList is being applied (in steps).
+        self._updating = False
 
     # ------------------------------------------------------------------ decisions
     def local(self, id_tag: str) -> Decision | None:
@@ -144,7 +160,39 @@ class Authorizer:
         otherwise). Failed: more entries than SendLocalListMaxLength, a list longer than
         LocalAuthListMaxLength, an idTag given twice, an invalid entry or, in a Full
         update, an entry without idTagInfo; nothing changes.
+
+        All in one go: :meth:`send_local_list_in_steps` is the same for the event loop.
         """
+        steps = self._send_local_list(version, update_type, entries)
+        try:
+            while True:
+                next(steps)
+        except StopIteration as done:
+            return str(done.value)
+
+    async def send_local_list_in_steps(
+        self, version: int, update_type: str, entries: list[dict[str, Any]]
+    ) -> str:
+        """:meth:`send_local_list`, in steps of about :data:`STEP_S` seconds of work, the
+        event loop running in between: a list of 10,000 entries takes tens of
+        milliseconds to check and write. Until the last step's commit every lookup (a
+        swipe, GetLocalListVersion) sees the list as it was, and a refused list leaves it
+        so (:class:`~agent.store.StagedLocalList`). Cancelled, it changes nothing (unless
+        cancelled after that commit)."""
+        steps = self._send_local_list(version, update_type, entries)
+        try:
+            while True:
+                next(steps)
+                await asyncio.sleep(0)
+        except StopIteration as done:
+            return str(done.value)
+        finally:
+            steps.close()  # (cancelled between steps: the staged entries are dropped)
+
+    def _send_local_list(
+        self, version: int, update_type: str, entries: list[dict[str, Any]]
+    ) -> Generator[None, None, str]:
+        """SendLocalList, yielding between steps (see :meth:`send_local_list`)."""
         limit = self.keys.get_int("SendLocalListMaxLength")
         if len(entries) > limit:
             log.warning("SendLocalList with %d entries refused: SendLocalListMaxLength is %d",
@@ -156,43 +204,94 @@ class Authorizer:
             log.warning("differential SendLocalList version %d refused: the list is at %d",
                         version, current)  # fmt: skip
             return "VersionMismatch"
-        parsed: list[tuple[str, AuthEntry | None]] = []
-        seen: set[str] = set()
-        for item in entries:
-            id_tag = item.get("idTag")
-            if not isinstance(id_tag, str) or not 1 <= len(id_tag) <= 20:
-                log.warning("SendLocalList refused: an entry without a valid idTag")
-                return "Failed"
-            if id_tag.casefold() in seen:
-                log.warning("SendLocalList refused: idTag %s given twice", id_tag)
-                return "Failed"
-            seen.add(id_tag.casefold())
-            info = item.get("idTagInfo")
-            if info is None:
-                if full:  # required in a Full update (OCPP 1.6 7.2): not "left out"
-                    log.warning("SendLocalList refused: Full update without idTagInfo for"
-                                " idTag %s", id_tag)  # fmt: skip
-                    return "Failed"
-                parsed.append((id_tag, None))
-                continue
-            status, expiry = info.get("status"), info.get("expiryDate")
-            if status not in ID_TAG_STATUSES:
-                log.warning("SendLocalList refused: status %r for idTag %s", status, id_tag)
-                return "Failed"
-            if expiry is not None:
-                try:
-                    parse_time(str(expiry))
-                except ValueError:
-                    log.warning("SendLocalList refused: expiryDate %r", expiry)
-                    return "Failed"
-            parsed.append((id_tag, AuthEntry(status, expiry, info.get("parentIdTag"))))
+        if self._updating:  # (the adapter handles one CALL at a time: not reached)
+            log.warning("SendLocalList refused: another one is being applied")
+            return "Failed"
         maximum = self.keys.get_int("LocalAuthListMaxLength")
-        if not self.store.local_list_update(
-            version=version, full=full, entries=parsed, max_size=maximum
-        ):
+        self._updating = True
+        staged: StagedLocalList | None = None
+        try:
+            staged = self.store.local_list_stage(full=full)
+            seen: set[str] = set()
+            count, first = FIRST_STEP_ENTRIES, 0
+            while first < len(entries):
+                started = time.monotonic()
+                chunk: list[tuple[str, AuthEntry | None]] = []
+                for item in entries[first : first + count]:
+                    checked = _checked(item, full, seen)
+                    if checked is None:
+                        return "Failed"
+                    chunk.append(checked)
+                first += count
+                checking = time.monotonic() - started
+                yield
+                started = time.monotonic()
+                staged.add(chunk)  # (a step of its own: about as long as the checks)
+                writing = time.monotonic() - started
+                yield
+                # As many entries in the next step as fit in STEP_S, checks or writes.
+                each = max(checking, writing, 1e-6) / len(chunk)
+                count = max(MIN_STEP_ENTRIES, min(int(STEP_S / each), MAX_STEP_ENTRIES))
+            seen.clear()  # (the entries are all staged: no copy of them kept here)
+            if not full and len(entries) > REBUILD_ENTRIES:
+                rows = FIRST_STEP_ENTRIES
+                while True:
+                    started = time.monotonic()
+                    more = staged.carry(rows)
+                    yield
+                    if not more:
+                        break
+                    each = max(time.monotonic() - started, 1e-6) / rows
+                    rows = max(MIN_STEP_ENTRIES, min(int(STEP_S / each), MAX_STEP_ENTRIES))
+            size = staged.apply(version=version, max_size=maximum)
+            if size is not None:
+                yield  # (the list is applied; removing the staged entries is a step too)
+        except StagingFailed as exc:
+            log.warning("SendLocalList failed, the list is unchanged: %s", exc)
+            return "Failed"
+        finally:
+            if staged is not None:
+                staged.close()
+            self._updating = False
+        if size is None:
             log.warning("SendLocalList refused: the list would exceed LocalAuthListMaxLength"
                         " (%d)", maximum)  # fmt: skip
             return "Failed"
         log.info("local authorization list %s update to version %d: %d entries",
-                 update_type, version, self.store.local_list_size())  # fmt: skip
+                 update_type, version, size)  # fmt: skip
         return "Accepted"
+
+
+def _checked(
+    item: dict[str, Any], full: bool, seen: set[str]
+) -> tuple[str, AuthEntry | None] | None:
+    """One AuthorizationData of a SendLocalList as the store takes it (``None``: remove
+    the idTag); None, with a log line, when it makes the update fail. ``seen``: the idTags
+    before it, case-folded (this one is added)."""
+    id_tag = item.get("idTag")
+    if not isinstance(id_tag, str) or not 1 <= len(id_tag) <= 20:
+        log.warning("SendLocalList refused: an entry without a valid idTag")
+        return None
+    folded = id_tag.casefold()
+    if folded in seen:
+        log.warning("SendLocalList refused: idTag %s given twice", id_tag)
+        return None
+    seen.add(folded)
+    info = item.get("idTagInfo")
+    if info is None:
+        if full:  # required in a Full update (OCPP 1.6 7.2): not "left out"
+            log.warning("SendLocalList refused: Full update without idTagInfo for"
+                        " idTag %s", id_tag)  # fmt: skip
+            return None
+        return id_tag, None
+    status, expiry = info.get("status"), info.get("expiryDate")
+    if status not in ID_TAG_STATUSES:
+        log.warning("SendLocalList refused: status %r for idTag %s", status, id_tag)
+        return None
+    if expiry is not None:
+        try:
+            parse_time(str(expiry))
+        except ValueError:
+            log.warning("SendLocalList refused: expiryDate %r", expiry)
+            return None
+    return id_tag, AuthEntry(status, expiry, info.get("parentIdTag"))
