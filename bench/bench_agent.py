@@ -162,6 +162,10 @@ MeterValuesSampledData = "Energy.Active.Import.Register,Power.Active.Import"
         # this checkout's agent (the agent runs in the scratch directory: a venv with an
         # editable install elsewhere would otherwise run that one)
         env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    else:
+        # the agent installed in that interpreter's venv, not a source tree named in this
+        # shell's PYTHONPATH (byte code compiled by another interpreter, with docstrings)
+        env.pop("PYTHONPATH", None)
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         python, "-m", "agent", "run", "--config", str(config), env=env, cwd=work
