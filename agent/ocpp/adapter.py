@@ -274,31 +274,32 @@ class OcppAdapter(
         check, and a thread holding the interpreter that long made every database write of
         the agent meanwhile wait for it at each of its steps (tens of milliseconds each).
 
-        The fields beside the list are checked first, then the entries, each part as a
-        SendLocalList of its own: the error is the one the whole payload gets, unless both
-        the other fields and an entry break the schema (the other fields' error then)."""
+        The parts are checked in the order the library meets them in the whole payload,
+        so that the first error found is the one the whole payload gets: ``listVersion``,
+        then the entries (each part beside a valid head), then ``updateType``, fields the
+        schema does not know and missing ones (the real head with an empty list)."""
         payload = msg.payload
         entries = payload.get("localAuthorizationList")
         if not isinstance(entries, list) or len(entries) <= FIRST_CHECK_ENTRIES:
             _validate_payload(msg, self._ocpp_version)
             return
-        head = {key: value for key, value in payload.items() if key != "localAuthorizationList"}
-        _validate_payload(
-            Call(msg.unique_id, msg.action, {**head, "localAuthorizationList": []}),
-            self._ocpp_version,
-        )
+
+        def check(body: dict[str, Any]) -> None:
+            _validate_payload(Call(msg.unique_id, msg.action, body), self._ocpp_version)
+
+        if "listVersion" in payload:
+            check({"listVersion": payload["listVersion"], "updateType": "Full"})
         count, first = FIRST_CHECK_ENTRIES, 0
         while first < len(entries):
             await asyncio.sleep(0)
             started = time.monotonic()
             part = entries[first : first + count]
-            _validate_payload(
-                Call(msg.unique_id, msg.action, {**head, "localAuthorizationList": part}),
-                self._ocpp_version,
-            )
+            check({"listVersion": 0, "updateType": "Full", "localAuthorizationList": part})
             first += count
             each = max(time.monotonic() - started, 1e-6) / len(part)
             count = max(1, min(int(CHECK_STEP_S / each), 10 * FIRST_CHECK_ENTRIES))
+        head = {key: value for key, value in payload.items() if key != "localAuthorizationList"}
+        check({**head, "localAuthorizationList": []})
 
     async def _call_error(self, unique_id: str, code: str, description: str) -> None:
         log.warning("answering message %s with CALLERROR %s: %s", unique_id, code, description)

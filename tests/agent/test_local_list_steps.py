@@ -191,6 +191,32 @@ async def test_a_cancelled_update_changes_nothing(store: Store) -> None:
     assert store.local_list_size() == 10 and auth.list_version() == 3
 
 
+async def test_a_cancellation_at_any_step_comes_before_the_commit_or_after_the_answer(
+    store: Store,
+) -> None:
+    """Cancelled (the connection closed, a Reset) between any two steps: either nothing
+    changed, or the update had finished and its answer was ready. Never applied and
+    unanswered: a CSMS sending the Differential update again would get VersionMismatch."""
+    auth = make(store)
+    assert auth.send_local_list(1, "Full", [entry("OLD")]) == "Accepted"
+    version, steps = 1, 0
+    while True:
+        task = asyncio.ensure_future(auth.send_local_list_in_steps(version + 1, "Full", tags(2000)))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        if task.done():
+            assert task.result() == "Accepted"
+            assert auth.list_version() == version + 1 and store.local_list_size() == 2000
+            break
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert auth.list_version() == version, f"cancelled after {steps} steps: applied"
+        assert store.local_list_entries() == {"OLD": AuthEntry("Accepted", None, None)}
+        steps += 1
+    assert steps > 3  # it ran in steps
+
+
 def copy_state(store: Store, to: Path) -> Path:
     """The state file as a SIGKILL now would leave it (its WAL: what was committed)."""
     to.mkdir()

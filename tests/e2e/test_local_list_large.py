@@ -79,12 +79,30 @@ def broken(kind: str) -> dict[str, Any]:
         payload["listVersion"] = "nine"
     elif kind == "extra top field":
         payload["note"] = 1
+    # Errors in two places: the whole payload's check reports the first it meets.
+    elif kind == "no update type, long idTag":
+        del payload["updateType"]
+        items[-1]["idTag"] = "X" * 21
+    elif kind == "update type, long idTag":
+        payload["updateType"] = "Partial"
+        items[-1]["idTag"] = "X" * 21
+    elif kind == "extra top field, long idTag":
+        payload["note"] = 1
+        items[-1]["idTag"] = "X" * 21
+    elif kind == "no update type, unknown status":
+        del payload["updateType"]
+        items[COUNT // 2]["idTagInfo"]["status"] = "Maybe"
+    elif kind == "version type, unknown status":
+        payload["listVersion"] = "nine"
+        items[COUNT // 2]["idTagInfo"]["status"] = "Maybe"
     payload["localAuthorizationList"] = items
     return payload
 
 
 KINDS = ["long idTag", "unknown status", "extra field", "entry not an object", "update type",
-         "version type", "extra top field"]  # fmt: skip
+         "version type", "extra top field", "no update type, long idTag",
+         "update type, long idTag", "extra top field, long idTag",
+         "no update type, unknown status", "version type, unknown status"]  # fmt: skip
 
 
 async def test_long_lists_get_the_whole_payload_s_answer_once_and_in_order(

@@ -177,8 +177,8 @@ class Authorizer:
         event loop running in between: a list of 10,000 entries takes tens of
         milliseconds to check and write. Until the last step's commit every lookup (a
         swipe, GetLocalListVersion) sees the list as it was, and a refused list leaves it
-        so (:class:`~agent.store.StagedLocalList`). Cancelled, it changes nothing (unless
-        cancelled after that commit)."""
+        so (:class:`~agent.store.StagedLocalList`). Cancelled, it changes nothing (the commit
+        is the last step: the answer follows it without a step in between)."""
         steps = self._send_local_list(version, update_type, entries)
         try:
             while True:
@@ -243,9 +243,9 @@ class Authorizer:
                         break
                     each = max(time.monotonic() - started, 1e-6) / rows
                     rows = max(MIN_STEP_ENTRIES, min(int(STEP_S / each), MAX_STEP_ENTRIES))
+            # No step after this commit: cancelled there, the list would be applied and
+            # the CSMS never told (a Differential update sent again: VersionMismatch).
             size = staged.apply(version=version, max_size=maximum)
-            if size is not None:
-                yield  # (the list is applied; removing the staged entries is a step too)
         except StagingFailed as exc:
             log.warning("SendLocalList failed, the list is unchanged: %s", exc)
             return "Failed"
