@@ -159,6 +159,23 @@ def set_up(db: sqlite3.Connection, *, new: bool, synchronous: str) -> None:
         raise Corrupt(f"fails its integrity check: {result}")
 
 
+def transaction(
+    db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], *, begin: str = "BEGIN"
+) -> T:
+    """Run ``fn`` in one transaction (opened with ``begin``): committed when it returns,
+    rolled back when anything is raised (the exception goes on)."""
+    db.execute(begin)
+    try:
+        result = fn(db)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
+    return result
+
+
 # ---------------------------------------------------------------------- files and modes
 def make_dirs(path: Path) -> None:
     """``mkdir -p path``: each directory created gets :data:`DIR_MODE` whatever the umask
@@ -384,19 +401,10 @@ class Database:
         if relaxed:
             db.execute("PRAGMA synchronous=NORMAL")
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(db)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                raise
+            return transaction(db, fn, begin="BEGIN IMMEDIATE")
         finally:
             if relaxed:
                 db.execute("PRAGMA synchronous=FULL")
-        return result
 
     def to_memory(self, exc: sqlite3.Error) -> None:
         if self.disk is not None:

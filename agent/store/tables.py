@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from agent.store.db import Database
+from agent.store.db import Database, transaction
 
 T = TypeVar("T")
 
@@ -299,18 +299,9 @@ class StagedLocalList:
         db = self._database.db
         self._same(db)
         try:
-            db.execute("BEGIN")
-            try:
-                result = fn(db)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                raise
+            return transaction(db, fn)
         except sqlite3.Error as exc:
             raise StagingFailed(f"the entries cannot be staged: {exc}") from None
-        return result
 
     def add(self, entries: list[tuple[str, AuthEntry | None]]) -> None:
         """Stage entries (an idTag appears once in the whole update: the caller checks)."""

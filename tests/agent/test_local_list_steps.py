@@ -47,6 +47,23 @@ def tags(count: int, prefix: str = "N") -> list[dict[str, Any]]:
     return [entry(f"{prefix}{n:07d}") for n in range(count)]
 
 
+async def run_steps(count: int) -> None:
+    """Let a stepwise update run ``count`` of its steps: it yields to the event loop once
+    per step, so each turn of the loop is one step (a count of steps, not a time)."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def update_under_way(auth: Authorizer, count: int) -> asyncio.Task[str]:
+    """A list of one entry "OLD" (version 1), then a Full update to version 2 of LONG
+    entries started and run ``count`` steps: it is still under way."""
+    assert auth.send_local_list(1, "Full", [entry("OLD")]) == "Accepted"
+    task = asyncio.ensure_future(auth.send_local_list_in_steps(2, "Full", tags(LONG)))
+    await run_steps(count)
+    assert not task.done()
+    return task
+
+
 async def while_applied(
     auth: Authorizer, version: int, kind: str, items: list[dict[str, Any]],
     seen: Callable[[], str],
@@ -58,7 +75,7 @@ async def while_applied(
     lists: list[str] = []
     while not task.done():
         lists.append(seen())
-        await asyncio.sleep(0)
+        await run_steps(1)
     if "new" in lists:
         assert "old" not in lists[lists.index("new") :], lists
     return task.result(), lists.count("old")
@@ -177,11 +194,7 @@ async def test_a_long_differential_update_over_the_maximum_changes_nothing(
 
 async def test_a_cancelled_update_changes_nothing(store: Store) -> None:
     auth = make(store)
-    assert auth.send_local_list(1, "Full", [entry("OLD")]) == "Accepted"
-    task = asyncio.ensure_future(auth.send_local_list_in_steps(2, "Full", tags(LONG)))
-    for _ in range(4):
-        await asyncio.sleep(0)
-    assert not task.done()
+    task = await update_under_way(auth, 4)
     task.cancel()  # the connection closed
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -202,8 +215,7 @@ async def test_a_cancellation_at_any_step_comes_before_the_commit_or_after_the_a
     version, steps = 1, 0
     while True:
         task = asyncio.ensure_future(auth.send_local_list_in_steps(version + 1, "Full", tags(2000)))
-        for _ in range(steps):
-            await asyncio.sleep(0)
+        await run_steps(steps)
         if task.done():
             assert task.result() == "Accepted"
             assert auth.list_version() == version + 1 and store.local_list_size() == 2000
@@ -231,11 +243,7 @@ async def test_a_message_queued_during_an_update_is_committed_at_once(
     store: Store, tmp_path: Path
 ) -> None:
     auth = make(store)
-    assert auth.send_local_list(1, "Full", [entry("OLD")]) == "Accepted"
-    task = asyncio.ensure_future(auth.send_local_list_in_steps(2, "Full", tags(LONG)))
-    for _ in range(3):
-        await asyncio.sleep(0)
-    assert not task.done()
+    task = await update_under_way(auth, 3)
     stop = {"transactionId": 7, "meterStop": 1200, "timestamp": "2026-03-01T12:00:00Z"}
     seq = store.enqueue("StopTransaction", stop, None)
     crashed = copy_state(store, tmp_path / "crash")  # a SIGKILL now
@@ -262,11 +270,7 @@ async def test_an_update_under_way_when_the_state_moves_to_memory_fails_cleanly(
     (a copy without the staged entries), and the update answers Failed instead of applying
     half a list; the list is as it was, and the next update goes through (in memory)."""
     auth = make(store)
-    assert auth.send_local_list(1, "Full", [entry("OLD")]) == "Accepted"
-    task = asyncio.ensure_future(auth.send_local_list_in_steps(2, "Full", tags(LONG)))
-    for _ in range(3):
-        await asyncio.sleep(0)
-    assert not task.done()
+    task = await update_under_way(auth, 3)
     store._database.to_memory(sqlite3.OperationalError("disk I/O error"))  # as a failed write does
     assert await task == "Failed"
     assert store.write_error is not None
